@@ -1,0 +1,3 @@
+"""stream-infer: streaming inference for Kafka."""
+
+__version__ = "0.1.0"

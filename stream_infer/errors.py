@@ -1,0 +1,72 @@
+"""One exception tree for stream-infer.
+
+    StreamInferError
+    ├── ConfigError            a topology file or setting is invalid (names the field)
+    ├── BrokerError            the broker cannot be reached or refused an operation
+    │   └── DeliveryError      a produced record was not acknowledged
+    ├── ModelError             a model artifact or its metadata cannot be used
+    │   ├── IntegrityError     the artifact's sha256 does not match its metadata
+    │   └── ModelOutputError   a model returned the wrong shape or non-finite values
+    └── InvalidEvent           one input record is not a valid feature event (data, not a crash:
+                               it goes to the dead-letter topic with its reason)
+
+Every error carries its context in attributes as well as in its message.
+"""
+
+from __future__ import annotations
+
+
+class StreamInferError(Exception):
+    """Base of every error stream-infer raises on purpose."""
+
+
+class ConfigError(StreamInferError):
+    """A topology file or setting is invalid."""
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+class BrokerError(StreamInferError):
+    """The broker cannot be reached or refused an operation."""
+
+    def __init__(self, message: str, *, bootstrap_servers: str | None = None) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        super().__init__(message)
+
+
+class DeliveryError(BrokerError):
+    """A produced record was not acknowledged by the broker."""
+
+    def __init__(self, message: str, *, topic: str, key: bytes | None = None) -> None:
+        self.topic = topic
+        self.key = key
+        super().__init__(message)
+
+
+class ModelError(StreamInferError):
+    """A model artifact or its metadata cannot be used."""
+
+    def __init__(self, message: str, *, model: str | None = None, version: str | None = None):
+        self.model = model
+        self.version = version
+        where = f"model {model!r} version {version!r}: " if model else ""
+        super().__init__(where + message)
+
+
+class IntegrityError(ModelError):
+    """An artifact's sha256 does not match the one its metadata declares."""
+
+
+class ModelOutputError(ModelError):
+    """A model returned the wrong shape or non-finite values."""
+
+
+class InvalidEvent(StreamInferError):
+    """One record is not a valid feature event. Its reason is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

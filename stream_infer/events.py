@@ -1,0 +1,84 @@
+"""Wire types: what travels between the decoder, the model and the publisher.
+
+The JSON contracts live in schemas/*.schema.json; these classes are their in-memory form.
+Records from Kafka are read through the small :class:`Record` protocol, which
+``confluent_kafka.Message`` satisfies as it is, so the hot path converts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+SCHEMA_VERSION = 1
+
+
+class Record(Protocol):
+    """One Kafka record, as confluent_kafka.Message exposes it."""
+
+    def value(self) -> bytes | None: ...
+    def key(self) -> bytes | None: ...
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that could not be served, with the reason why."""
+
+    reason: str
+    detail: str
+    record: Record
+
+
+@dataclass(slots=True)
+class FeatureBatch:
+    """The valid events of one micro-batch, as one matrix.
+
+    ``positions[i]`` is the index in the original record list of row ``i`` of ``x``.
+    """
+
+    ids: list[str]
+    keys: list[bytes]
+    ts: list[float | None]
+    positions: list[int]
+    x: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, rows: npt.NDArray[np.intp]) -> FeatureBatch:
+        """The sub-batch of the given row indices (used to split traffic between versions)."""
+        idx = rows.tolist()
+        return FeatureBatch(
+            ids=[self.ids[i] for i in idx],
+            keys=[self.keys[i] for i in idx],
+            ts=[self.ts[i] for i in idx],
+            positions=[self.positions[i] for i in idx],
+            x=self.x[rows],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What processing one micro-batch produced, and what it counted."""
+
+    records: list[OutRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    served: dict[tuple[str, str], int] = field(default_factory=dict)
+    shadowed: dict[tuple[str, str], int] = field(default_factory=dict)
+    inference_s: float = 0.0
+    n_in: int = 0

@@ -1,0 +1,1 @@
+"""Models: artifacts on disk, their verified loading, device placement and batched prediction."""

@@ -1,0 +1,115 @@
+"""Client configurations and topic administration."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stream_infer.errors import BrokerError
+from stream_infer.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """A consumer that stores offsets only when told to (after delivery) and auto-commits those.
+
+    ``enable.auto.offset.store=False`` + ``store_offsets`` after delivery is librdkafka's
+    at-least-once pattern: the background commit can only ever commit what we stored.
+    """
+    conf = kafka.librdkafka() | {
+        "group.id": group_id,
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": False,
+        "auto.commit.interval.ms": 500,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": kafka.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 5),
+        # Bound what librdkafka prefetches: backpressure must not turn into unbounded memory.
+        "queued.max.messages.kbytes": 16 * 1024,
+        "fetch.wait.max.ms": 50,
+    }
+    return conf | overrides
+
+
+def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
+    conf = kafka.librdkafka() | {
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 2,
+        "batch.num.messages": 10_000,
+        "queue.buffering.max.messages": 1_000_000,
+        "compression.type": "none",
+    }
+    return conf | overrides
+
+
+def _admin(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient(kafka.librdkafka())
+
+
+def check_reachable(kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+    """Raise BrokerError with a clear message if the cluster cannot be reached."""
+    try:
+        _admin(kafka).list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        msg = (
+            f"cannot reach Kafka at {kafka.bootstrap_servers} within {timeout_s:g}s "
+            f"({exc.args[0].str() if exc.args else exc}). Is the broker running? Start the "
+            "embedded one with `stream-infer broker`, or set kafka.bootstrap_servers "
+            "(env STREAM_INFER_KAFKA__BOOTSTRAP_SERVERS)."
+        )
+        raise BrokerError(msg, bootstrap_servers=kafka.bootstrap_servers) from None
+
+
+def ensure_topics(
+    kafka: KafkaSettings,
+    names: list[str],
+    *,
+    partitions: int,
+    replication_factor: int,
+    timeout_s: float = 15.0,
+) -> list[str]:
+    """Create the topics that do not exist yet, with explicit partition counts.
+
+    Returns the names created. Existing topics are left as they are (their partition count is
+    not changed; a mismatch is logged).
+    """
+    check_reachable(kafka, timeout_s)
+    admin = _admin(kafka)
+    existing = admin.list_topics(timeout=timeout_s).topics
+    for name in names:
+        if name in existing and len(existing[name].partitions) != partitions:
+            log.warning(
+                "topic %s exists with %d partitions, the topology asks for %d",
+                name,
+                len(existing[name].partitions),
+                partitions,
+            )
+    wanted = [n for n in names if n not in existing]
+    if not wanted:
+        return []
+    futures = admin.create_topics(
+        [
+            NewTopic(n, num_partitions=partitions, replication_factor=replication_factor)
+            for n in wanted
+        ],
+        operation_timeout=timeout_s,
+        request_timeout=timeout_s,
+    )
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            msg = f"cannot create topic {name!r}: {exc}"
+            raise BrokerError(msg, bootstrap_servers=kafka.bootstrap_servers) from None
+    log.info("created topics %s", created)
+    return created

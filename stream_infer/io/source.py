@@ -1,0 +1,186 @@
+"""The input side: a consumer thread that micro-batches records and hands over whole batches.
+
+One thread owns the confluent-kafka consumer. It fills a :class:`MicroBatcher` and hands each
+closed batch to a callback (the runtime puts it on a faust channel: one item per batch, not
+per event). At most ``max_in_flight`` batches may be handed over and not yet done; past that
+the thread stops fetching, which is the backpressure (librdkafka's prefetch is bounded too).
+
+Offsets: a batch's offsets are stored only when :meth:`BatchSource.done` is called, which the
+runtime does after every record the batch produced is acknowledged. librdkafka commits stored
+offsets in the background, on revocation and on close. On revocation the thread first waits
+for the in-flight batches to finish, so the next owner starts after them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from stream_infer.batching import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """A closed micro-batch and the offsets to store once it is delivered."""
+
+    records: list[Message]
+    offsets: dict[tuple[str, int], int]
+    closed_at: float = field(default_factory=time.monotonic)
+
+
+def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
+    """For each (topic, partition) in the batch, the offset after its last record."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        offsets[(record.topic(), record.partition())] = record.offset() + 1
+    return offsets
+
+
+class BatchSource:
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        topics: list[str],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_in_flight: int,
+        hand_off: Callable[[SourceBatch], None],
+        drain_timeout_s: float = 30.0,
+        on_assignment: Callable[[list[tuple[str, int]]], None] | None = None,
+    ) -> None:
+        self._conf = conf
+        self.topics = topics
+        self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch_size, max_wait_ms)
+        self._hand_off = hand_off
+        self.drain_timeout_s = drain_timeout_s
+        self._on_assignment = on_assignment
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
+        self._consumer: Consumer | None = None
+        self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
+        self.assignment: list[tuple[str, int]] = []
+        self.paused_s = 0.0
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._consumer = Consumer(self._conf)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def done(self, batch: SourceBatch) -> None:
+        """The batch's records are all delivered: store its offsets and free its slot."""
+        consumer = self._consumer
+        if consumer is not None and batch.offsets:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
+            try:
+                consumer.store_offsets(offsets=offsets)
+            except KafkaException as exc:
+                # The partition was revoked meanwhile: its new owner re-reads from the last
+                # committed offset, so nothing is lost (the batch may be served twice).
+                log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+        self._slots.release()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _wait_idle(self, timeout_s: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    # --- the consumer thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # start() set it
+        try:
+            consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked)
+            while not self._stopping.is_set():
+                self._step(consumer)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("the batch source failed")
+        finally:
+            self._close(consumer)
+
+    def _step(self, consumer: Consumer) -> None:
+        wait = self.batcher.time_left_s()
+        timeout = 0.1 if wait is None else wait
+        records = consumer.consume(num_messages=max(1, self.batcher.room), timeout=timeout)
+        if records:
+            good = [r for r in records if r.error() is None]
+            if len(good) != len(records):
+                for r in records:
+                    err = r.error()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err.str())
+            for batch in self.batcher.add_many(good):
+                self._send(batch)
+        closed = self.batcher.poll()
+        if closed:
+            self._send(closed)
+
+    def _send(self, records: list[Message]) -> None:
+        started = time.monotonic()
+        while not self._slots.acquire(timeout=0.1):
+            if self._stopping.is_set():
+                return  # not handed off, not stored: re-read after restart
+        self.paused_s += time.monotonic() - started
+        with self._idle:
+            self._in_flight += 1
+        self._hand_off(SourceBatch(records, next_offsets(records)))
+
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment = sorted({*self.assignment, *((p.topic, p.partition) for p in partitions)})
+        log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
+        if self._on_assignment:
+            self._on_assignment(self.assignment)
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        dropped = self.batcher.discard(lambda r: (r.topic(), r.partition()) not in gone)
+        if not self._wait_idle(self.drain_timeout_s):
+            log.warning(
+                "revocation: %d batches still in flight after %.0fs; their offsets "
+                "will not be committed",
+                self._in_flight,
+                self.drain_timeout_s,
+            )
+        self._commit(consumer)
+        self.assignment = sorted(set(self.assignment) - gone)
+        log.info("revoked %s (%d waiting records dropped, to be re-read)", sorted(gone), dropped)
+        if self._on_assignment:
+            self._on_assignment(self.assignment)
+
+    def _commit(self, consumer: Consumer) -> None:
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit failed: %s", exc.args[0].str())
+
+    def _close(self, consumer: Consumer) -> None:
+        self.batcher.flush()  # not handed off: re-read after restart
+        if not self._wait_idle(self.drain_timeout_s):
+            log.warning("closing with %d batches in flight", self._in_flight)
+        self._commit(consumer)
+        consumer.close()

@@ -1,0 +1,132 @@
+"""Prometheus metrics and logging set-up.
+
+Names follow Prometheus conventions (``stream_infer_..._total``, ``..._seconds``). Each worker
+owns a :class:`Metrics` with its own registry, served by the worker's web endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from stream_infer.events import BatchResult
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BATCH_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter(
+            "stream_infer_events_in_total", "Records consumed from the input topic", registry=r
+        )
+        self.predictions = Counter(
+            "stream_infer_predictions_total",
+            "Predictions published",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_predictions = Counter(
+            "stream_infer_shadow_predictions_total",
+            "Shadow predictions published",
+            ["model", "version"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "stream_infer_dead_letters_total",
+            "Records sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.delivery_retries = Counter(
+            "stream_infer_delivery_retries_total",
+            "Produced records retried",
+            ["topic", "error"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "stream_infer_batch_size",
+            "Records per micro-batch",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "stream_infer_inference_seconds",
+            "Model time per micro-batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.process_seconds = Histogram(
+            "stream_infer_batch_process_seconds",
+            "Decode + route + infer + encode time per micro-batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "stream_infer_queue_wait_seconds",
+            "Time a closed batch waited before processing began",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "stream_infer_delivery_seconds",
+            "Time from publishing a batch to the broker acknowledging all of it",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "stream_infer_end_to_end_seconds",
+            "Event ts to prediction produced (events that carry ts)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "stream_infer_batches_in_flight", "Batches consumed and not yet committed", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "stream_infer_consumer_lag",
+            "Records behind the end of the input partitions",
+            ["partition"],
+            registry=r,
+        )
+        self.route_weight = Gauge(
+            "stream_infer_route_weight",
+            "Traffic weight in force",
+            ["model", "version"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "stream_infer_ready", "1 when routing is restored and models are warm", registry=r
+        )
+
+    def observe_batch(self, result: BatchResult, process_s: float) -> None:
+        self.events_in.inc(result.n_in)
+        self.batch_size.observe(result.n_in)
+        self.process_seconds.observe(process_s)
+        self.inference_seconds.observe(result.inference_s)
+        for (model, version), n in result.served.items():
+            self.predictions.labels(model, version).inc(n)
+        for (model, version), n in result.shadowed.items():
+            self.shadow_predictions.labels(model, version).inc(n)
+        for letter in result.dead_letters:
+            self.dead_letters.labels(letter.reason).inc()
+
+    def set_routes(self, weights: Mapping[str, Mapping[str, float]]) -> None:
+        self.route_weight.clear()
+        for model, versions in weights.items():
+            for version, weight in versions.items():
+                self.route_weight.labels(model, version).set(weight)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )

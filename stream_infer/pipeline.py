@@ -1,0 +1,160 @@
+"""The per-batch core: decode, route, infer, encode. Pure Python and torch; no Kafka, no faust.
+
+``Pipeline.process`` turns one micro-batch of records into the records to produce (predictions,
+shadow predictions and dead letters) plus counters. It never raises for bad data or a failing
+model: those become dead letters with a reason. It is CPU-bound and is meant to run off the
+event loop (see runtime/).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_infer import serde
+from stream_infer.errors import ModelOutputError
+from stream_infer.events import BatchResult, DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.inference.predictor import Predictor
+from stream_infer.routing import Route
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Where one model's predictions go."""
+
+    name: str
+    topic: str
+
+
+@dataclass(frozen=True)
+class Serving:
+    """An immutable snapshot of what serves: routes plus the loaded predictors they name.
+
+    The runtime swaps the whole snapshot between batches, so a batch is served by one
+    consistent routing and never sees a half-applied change.
+    """
+
+    routes: Mapping[str, Route]
+    predictors: Mapping[tuple[str, str], Predictor]
+    changed_at: float = 0.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        decoder: serde.FeatureDecoder,
+        outputs: Sequence[ModelOutput],
+        *,
+        dead_letter_topic: str,
+        shadow_topic: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.decoder = decoder
+        self.outputs = tuple(outputs)
+        self.dead_letter_topic = dead_letter_topic
+        self.shadow_topic = shadow_topic
+        self.clock = clock
+
+    def process(self, records: Sequence[Record], serving: Serving) -> BatchResult:
+        result = BatchResult(n_in=len(records))
+        batch, result.dead_letters = self.decoder.decode_batch(records)
+        failed: dict[int, DeadLetter] = {}
+        if len(batch):
+            for out in self.outputs:
+                route = serving.routes[out.name]
+                for version, rows in route.assign(batch.keys):
+                    part = batch if rows.size == len(batch) else batch.select(rows)
+                    predictor = serving.predictors[(out.name, version)]
+                    self._serve(records, part, predictor, out.topic, result, failed, result.served)
+                if route.shadow is not None and self.shadow_topic is not None:
+                    shadow = serving.predictors[(out.name, route.shadow)]
+                    self._serve(
+                        records, batch, shadow, self.shadow_topic, result, None, result.shadowed
+                    )
+        result.dead_letters.extend(failed.values())
+        now = self.clock()
+        for letter in result.dead_letters:
+            value = serde.encode_dead_letter(letter, now=now)
+            result.records.append(OutRecord(self.dead_letter_topic, letter.record.key(), value))
+        return result
+
+    def _serve(
+        self,
+        records: Sequence[Record],
+        batch: FeatureBatch,
+        predictor: Predictor,
+        topic: str,
+        result: BatchResult,
+        failed: dict[int, DeadLetter] | None,
+        counts: dict[tuple[str, str], int],
+    ) -> None:
+        started = time.perf_counter()
+        values, errors = predict_isolating(predictor, batch.x)
+        result.inference_s += time.perf_counter() - started
+        ok = np.ones(len(batch), dtype=bool)
+        for row, (reason, detail) in errors.items():
+            ok[row] = False
+            if failed is not None:
+                pos = batch.positions[row]
+                if pos not in failed:  # the first model to fail an event names the reason
+                    failed[pos] = DeadLetter(reason, detail, records[pos])
+        good = batch if ok.all() else batch.select(np.flatnonzero(ok))
+        good_values = values if ok.all() else values[ok]
+        payloads = serde.encode_predictions(
+            good,
+            good_values.tolist(),
+            model=predictor.model,
+            version=predictor.version,
+            served_at=self.clock(),
+        )
+        result.records.extend(
+            OutRecord(topic, key, value) for key, value in zip(good.keys, payloads, strict=True)
+        )
+        if len(good):
+            key = (predictor.model, predictor.version)
+            counts[key] = counts.get(key, 0) + len(good)
+
+
+def predict_isolating(
+    predictor: Predictor, x: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float64], dict[int, tuple[str, str]]]:
+    """Predict a batch; if the model fails, find the rows that make it fail by bisection.
+
+    Returns the values (rows that failed hold NaN) and ``{row: (reason, detail)}`` for every row
+    that could not be served: the model raised on it, returned the wrong shape, or a non-finite
+    value.
+    """
+    errors: dict[int, tuple[str, str]] = {}
+    n = x.shape[0]
+    try:
+        values = predictor.predict_many(x)
+    except Exception as exc:  # a model may raise anything; the events are what we must keep
+        if n == 1:
+            output_error = isinstance(exc, ModelOutputError)
+            reason = serde.MODEL_OUTPUT_INVALID if output_error else serde.MODEL_FAILED
+            errors[0] = (reason, f"{type(exc).__name__}: {exc}"[:500])
+            return np.full(1, np.nan), errors
+        mid = n // 2
+        left, left_err = predict_isolating(predictor, x[:mid])
+        right, right_err = predict_isolating(predictor, x[mid:])
+        errors.update(left_err)
+        errors.update({row + mid: err for row, err in right_err.items()})
+        if left.ndim != right.ndim or left.shape[1:] != right.shape[1:]:
+            left, right = _as_column(left), _as_column(right)
+        return np.concatenate([left, right]), errors
+    finite = np.isfinite(values) if values.ndim == 1 else np.isfinite(values).all(axis=1)
+    if not finite.all():
+        for row in np.flatnonzero(~finite).tolist():
+            errors[row] = (serde.MODEL_OUTPUT_INVALID, "the model returned a non-finite value")
+    return values, errors
+
+
+def _as_column(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return values.reshape(values.shape[0], -1)[:, :1]

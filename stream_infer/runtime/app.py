@@ -1,0 +1,130 @@
+"""The faust app: agents over a channel of micro-batches, the commit task, timers, web pages.
+
+faust's own Kafka consumer and producer are switched off (``enable_kafka=False``): records
+move through librdkafka in io/, and the ``serve`` agent receives one item per micro-batch, so
+faust's per-event cost is paid once per batch. faust still runs the agents, their supervision,
+timers, the web server (metrics, health, readiness) and the worker's lifecycle and signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from faust.app.base import BootStrategy
+
+from stream_infer.io.source import SourceBatch
+from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.settings import Topology
+
+log = logging.getLogger(__name__)
+
+
+class _NoFaustKafka(BootStrategy):  # type: ignore[misc]
+    """Start agents, timers, sensors and web, but not faust's aiokafka consumer/producer."""
+
+    enable_kafka = False
+
+
+def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> faust.App:
+    """Build the faust app of one worker. Nothing connects until the worker starts it."""
+    rt = runtime or InferenceRuntime(topology)
+    app = faust.App(
+        f"stream-infer-{topology.name}",
+        broker=f"kafka://{topology.kafka.bootstrap_servers.split(',')[0]}",
+        web_enabled=True,
+        web_port=topology.worker.web_port,
+        web_bind=topology.worker.web_host,
+        web_host=topology.worker.web_host,
+        autodiscover=False,
+        store="memory://",
+        topic_disable_leader=True,
+        stream_buffer_maxsize=max(64, topology.batching.max_batches_in_flight * 4),
+    )
+    app.BootStrategy = _NoFaustKafka
+    app.boot_strategy = _NoFaustKafka(app)
+    batches = app.channel()
+
+    @app.agent(batches, concurrency=1)
+    async def serve(stream: Any) -> None:
+        async for batch in stream:
+            try:
+                await rt.handle(batch)
+            except Exception as exc:
+                # A batch that cannot be handled must not be skipped (later batches would
+                # commit past it): stop the worker; it restarts from the committed offsets.
+                log.critical("cannot handle a batch; stopping the worker", exc_info=True)
+                await app.crash(exc)
+                raise
+
+    @app.task
+    async def commit_in_order() -> None:
+        await rt.started.wait()
+        await rt.commit_in_order()
+
+    @app.task
+    async def start_serving() -> None:
+        loop = asyncio.get_running_loop()
+
+        def hand_off(batch: SourceBatch) -> None:
+            asyncio.run_coroutine_threadsafe(batches.put(batch), loop)
+
+        try:
+            await rt.start(hand_off)
+        except Exception as exc:
+            log.critical("cannot start serving: %s", exc)
+            await app.crash(exc)
+            raise
+        rt.started.set()
+
+    last = {"t": time.monotonic(), "events": 0}
+
+    @app.timer(interval=5.0)
+    async def report() -> None:
+        now = time.monotonic()
+        events = rt.totals["events"]
+        rate = (events - last["events"]) / max(1e-9, now - last["t"])
+        last.update(t=now, events=events)
+        log.info(
+            "events %d (%.0f/s), predictions %d, dead letters %d, batches %d, in flight %d",
+            events,
+            rate,
+            rt.totals["predictions"],
+            rt.totals["dead_letters"],
+            rt.totals["batches"],
+            rt.source.in_flight if rt.source else 0,
+        )
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.bytes(rt.metrics.exposition(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        failed = rt.source is not None and rt.source.error is not None
+        return web.json({"ok": not failed}, status=500 if failed else 200)
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        return web.json({"ready": rt.ready}, status=200 if rt.ready else 503)
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    async def _stop_serving(app: faust.App, **_: Any) -> None:
+        await rt.stop()
+
+    app.stream_infer_runtime = rt
+    return app
+
+
+def run_worker(topology: Topology, loglevel: str = "info") -> int:
+    """Run one worker in the foreground until SIGINT/SIGTERM. Returns the exit code."""
+    app = create_app(topology)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

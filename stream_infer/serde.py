@@ -1,0 +1,203 @@
+"""Bytes to events and back, one micro-batch at a time.
+
+Decoding splits a batch into good events (one float32 matrix) and dead letters (the raw record
+plus a reason). It never raises for bad input: a bad record is data. The reasons are short
+codes, documented in schemas/dead-letter.schema.json.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_infer.errors import InvalidEvent
+from stream_infer.events import SCHEMA_VERSION, DeadLetter, FeatureBatch, Record
+
+_NUMBER = (int, float)
+MAX_ID_CHARS = 512
+
+# Dead-letter reasons.
+OVERSIZED = "oversized"
+EMPTY = "empty"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+SCHEMA_MISMATCH = "unsupported_schema_version"
+INVALID_ID = "invalid_id"
+INVALID_TS = "invalid_ts"
+MISSING_FEATURES = "missing_features"
+MISSING_FEATURE = "missing_feature"
+UNEXPECTED_FEATURE = "unexpected_feature"
+WRONG_FEATURE_COUNT = "wrong_feature_count"
+INVALID_FEATURE_TYPE = "invalid_feature_type"
+NON_FINITE_FEATURE = "non_finite_feature"
+MODEL_FAILED = "model_failed"
+MODEL_OUTPUT_INVALID = "model_output_invalid"
+MODEL_TIMEOUT = "model_timeout"
+REASONS = (
+    OVERSIZED,
+    EMPTY,
+    INVALID_JSON,
+    NOT_AN_OBJECT,
+    SCHEMA_MISMATCH,
+    INVALID_ID,
+    INVALID_TS,
+    MISSING_FEATURES,
+    MISSING_FEATURE,
+    UNEXPECTED_FEATURE,
+    WRONG_FEATURE_COUNT,
+    INVALID_FEATURE_TYPE,
+    NON_FINITE_FEATURE,
+    MODEL_FAILED,
+    MODEL_OUTPUT_INVALID,
+    MODEL_TIMEOUT,
+)
+
+
+class FeatureDecoder:
+    """Decodes and validates feature events against a fixed feature order."""
+
+    def __init__(self, features: Sequence[str], max_event_bytes: int) -> None:
+        if not features:
+            msg = "a decoder needs at least one feature name"
+            raise ValueError(msg)
+        self.features = tuple(features)
+        self.max_event_bytes = max_event_bytes
+        self._feature_set = frozenset(self.features)
+
+    def decode_one(self, raw: bytes | None) -> tuple[str, list[float], float | None]:
+        """Decode one payload into (id, feature row, ts); raise InvalidEvent if it is bad."""
+        if raw is None or not raw:
+            raise InvalidEvent(EMPTY, "the record has no value")
+        if len(raw) > self.max_event_bytes:
+            msg = f"{len(raw)} bytes, the limit is {self.max_event_bytes}"
+            raise InvalidEvent(OVERSIZED, msg)
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(INVALID_JSON, str(exc)) from None
+        if type(obj) is not dict:
+            raise InvalidEvent(NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+        version = obj.get("v", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION or type(version) is not int:
+            msg = f"schema version {version!r}, this worker reads {SCHEMA_VERSION}"
+            raise InvalidEvent(SCHEMA_MISMATCH, msg)
+        event_id = obj.get("id")
+        if type(event_id) is not str or not event_id or len(event_id) > MAX_ID_CHARS:
+            msg = f"'id' must be a non-empty string of at most {MAX_ID_CHARS} characters"
+            raise InvalidEvent(INVALID_ID, msg)
+        ts = obj.get("ts")
+        if ts is not None and (type(ts) not in _NUMBER or not math.isfinite(ts)):
+            raise InvalidEvent(INVALID_TS, f"'ts' must be a number (epoch seconds), got {ts!r}")
+        return event_id, self._row(obj.get("features")), ts
+
+    def _row(self, feats: Any) -> list[float]:
+        if type(feats) is dict:
+            if len(feats) != len(self.features) or feats.keys() != self._feature_set:
+                missing = [n for n in self.features if n not in feats]
+                if missing:
+                    raise InvalidEvent(MISSING_FEATURE, f"missing {missing[:10]}")
+                extra = sorted(set(feats) - self._feature_set)
+                raise InvalidEvent(UNEXPECTED_FEATURE, f"unexpected {extra[:10]}")
+            row = [feats[n] for n in self.features]
+        elif type(feats) is list:
+            if len(feats) != len(self.features):
+                msg = f"got {len(feats)} features, expected {len(self.features)}"
+                raise InvalidEvent(WRONG_FEATURE_COUNT, msg)
+            row = feats
+        elif feats is None:
+            raise InvalidEvent(MISSING_FEATURES, "'features' is missing")
+        else:
+            msg = f"'features' must be an object or an array, got {type(feats).__name__}"
+            raise InvalidEvent(INVALID_FEATURE_TYPE, msg)
+        for value in row:
+            if type(value) not in _NUMBER:
+                msg = f"feature values must be numbers, got {type(value).__name__}"
+                raise InvalidEvent(INVALID_FEATURE_TYPE, msg)
+        return row
+
+    def decode_batch(self, records: Sequence[Record]) -> tuple[FeatureBatch, list[DeadLetter]]:
+        """Split a batch into good events and dead letters. Never raises for bad input."""
+        ids: list[str] = []
+        keys: list[bytes] = []
+        ts: list[float | None] = []
+        positions: list[int] = []
+        rows: list[list[float]] = []
+        dead: list[DeadLetter] = []
+        decode_one = self.decode_one
+        for pos, record in enumerate(records):
+            try:
+                event_id, row, event_ts = decode_one(record.value())
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(exc.reason, exc.detail, record))
+                continue
+            ids.append(event_id)
+            keys.append(record.key() or event_id.encode())
+            ts.append(event_ts)
+            positions.append(pos)
+            rows.append(row)
+        with np.errstate(over="ignore"):
+            x = np.array(rows, dtype=np.float32).reshape(len(rows), len(self.features))
+        finite = np.isfinite(x).all(axis=1)
+        batch = FeatureBatch(ids, keys, ts, positions, x)
+        if not finite.all():
+            for i in np.flatnonzero(~finite).tolist():
+                record = records[positions[i]]
+                detail = "a feature is outside the float32 range"
+                dead.append(DeadLetter(NON_FINITE_FEATURE, detail, record))
+            batch = batch.select(np.flatnonzero(finite))
+        return batch, dead
+
+
+def encode_dead_letter(letter: DeadLetter, *, now: float | None = None) -> bytes:
+    """The dead-letter JSON: reason, detail, the original payload, and where it came from."""
+    record = letter.record
+    raw = record.value() or b""
+    doc: dict[str, Any] = {
+        "error": letter.reason,
+        "detail": letter.detail,
+        "topic": record.topic(),
+        "partition": record.partition(),
+        "offset": record.offset(),
+        "ts": time.time() if now is None else now,
+        "raw_bytes": len(raw),
+    }
+    key = record.key()
+    if key is not None:
+        doc["key"] = key.decode("utf-8", "backslashreplace")
+    # Keep the payload whole unless it is the reason it was refused: then keep a 4 KiB prefix.
+    kept = raw[:4096] if letter.reason == OVERSIZED else raw
+    doc["raw_truncated"] = len(kept) < len(raw)
+    try:
+        doc["raw"] = kept.decode("utf-8")
+        doc["raw_encoding"] = "utf-8"
+    except UnicodeDecodeError:
+        doc["raw"] = base64.b64encode(kept).decode("ascii")
+        doc["raw_encoding"] = "base64"
+    return orjson.dumps(doc)
+
+
+def encode_predictions(
+    batch: FeatureBatch,
+    values: list[float] | list[list[float]],
+    *,
+    model: str,
+    version: str,
+    served_at: float,
+    extra: dict[str, Any] | None = None,
+) -> list[bytes]:
+    """One prediction JSON per event of the batch, stamped with model and version."""
+    dumps = orjson.dumps
+    base = {"model": model, "version": version, "served_at": served_at, **(extra or {})}
+    out = []
+    for event_id, value, ts in zip(batch.ids, values, batch.ts, strict=True):
+        doc = {"id": event_id, "prediction": value, **base}
+        if ts is not None:
+            doc["ts"] = ts
+        out.append(dumps(doc))
+    return out

@@ -1,0 +1,316 @@
+"""The one configuration object: a topology file plus environment overrides, validated and frozen.
+
+A topology is YAML (see topologies/ and the README). Any field can be overridden from the
+environment with ``STREAM_INFER_<SECTION>__<FIELD>``; for example
+``STREAM_INFER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``STREAM_INFER_DEVICE=cpu``. This is the
+only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from stream_infer.errors import ConfigError
+
+ENV_PREFIX = "STREAM_INFER_"
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    """How every client (faust and confluent-kafka alike) reaches the cluster."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str | None = Field(
+        default=None, description="consumer group of the workers; default: stream-infer.<name>"
+    )
+    client_id: str = "stream-infer"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="further librdkafka properties, passed through"
+    )
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            msg = (
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+            raise ValueError(msg)
+        return self
+
+    def librdkafka(self) -> dict[str, Any]:
+        """Connection and security properties in librdkafka's names (no group settings)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        conf.update(self.extra)
+        return conf
+
+
+class TopicSettings(_Frozen):
+    input: str
+    predictions: str
+    dead_letter: str
+    control: str
+    acks: str | None = None
+    shadow: str | None = None
+    labels: str | None = None
+    drift: str | None = None
+    partitions: int = Field(default=4, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _topic_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not _TOPIC_RE.match(value):
+            msg = f"{value!r} is not a valid Kafka topic name (letters, digits, '.', '_', '-')"
+            raise ValueError(msg)
+        return value
+
+    def all_names(self) -> list[str]:
+        names = [self.input, self.predictions, self.dead_letter, self.control]
+        names += [t for t in (self.acks, self.shadow, self.labels, self.drift) if t]
+        return list(dict.fromkeys(names))
+
+
+class VersionSettings(_Frozen):
+    version: str
+    path: Path = Field(description="directory holding meta.json and the artifact")
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            msg = f"{value!r} is not a valid version name (letters, digits, '.', '_', '-')"
+            raise ValueError(msg)
+        return value
+
+
+class ModelSettings(_Frozen):
+    name: str
+    serving: str = Field(description="the version that serves when no control command says else")
+    versions: tuple[VersionSettings, ...] = Field(min_length=1)
+    prediction_topic: str | None = Field(
+        default=None, description="where this model's predictions go; default topics.predictions"
+    )
+
+    @model_validator(mode="after")
+    def _serving_known(self) -> ModelSettings:
+        names = [v.version for v in self.versions]
+        if len(set(names)) != len(names):
+            msg = f"model {self.name!r} declares a version twice: {names}"
+            raise ValueError(msg)
+        if self.serving not in names:
+            msg = f"serving version {self.serving!r} is not among the versions {names}"
+            raise ValueError(msg)
+        return self
+
+    def version(self, name: str) -> VersionSettings | None:
+        return next((v for v in self.versions if v.version == name), None)
+
+
+class BatchingSettings(_Frozen):
+    max_batch_size: int = Field(default=512, ge=1, le=100_000)
+    max_wait_ms: float = Field(default=10.0, ge=0.0, le=60_000.0)
+    max_batches_in_flight: int = Field(
+        default=4, ge=1, le=64, description="batches consumed but not yet committed (backpressure)"
+    )
+
+
+class LimitSettings(_Frozen):
+    max_event_bytes: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
+    inference_timeout_s: float = Field(default=30.0, gt=0.0)
+
+
+class WorkerSettings(_Frozen):
+    web_port: int = Field(default=6066, ge=0, le=65535, description="metrics and health; 0: any")
+    web_host: str = "127.0.0.1"
+    inference_threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads")
+
+
+class Topology(_Frozen):
+    """A validated topology: everything a worker needs to run."""
+
+    name: str
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings
+    features: tuple[str, ...] = Field(min_length=1)
+    models: tuple[ModelSettings, ...] = Field(min_length=1)
+    batching: BatchingSettings = BatchingSettings()
+    limits: LimitSettings = LimitSettings()
+    worker: WorkerSettings = WorkerSettings()
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            msg = f"{value!r} is not a valid topology name (letters, digits, '.', '_', '-')"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            msg = f"{value!r} is not a device; expected auto, cpu, cuda or cuda:N"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _unique_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            msg = "feature names must be unique"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Topology:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            msg = f"model names must be unique, got {names}"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def group_id(self) -> str:
+        return self.kafka.group_id or f"stream-infer.{self.name}"
+
+    def model(self, name: str) -> ModelSettings | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def prediction_topic(self, model: ModelSettings) -> str:
+        return model.prediction_topic or self.topics.predictions
+
+    def all_topics(self) -> list[str]:
+        extra = [m.prediction_topic for m in self.models if m.prediction_topic]
+        return list(dict.fromkeys(self.topics.all_names() + extra))
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``STREAM_INFER_A__B=v`` becomes ``{"a": {"b": "v"}}``; pydantic coerces the strings."""
+    tree: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "invalid topology:\n" + "\n".join(lines)
+
+
+def parse_topology(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> Topology:
+    """Validate a topology mapping, with environment overrides applied on top."""
+    merged = _merge(dict(data), _env_overrides(os.environ if env is None else env))
+    try:
+        topo = Topology.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc), source=source) from None
+    if base_dir is None:
+        return topo
+    models = tuple(
+        m.model_copy(
+            update={
+                "versions": tuple(
+                    v.model_copy(update={"path": (base_dir / v.path).resolve()}) for v in m.versions
+                )
+            }
+        )
+        for m in topo.models
+    )
+    return topo.model_copy(update={"models": models})
+
+
+def load_topology(path: str | Path, *, env: Mapping[str, str] | None = None) -> Topology:
+    """Read, validate and freeze a topology file. Relative model paths are resolved from it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read topology file: {exc.strerror}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("a topology must be a YAML mapping", source=str(path))
+    return parse_topology(data, base_dir=path.parent, env=env, source=str(path))
+
+
+def bootstrap_for_tests(env: Mapping[str, str] | None = None) -> str | None:
+    """The external broker the tests should use instead of starting their own, if any."""
+    return (os.environ if env is None else env).get(ENV_PREFIX + "TEST_BOOTSTRAP_SERVERS")
+
+
+def docker_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the tests were asked to run Kafka in a testcontainer."""
+    value = (os.environ if env is None else env).get(ENV_PREFIX + "TEST_DOCKER", "")
+    return value.lower() in {"1", "true", "yes"}
