@@ -52,6 +52,9 @@ class KafkaSettings(_Frozen):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="how long to wait for the cluster at start"
+    )
     extra: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="further librdkafka properties, passed through"
     )
@@ -164,7 +167,7 @@ class LimitSettings(_Frozen):
 
 
 class WorkerSettings(_Frozen):
-    web_port: int = Field(default=6066, ge=0, le=65535, description="metrics and health; 0: any")
+    web_port: int = Field(default=6066, ge=1, le=65535, description="metrics and health")
     web_host: str = "127.0.0.1"
     inference_threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads")
 

@@ -77,7 +77,9 @@ def train(
     return model.eval()
 
 
-def accuracy(model: torch.nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]) -> float:
+def accuracy(
+    model: torch.nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]
+) -> float:
     with torch.inference_mode():
         p = model(torch.from_numpy(x))[:, 0] > 0
     return float((p.numpy() == (y > 0.5)).mean())

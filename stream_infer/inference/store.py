@@ -128,7 +128,6 @@ def load_artifact(
         if model is None or exc.model is not None:
             raise
         raise type(exc)(str(exc), model=model, version=version) from None
-    module.eval()
     return meta, module
 
 
@@ -140,7 +139,7 @@ def _load(meta: ModelMeta, path: Path) -> torch.nn.Module:
         module = cls(**meta.module_kwargs)
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         module.load_state_dict(state)
-        return module
+        return module.eval()
     except ModelError:
         raise
     except Exception as exc:  # torch raises many types for a corrupt or incompatible artifact

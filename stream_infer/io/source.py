@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class BatchSource:
         self._in_flight = 0
         self._idle = threading.Condition()
         self._stopping = threading.Event()
+        self._to_store: deque[dict[tuple[str, int], int]] = deque()
         self._consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
         self.assignment: list[tuple[str, int]] = []
@@ -83,20 +85,27 @@ class BatchSource:
         return self._in_flight
 
     def done(self, batch: SourceBatch) -> None:
-        """The batch's records are all delivered: store its offsets and free its slot."""
-        consumer = self._consumer
-        if consumer is not None and batch.offsets:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
+        """The batch's records are all delivered: queue its offsets for storing, free its slot.
+
+        The consumer thread stores them (only that thread touches the consumer), before its
+        next fetch and always before a revocation or close commits.
+        """
+        if batch.offsets:
+            self._to_store.append(batch.offsets)
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+        self._slots.release()
+
+    def _store_done(self, consumer: Consumer) -> None:
+        while self._to_store:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._to_store.popleft().items()]
             try:
                 consumer.store_offsets(offsets=offsets)
             except KafkaException as exc:
                 # The partition was revoked meanwhile: its new owner re-reads from the last
                 # committed offset, so nothing is lost (the batch may be served twice).
                 log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
-        with self._idle:
-            self._in_flight -= 1
-            self._idle.notify_all()
-        self._slots.release()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -123,9 +132,18 @@ class BatchSource:
             self._close(consumer)
 
     def _step(self, consumer: Consumer) -> None:
+        self._store_done(consumer)
+        # librdkafka's consume() returns when it has num_messages or at the timeout, whichever
+        # first: exactly a batch's "full or max wait". An empty batch has no deadline yet, so
+        # take what is already fetched, or block for the first record only.
         wait = self.batcher.time_left_s()
-        timeout = 0.1 if wait is None else wait
-        records = consumer.consume(num_messages=max(1, self.batcher.room), timeout=timeout)
+        room = max(1, self.batcher.room)
+        if wait is None:
+            records = consumer.consume(num_messages=room, timeout=0) or consumer.consume(
+                num_messages=1, timeout=0.1
+            )
+        else:
+            records = consumer.consume(num_messages=room, timeout=wait)
         if records:
             good = [r for r in records if r.error() is None]
             if len(good) != len(records):
@@ -172,6 +190,7 @@ class BatchSource:
             self._on_assignment(self.assignment)
 
     def _commit(self, consumer: Consumer) -> None:
+        self._store_done(consumer)
         try:
             consumer.commit(asynchronous=False)
         except KafkaException as exc:

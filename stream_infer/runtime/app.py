@@ -72,6 +72,8 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         def hand_off(batch: SourceBatch) -> None:
             asyncio.run_coroutine_threadsafe(batches.put(batch), loop)
 
+        # faust resumes flow control when its own consumer gets partitions; it has none here.
+        app.flow_control.resume()
         try:
             await rt.start(hand_off)
         except Exception as exc:

@@ -1,0 +1,3 @@
+from stream_infer.cli import main
+
+main()

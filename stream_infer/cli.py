@@ -1,0 +1,283 @@
+"""The one command line: ``stream-infer broker | worker | produce | tail | demo | ...``.
+
+Errors a user can fix (an invalid topology, an unreachable broker, a bad argument) print one
+clear message, no traceback: exit code 2 for invalid input, 1 for a broker that cannot be
+reached.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from stream_infer.errors import BrokerError, ConfigError, ModelError, StreamInferError
+
+F = TypeVar("F", bound=Callable[..., Any])
+TOPOLOGY = click.argument(
+    "topology", type=click.Path(path_type=Path, dir_okay=False), metavar="TOPOLOGY"
+)
+
+
+def _load(path: Path) -> Any:
+    from stream_infer.settings import load_topology
+
+    return load_topology(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
+    """Streaming inference for Kafka: micro-batched torch models behind a control topic."""
+    from stream_infer.observability import configure_logging
+
+    ctx.obj = {"log_level": log_level}
+    configure_logging(log_level)
+
+
+@cli.command()
+@click.option("--port", default=9092, show_default=True, help="0 picks a free port")
+@click.option("--host", default="127.0.0.1", show_default=True)
+def broker(port: int, host: str) -> None:
+    """Run the embedded Kafka-compatible broker (tansu, in memory) until Ctrl-C."""
+    from stream_infer.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port, host=host) as b:
+        click.echo(f"embedded broker (tansu) listening on {b.bootstrap_servers}; Ctrl-C stops it")
+        click.echo("it keeps everything in memory: a restart loses all topics and offsets")
+        _wait_for_signal()
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(_sig: int, _frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        while not stop["now"]:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@TOPOLOGY
+@click.pass_context
+def worker(ctx: click.Context, topology: Path) -> None:
+    """Run one worker of TOPOLOGY in the foreground (SIGINT/SIGTERM stop it cleanly)."""
+    from stream_infer.io.clients import check_reachable
+    from stream_infer.runtime.app import run_worker
+
+    topo = _load(topology)
+    check_reachable(topo.kafka)
+    sys.exit(run_worker(topo, loglevel=ctx.obj["log_level"]))
+
+
+@cli.command()
+@TOPOLOGY
+def topics(topology: Path) -> None:
+    """Create TOPOLOGY's topics (with their partition counts) if they do not exist."""
+    from stream_infer.io.clients import ensure_topics
+
+    topo = _load(topology)
+    created = ensure_topics(
+        topo.kafka,
+        topo.all_topics(),
+        partitions=topo.topics.partitions,
+        replication_factor=topo.topics.replication_factor,
+    )
+    click.echo(f"created {created}" if created else "all topics exist")
+
+
+@cli.command()
+@TOPOLOGY
+@click.option(
+    "--rate",
+    default=1000.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="events per second",
+)
+@click.option("--count", type=click.IntRange(min=1), help="stop after this many events")
+@click.option(
+    "--file",
+    "jsonl",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="send the events of this JSON-lines file instead of synthetic ones",
+)
+@click.option(
+    "--bad-fraction",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="mix in malformed events",
+)
+@click.option("--seed", default=0, show_default=True)
+def produce(
+    topology: Path,
+    rate: float,
+    count: int | None,
+    jsonl: Path | None,
+    bad_fraction: float,
+    seed: int,
+) -> None:
+    """Produce feature events to TOPOLOGY's input topic at a fixed rate."""
+    from rich.progress import Progress
+
+    from stream_infer.io.clients import check_reachable
+    from stream_infer.loadgen import (
+        OpenLoopProducer,
+        jsonl_events,
+        synthetic_events,
+        with_bad_events,
+    )
+
+    topo = _load(topology)
+    check_reachable(topo.kafka)
+    events = jsonl_events(jsonl) if jsonl else synthetic_events(topo, seed)
+    events = with_bad_events(events, bad_fraction, seed)
+    producer = OpenLoopProducer(
+        topo.kafka.librdkafka(), topo.topics.input, events, rate=rate, count=count
+    ).start()
+    try:
+        with Progress(transient=False) as progress:
+            task = progress.add_task(f"producing to {topo.topics.input}", total=count)
+            while producer._thread.is_alive():
+                progress.update(task, completed=producer.sent)
+                time.sleep(0.2)
+            progress.update(task, completed=producer.sent)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        producer.stop()
+    click.echo(f"sent {producer.sent} events ({producer.errors} delivery errors)")
+    if producer.errors:
+        sys.exit(1)
+
+
+@cli.command()
+@TOPOLOGY
+@click.option(
+    "--what",
+    default="predictions",
+    show_default=True,
+    type=click.Choice(["predictions", "dead-letters", "shadow", "acks", "drift"]),
+)
+@click.option("--from-beginning", is_flag=True, help="start at the oldest record")
+@click.option("--count", type=click.IntRange(min=1), help="exit after this many records")
+def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> None:
+    """Print records of one of TOPOLOGY's output topics as JSON lines."""
+    from confluent_kafka import Consumer
+
+    from stream_infer.io.clients import check_reachable
+    from stream_infer.watch import assign_all
+
+    topo = _load(topology)
+    check_reachable(topo.kafka)
+    names = {
+        "predictions": [topo.prediction_topic(m) for m in topo.models],
+        "dead-letters": [topo.topics.dead_letter],
+        "shadow": [topo.topics.shadow],
+        "acks": [topo.topics.acks],
+        "drift": [topo.topics.drift],
+    }[what]
+    topic_names = [n for n in dict.fromkeys(names) if n]
+    if not topic_names:
+        raise ConfigError(f"the topology declares no {what} topic")
+    consumer = Consumer(topo.kafka.librdkafka() | {"group.id": "stream-infer-tail"})
+    assign_all(consumer, topic_names, from_beginning=from_beginning)
+    seen = 0
+    try:
+        while count is None or seen < count:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    continue
+                value = msg.value() or b""
+                try:
+                    click.echo(orjson.dumps(orjson.loads(value)).decode())
+                except orjson.JSONDecodeError:
+                    click.echo(repr(value))
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+@cli.command()
+@click.option(
+    "--topology",
+    "topology_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="default: topologies/phishing.yaml",
+)
+@click.option(
+    "--rate",
+    default=2000.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="events per second offered",
+)
+@click.option("--duration", type=click.FloatRange(min=1), help="seconds; default until Ctrl-C")
+@click.option("--bad-fraction", default=0.005, show_default=True, type=click.FloatRange(0.0, 1.0))
+def demo(
+    topology_path: Path | None, rate: float, duration: float | None, bad_fraction: float
+) -> None:
+    """Broker, worker, events in, predictions out, on this machine. Ctrl-C stops it all."""
+    from stream_infer.demo import DEFAULT_TOPOLOGY, run_demo
+
+    sys.exit(
+        run_demo(
+            topology_path or DEFAULT_TOPOLOGY,
+            rate=rate,
+            duration_s=duration,
+            bad_fraction=bad_fraction,
+        )
+    )
+
+
+@cli.command("build-example-models")
+@click.option(
+    "--out",
+    default="models/phishing",
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False),
+)
+def build_example_models(out: Path) -> None:
+    """Train the phishing example's two model versions (seeded) and write them to OUT."""
+    from stream_infer.examples import phishing
+
+    for version, meta in phishing.build(out).items():
+        click.echo(f"{version}: {meta.format} {meta.sha256[:12]} {meta.description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="stream-infer", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (BrokerError, ModelError, StreamInferError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

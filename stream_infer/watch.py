@@ -1,0 +1,133 @@
+"""Watching output topics: predictions, dead letters and shadows, with running statistics.
+
+Used by ``stream-infer tail`` and the demo. A group-less consumer (assigned partitions, no
+group) so it never joins or disturbs a consumer group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+from stream_infer.settings import KafkaSettings
+
+
+def assign_all(
+    consumer: Consumer, topics: list[str], *, from_beginning: bool, timeout_s: float = 10.0
+) -> None:
+    """Assign every partition of the topics, from the beginning or from the end."""
+    meta = consumer.list_topics(timeout=timeout_s)
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    parts = [
+        TopicPartition(topic, p, start)
+        for topic in topics
+        if topic in meta.topics
+        for p in meta.topics[topic].partitions
+    ]
+    consumer.assign(parts)
+
+
+class OutputWatcher:
+    """Consumes output topics in a thread and keeps counts and a latency window."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        prediction_topics: list[str],
+        dead_letter_topic: str | None,
+        from_beginning: bool = True,
+        window_s: float = 5.0,
+        on_record: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        conf = kafka.librdkafka() | {
+            "group.id": "stream-infer-watch",  # required by librdkafka; never joined (assign)
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 50,
+        }
+        self._consumer = Consumer(conf)
+        self.prediction_topics = prediction_topics
+        self.dead_letter_topic = dead_letter_topic
+        self.from_beginning = from_beginning
+        self.window_s = window_s
+        self._on_record = on_record
+        self.predictions = 0
+        self.by_version: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+        self.ids: set[str] = set()
+        self.duplicates = 0
+        self._recent: deque[tuple[float, float]] = deque()  # (received at, latency s)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="output-watcher", daemon=True)
+
+    def start(self) -> OutputWatcher:
+        topics = [*self.prediction_topics]
+        if self.dead_letter_topic:
+            topics.append(self.dead_letter_topic)
+        assign_all(self._consumer, topics, from_beginning=self.from_beginning)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(1000, 0.1):
+                if msg.error():
+                    continue
+                now = time.time()
+                try:
+                    doc = orjson.loads(msg.value())
+                except orjson.JSONDecodeError:
+                    continue
+                topic = msg.topic()
+                with self._lock:
+                    if topic == self.dead_letter_topic:
+                        self.dead_letters[str(doc.get("error"))] += 1
+                    else:
+                        self._count_prediction(doc, now)
+                if self._on_record:
+                    self._on_record(topic, doc)
+
+    def _count_prediction(self, doc: dict[str, Any], now: float) -> None:
+        self.predictions += 1
+        self.by_version[f"{doc.get('model')}:{doc.get('version')}"] += 1
+        event_id = doc.get("id")
+        if event_id in self.ids:
+            self.duplicates += 1
+        else:
+            self.ids.add(str(event_id))
+        ts = doc.get("ts")
+        if isinstance(ts, (int, float)):
+            self._recent.append((now, now - ts))
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Totals, the rate and latency percentiles over the last window."""
+        with self._lock:
+            now = time.time()
+            while self._recent and self._recent[0][0] < now - self.window_s:
+                self._recent.popleft()
+            lat = np.array([latency for _, latency in self._recent])
+            return {
+                "predictions": self.predictions,
+                "unique_ids": len(self.ids),
+                "duplicates": self.duplicates,
+                "by_version": dict(self.by_version),
+                "dead_letters": dict(self.dead_letters),
+                "rate": len(lat) / self.window_s,
+                "p50_ms": float(np.percentile(lat, 50) * 1000) if lat.size else None,
+                "p99_ms": float(np.percentile(lat, 99) * 1000) if lat.size else None,
+            }
