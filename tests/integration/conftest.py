@@ -1,0 +1,216 @@
+"""Integration tier: a real broker, real workers (subprocesses), real topics.
+
+The broker is, in order of preference: an external cluster named by
+STREAM_INFER_TEST_BOOTSTRAP_SERVERS; a Kafka testcontainer when STREAM_INFER_TEST_DOCKER=1 and
+Docker answers; otherwise the embedded tansu broker, started here and stopped at the end.
+Every test gets its own topics and consumer group (a tansu group wedged by one test must not
+affect another).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from confluent_kafka import Consumer, Producer
+
+from stream_infer.broker import EmbeddedBroker, free_port
+from stream_infer.examples import phishing
+from stream_infer.io.clients import ensure_topics
+from stream_infer.settings import (
+    ENV_PREFIX,
+    Topology,
+    bootstrap_for_tests,
+    docker_requested,
+    load_topology,
+)
+from stream_infer.watch import assign_all
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models" / "phishing" / "risk"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def _docker_kafka(stack: ExitStack) -> str | None:
+    try:
+        from testcontainers.kafka import KafkaContainer
+
+        container = stack.enter_context(KafkaContainer())
+        return str(container.get_bootstrap_server())
+    except Exception as exc:  # no Docker engine, no image: fall back to the embedded broker
+        log.warning("no Kafka testcontainer (%s); using the embedded broker", exc)
+        return None
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = bootstrap_for_tests()
+    if external:
+        yield external
+        return
+    with ExitStack() as stack:
+        if docker_requested():
+            server = _docker_kafka(stack)
+            if server:
+                yield server
+                return
+        log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
+        broker = stack.enter_context(EmbeddedBroker(log_path=log_path))
+        yield broker.bootstrap_servers
+
+
+class Setup:
+    """One test's topology (unique topics and group), its files, and helpers around them."""
+
+    def __init__(self, bootstrap: str, tmp: Path, **overrides: Any) -> None:
+        self.bootstrap = bootstrap
+        self.tmp = tmp
+        suffix = uuid.uuid4().hex[:8]
+        self.doc: dict[str, Any] = {
+            "name": f"it-{suffix}",
+            "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 6000,
+                      "group_id": f"it-{suffix}"},
+            "topics": {
+                name: f"it-{suffix}.{name}"
+                for name in ("input", "predictions", "dead_letter", "control", "acks", "shadow")
+            }
+            | {"partitions": 4},
+            "features": list(phishing.FEATURES),
+            "models": [
+                {
+                    "name": "risk",
+                    "serving": "v1",
+                    "versions": [
+                        {"version": "v1", "path": str(MODELS / "v1")},
+                        {"version": "v2", "path": str(MODELS / "v2")},
+                    ],
+                }
+            ],
+            "batching": {"max_batch_size": 256, "max_wait_ms": 10},
+            "worker": {"web_port": free_port()},
+            "device": "cpu",
+        }
+        for key, value in overrides.items():
+            self.doc[key] = self.doc.get(key, {}) | value if isinstance(value, dict) else value
+        self.path = tmp / f"{self.doc['name']}.yaml"
+        self.path.write_text(yaml.safe_dump(self.doc))
+        self.topology: Topology = load_topology(self.path, env={})
+        ensure_topics(self.topology.kafka, self.topology.all_topics(), partitions=4,
+                      replication_factor=1)
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def topics(self) -> Any:
+        return self.topology.topics
+
+    def start_worker(self, web_port: int | None = None) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(web_port or free_port())
+        log_file = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_infer", "worker", str(self.path)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        self.workers.append(proc)
+        return proc
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:]
+                         for p in sorted(self.tmp.glob("worker-*.log")))
+
+    def produce(self, items: list[tuple[bytes | None, bytes]]) -> None:
+        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        for key, value in items:
+            producer.produce(self.topics.input, value, key)
+            producer.poll(0)
+        assert producer.flush(30) == 0
+
+    def consumer(self, *topics: str) -> Consumer:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "it-reader",
+                             "enable.auto.commit": False})
+        assign_all(consumer, list(topics), from_beginning=True)
+        return consumer
+
+    def collect(self, topic: str, until: int, timeout_s: float = 60.0,
+                consumer: Consumer | None = None) -> list[dict[str, Any]]:
+        """Read records of a topic until `until` have arrived or the timeout passes."""
+        own = consumer is None
+        consumer = consumer or self.consumer(topic)
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(out) < until and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.2):
+                    if msg.error() is None:
+                        out.append(orjson.loads(msg.value()))
+                if any(p.poll() is not None and p.returncode not in (0, -9) for p in self.workers):
+                    raise AssertionError("a worker died:\n" + self.worker_logs())
+        finally:
+            if own:
+                consumer.close()
+        return out
+
+    def collect_until_ids(self, topic: str, ids: set[str], timeout_s: float = 120.0,
+                          consumer: Consumer | None = None) -> list[dict[str, Any]]:
+        """Read records until every id in `ids` has been seen (or the timeout passes)."""
+        out: list[dict[str, Any]] = []
+        waiting = set(ids)
+        deadline = time.monotonic() + timeout_s
+        while waiting and time.monotonic() < deadline:
+            batch = self.collect(topic, until=1, timeout_s=1.0, consumer=consumer)
+            out.extend(batch)
+            waiting.difference_update(r.get("id") for r in batch)
+        return out
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def make_setup(bootstrap: str, tmp_path: Path) -> Iterator[Any]:
+    made: list[Setup] = []
+
+    def make(**overrides: Any) -> Setup:
+        setup = Setup(bootstrap, tmp_path, **overrides)
+        made.append(setup)
+        return setup
+
+    yield make
+    for setup in made:
+        setup.stop()
+
+
+def good_events(n: int, prefix: str = "e") -> list[tuple[bytes | None, bytes]]:
+    rows = phishing.events(seed=7)
+    out: list[tuple[bytes | None, bytes]] = []
+    for i in range(n):
+        _, feats, _ = next(rows)
+        event_id = f"{prefix}-{i}"
+        out.append((f"k-{i % 997}".encode(), orjson.dumps({"id": event_id, "features": feats})))
+    return out
