@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
@@ -85,8 +85,11 @@ class Setup:
         suffix = uuid.uuid4().hex[:8]
         self.doc: dict[str, Any] = {
             "name": f"it-{suffix}",
-            "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 6000,
-                      "group_id": f"it-{suffix}"},
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "session_timeout_ms": 6000,
+                "group_id": f"it-{suffix}",
+            },
             "topics": {
                 name: f"it-{suffix}.{name}"
                 for name in ("input", "predictions", "dead_letter", "control", "acks", "shadow")
@@ -112,8 +115,9 @@ class Setup:
         self.path = tmp / f"{self.doc['name']}.yaml"
         self.path.write_text(yaml.safe_dump(self.doc))
         self.topology: Topology = load_topology(self.path, env={})
-        ensure_topics(self.topology.kafka, self.topology.all_topics(), partitions=4,
-                      replication_factor=1)
+        ensure_topics(
+            self.topology.kafka, self.topology.all_topics(), partitions=4, replication_factor=1
+        )
         self.workers: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -126,15 +130,18 @@ class Setup:
         log_file = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream_infer", "worker", str(self.path)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         log_file.close()
         self.workers.append(proc)
         return proc
 
     def worker_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-4000:]
-                         for p in sorted(self.tmp.glob("worker-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-4000:] for p in sorted(self.tmp.glob("worker-*.log"))
+        )
 
     def produce(self, items: list[tuple[bytes | None, bytes]]) -> None:
         producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
@@ -144,13 +151,19 @@ class Setup:
         assert producer.flush(30) == 0
 
     def consumer(self, *topics: str) -> Consumer:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "it-reader",
-                             "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": "it-reader",
+                "enable.auto.commit": False,
+            }
+        )
         assign_all(consumer, list(topics), from_beginning=True)
         return consumer
 
-    def collect(self, topic: str, until: int, timeout_s: float = 60.0,
-                consumer: Consumer | None = None) -> list[dict[str, Any]]:
+    def collect(
+        self, topic: str, until: int, timeout_s: float = 60.0, consumer: Consumer | None = None
+    ) -> list[dict[str, Any]]:
         """Read records of a topic until `until` have arrived or the timeout passes."""
         own = consumer is None
         consumer = consumer or self.consumer(topic)
@@ -168,8 +181,9 @@ class Setup:
                 consumer.close()
         return out
 
-    def collect_until_ids(self, topic: str, ids: set[str], timeout_s: float = 120.0,
-                          consumer: Consumer | None = None) -> list[dict[str, Any]]:
+    def collect_until_ids(
+        self, topic: str, ids: set[str], timeout_s: float = 120.0, consumer: Consumer | None = None
+    ) -> list[dict[str, Any]]:
         """Read records until every id in `ids` has been seen (or the timeout passes)."""
         out: list[dict[str, Any]] = []
         waiting = set(ids)
@@ -179,6 +193,16 @@ class Setup:
             out.extend(batch)
             waiting.difference_update(r.get("id") for r in batch)
         return out
+
+    def committed(self, topic: str) -> int:
+        """The sum over a topic's partitions of the workers' group's committed offsets."""
+        group = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.topology.group_id})
+        try:
+            meta = group.list_topics(topic, timeout=10).topics[topic]
+            parts = [TopicPartition(topic, p) for p in meta.partitions]
+            return sum(max(tp.offset, 0) for tp in group.committed(parts, timeout=10))
+        finally:
+            group.close()
 
     def stop(self) -> None:
         for proc in self.workers:
