@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project and run it: the only entry point a new user needs.
 
-    python3 dev.py demo     # venv + install, then the demo: broker, worker, events in, predictions out
+    python3 dev.py demo     # venv + install, then the demo: broker, worker, events, predictions
     python3 dev.py test     # venv + install, then lint, type-check and the whole test suite
     python3 dev.py bench    # venv + install, then the benchmark (bench/README.md)
     python3 dev.py soak     # venv + install, then the long fault/overload tests (not in CI)
@@ -36,7 +36,7 @@ def _run(*cmd: str | Path) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs under any python3)
         sys.exit(f"stream-infer needs Python >= 3.11, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating virtual environment in {VENV}", flush=True)

@@ -56,8 +56,8 @@ def synthetic_events(topology: Topology, seed: int = 0) -> Iterator[tuple[bytes,
 def jsonl_events(path: Path) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) pairs from a JSON-lines file; the key is the event's "key" or its "id"."""
     with path.open("rb") as fh:
-        for line in fh:
-            line = line.strip()
+        for raw in fh:
+            line = raw.strip()
             if not line:
                 continue
             try:

@@ -135,6 +135,9 @@ def predict_isolating(
     n = x.shape[0]
     try:
         values = predictor.predict_many(x)
+        if values.ndim not in (1, 2) or values.shape[0] != n:
+            msg = f"returned shape {values.shape} for a batch of {n}; expected ({n},...)"
+            raise ModelOutputError(msg, model=predictor.model, version=predictor.version)
     except Exception as exc:  # a model may raise anything; the events are what we must keep
         if n == 1:
             output_error = isinstance(exc, ModelOutputError)

@@ -88,7 +88,7 @@ class OutputWatcher:
                     continue
                 now = time.time()
                 try:
-                    doc = orjson.loads(msg.value())
+                    doc = orjson.loads(msg.value() or b"")
                 except orjson.JSONDecodeError:
                     continue
                 topic = msg.topic()
@@ -98,7 +98,7 @@ class OutputWatcher:
                     else:
                         self._count_prediction(doc, now)
                 if self._on_record:
-                    self._on_record(topic, doc)
+                    self._on_record(str(topic), doc)
 
     def _count_prediction(self, doc: dict[str, Any], now: float) -> None:
         self.predictions += 1

@@ -48,7 +48,8 @@ class RiskMLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 def load_dataset() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -70,7 +71,7 @@ def train(
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).unsqueeze(1)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=generator).split(64):
+        for idx in torch.split(torch.randperm(len(xt), generator=generator), 64):
             optimizer.zero_grad()
             loss_fn(model(xt[idx]), yt[idx]).backward()
             optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,7 @@ def select_device(
     """
     if spec == "cpu":
         return torch.device("cpu")
-    if spec not in {"auto", "cuda"} and not spec.startswith("cuda:"):
+    if not re.fullmatch(r"auto|cuda(:\d+)?", spec):
         msg = f"unknown device {spec!r}; expected auto, cpu, cuda or cuda:N"
         raise ValueError(msg)
     if not cuda_available():

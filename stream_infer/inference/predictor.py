@@ -85,7 +85,7 @@ class TorchPredictor:
             out = self._module(tensor)
             if self.output == "logit":
                 out = torch.sigmoid(out)
-            result = out.detach().to("cpu", dtype=torch.float64).numpy()
+            result = np.asarray(out.detach().to("cpu", dtype=torch.float64).numpy())
         if result.ndim == 2 and result.shape[1] == 1:
             result = result[:, 0]
         if result.ndim not in (1, 2) or result.shape[0] != n:

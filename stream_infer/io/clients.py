@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_infer.errors import BrokerError
 from stream_infer.settings import KafkaSettings

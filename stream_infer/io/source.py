@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -41,7 +41,9 @@ def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
     """For each (topic, partition) in the batch, the offset after its last record."""
     offsets: dict[tuple[str, int], int] = {}
     for record in records:
-        offsets[(record.topic(), record.partition())] = record.offset() + 1
+        # Records from consume() always carry their topic, partition and offset.
+        key = (cast(str, record.topic()), cast(int, record.partition()))
+        offsets[key] = cast(int, record.offset()) + 1
     return offsets
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.app.base import BootStrategy
@@ -23,7 +23,7 @@ from stream_infer.settings import Topology
 log = logging.getLogger(__name__)
 
 
-class _NoFaustKafka(BootStrategy):  # type: ignore[misc]
+class _NoFaustKafka(BootStrategy):
     """Start agents, timers, sensors and web, but not faust's aiokafka consumer/producer."""
 
     enable_kafka = False
@@ -44,7 +44,6 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         topic_disable_leader=True,
         stream_buffer_maxsize=max(64, topology.batching.max_batches_in_flight * 4),
     )
-    app.BootStrategy = _NoFaustKafka
     app.boot_strategy = _NoFaustKafka(app)
     batches = app.channel()
 
@@ -60,17 +59,18 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
                 await app.crash(exc)
                 raise
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:
         await rt.started.wait()
         await rt.commit_in_order()
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def start_serving() -> None:
         loop = asyncio.get_running_loop()
 
         def hand_off(batch: SourceBatch) -> None:
-            asyncio.run_coroutine_threadsafe(batches.put(batch), loop)
+            # One item per micro-batch: the channel carries plain objects, not faust events.
+            asyncio.run_coroutine_threadsafe(batches.put(cast(Any, batch)), loop)
 
         # faust resumes flow control when its own consumer gets partitions; it has none here.
         app.flow_control.resume()
@@ -84,7 +84,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     last = {"t": time.monotonic(), "events": 0}
 
-    @app.timer(interval=5.0)
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         now = time.monotonic()
         events = rt.totals["events"]
@@ -113,11 +113,10 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     async def readyz(web: Any, request: Any) -> Any:
         return web.json({"ready": rt.ready}, status=200 if rt.ready else 503)
 
-    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
-    async def _stop_serving(app: faust.App, **_: Any) -> None:
+    async def _stop_serving(_app: faust.App, **_: Any) -> None:
         await rt.stop()
 
-    app.stream_infer_runtime = rt
+    app.on_before_shutdown.connect(_stop_serving)  # type: ignore[arg-type]
     return app
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 
 from stream_infer.examples.phishing import FEATURES
-
 from tests.integration.conftest import good_events
 
 
@@ -63,7 +62,8 @@ def test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow(make_setup:
         (b"b11", b'{"id": "x-11", "features": [0, 0, 0, 0, 0, 0, 0, 0, 0]' + b" " * 70_000 + b"}"),
     ]
     good = good_events(300)
-    mixed = [item for pair in zip(good, bad + [None] * len(good)) for item in pair if item]
+    padded = [*bad, *[None] * (len(good) - len(bad))]
+    mixed = [item for pair in zip(good, padded, strict=True) for item in pair if item]
     setup.produce(mixed)
     setup.start_worker()
     dead = setup.collect(setup.topics.dead_letter, until=len(bad))
@@ -146,7 +146,7 @@ def test_health_readiness_and_metrics_endpoints(make_setup: Any) -> None:
     port = setup.doc["worker"]["web_port"]
     setup.start_worker(web_port=port)
     _wait_ready(port)
-    setup.produce(good_events(100) + [(b"bad", b"junk")])
+    setup.produce([*good_events(100), (b"bad", b"junk")])
     setup.collect(setup.topics.predictions, until=100)
     time.sleep(0.5)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
