@@ -91,15 +91,9 @@ def worker(ctx: click.Context, topology: Path) -> None:
 @TOPOLOGY
 def topics(topology: Path) -> None:
     """Create TOPOLOGY's topics (with their partition counts) if they do not exist."""
-    from stream_infer.io.clients import ensure_topics
+    from stream_infer.io.clients import ensure_topology_topics
 
-    topo = _load(topology)
-    created = ensure_topics(
-        topo.kafka,
-        topo.all_topics(),
-        partitions=topo.topics.partitions,
-        replication_factor=topo.topics.replication_factor,
-    )
+    created = ensure_topology_topics(_load(topology))
     click.echo(f"created {created}" if created else "all topics exist")
 
 
@@ -250,6 +244,79 @@ def demo(
             bad_fraction=bad_fraction,
         )
     )
+
+
+@cli.command()
+@TOPOLOGY
+@click.argument(
+    "command", type=click.Choice(["swap", "split", "shadow", "unshadow", "rollback", "status"])
+)
+@click.option("--model", help="the model the command is about")
+@click.option("--version", "version", help="swap: the version to serve; shadow: the candidate")
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    metavar="VERSION=WEIGHT",
+    help="split: repeat for each version, weights summing to 1",
+)
+@click.option(
+    "--wait",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="seconds to wait for the workers' acks",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="stop waiting once N workers answered")
+def control(
+    topology: Path,
+    command: str,
+    model: str | None,
+    version: str | None,
+    weights: tuple[str, ...],
+    wait: float,
+    workers: int | None,
+) -> None:
+    """Send a control command to TOPOLOGY's workers and print each worker's answer."""
+    from stream_infer.controller import Controller, new_command
+
+    topo = _load(topology)
+    fields: dict[str, Any] = {}
+    if command != "status":
+        if not model:
+            raise click.UsageError(f"{command} needs --model")
+        fields["model"] = model
+    if command in {"swap", "shadow"}:
+        if command == "swap" and not version:
+            raise click.UsageError("swap needs --version")
+        fields["version"] = version
+    if command == "split":
+        if not weights:
+            raise click.UsageError("split needs --weight VERSION=WEIGHT (repeated)")
+        parsed = {}
+        for item in weights:
+            name, sep, value = item.partition("=")
+            try:
+                parsed[name] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise click.UsageError(f"--weight {item!r}: expected VERSION=WEIGHT, e.g. v2=0.1")
+        fields["weights"] = parsed
+    ctl = Controller(topo)
+    try:
+        sent = ctl.send(new_command(command, **fields))
+        click.echo(f"sent {orjson.dumps(sent).decode()}")
+        acks = ctl.acks(sent["id"], wait_s=wait, workers=workers)
+    finally:
+        ctl.close()
+    for ack in acks:
+        click.echo(orjson.dumps(ack).decode())
+    if not acks:
+        click.echo(f"no worker answered within {wait:g}s", err=True)
+        sys.exit(1)
+    if any(a["status"] != "applied" for a in acks):
+        sys.exit(1)
 
 
 @cli.command("build-example-models")

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
-from stream_infer.io.clients import ensure_topics
+from stream_infer.io.clients import ensure_topology_topics
 from stream_infer.loadgen import OpenLoopProducer, synthetic_events, with_bad_events
 from stream_infer.settings import ENV_PREFIX, Topology, load_topology
 from stream_infer.watch import OutputWatcher
@@ -102,12 +102,7 @@ def run_demo(
         topology = load_topology(topology_path, env=env)
         ensure_example_models(topology, console)
         console.print(f"embedded broker (tansu) on {broker.bootstrap_servers}")
-        ensure_topics(
-            topology.kafka,
-            topology.all_topics(),
-            partitions=topology.topics.partitions,
-            replication_factor=topology.topics.replication_factor,
-        )
+        ensure_topology_topics(topology)
         log_path = workdir / "worker.log"
         console.print(f"worker log: {log_path}; metrics: http://127.0.0.1:{web_port}/metrics")
         with log_path.open("wb") as log:

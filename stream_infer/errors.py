@@ -7,6 +7,8 @@
     ├── ModelError             a model artifact or its metadata cannot be used
     │   ├── IntegrityError     the artifact's sha256 does not match its metadata
     │   └── ModelOutputError   a model returned the wrong shape or non-finite values
+    ├── ControlError           a control command is rejected (reason code + detail); serving
+    │                          is left as it was
     └── InvalidEvent           one input record is not a valid feature event (data, not a crash:
                                it goes to the dead-letter topic with its reason)
 
@@ -61,6 +63,16 @@ class IntegrityError(ModelError):
 
 class ModelOutputError(ModelError):
     """A model returned the wrong shape or non-finite values."""
+
+
+class ControlError(StreamInferError):
+    """A control command is rejected. ``reason`` is a short code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str, *, command_id: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.command_id = command_id
+        super().__init__(f"{reason}: {detail}")
 
 
 class InvalidEvent(StreamInferError):

@@ -99,6 +99,20 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.assigned_partitions = Gauge(
+            "stream_infer_assigned_partitions", "Input partitions this worker owns", registry=r
+        )
+        self.routing_changed = Gauge(
+            "stream_infer_routing_changed_timestamp_seconds",
+            "When the routing in force last changed (unix time)",
+            registry=r,
+        )
+        self.control_commands = Counter(
+            "stream_infer_control_commands_total",
+            "Control commands by outcome",
+            ["command", "status"],
+            registry=r,
+        )
         self.ready = Gauge(
             "stream_infer_ready", "1 when routing is restored and models are warm", registry=r
         )

@@ -111,6 +111,10 @@ class TopicSettings(_Frozen):
             raise ValueError(msg)
         return value
 
+    def single_partition(self) -> list[str]:
+        """Topics that must have one partition: the control log is totally ordered."""
+        return [t for t in (self.control, self.acks) if t]
+
     def all_names(self) -> list[str]:
         names = [self.input, self.predictions, self.dead_letter, self.control]
         names += [t for t in (self.acks, self.shadow, self.labels, self.drift) if t]
@@ -172,6 +176,13 @@ class WorkerSettings(_Frozen):
     inference_threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads")
 
 
+class ControlSettings(_Frozen):
+    hmac_key: SecretStr | None = Field(
+        default=None,
+        description="when set, every control command must carry a valid HMAC-SHA256 signature",
+    )
+
+
 class Topology(_Frozen):
     """A validated topology: everything a worker needs to run."""
 
@@ -183,6 +194,7 @@ class Topology(_Frozen):
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
+    control: ControlSettings = ControlSettings()
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
 
     @field_validator("name")

@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_infer.errors import BrokerError
-from stream_infer.settings import KafkaSettings
+from stream_infer.settings import KafkaSettings, Topology
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,18 @@ def _admin(kafka: KafkaSettings, **overrides: Any) -> AdminClient:
 
 # librdkafka's own log lines go through Python logging, not straight to stderr.
 _RDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
+def ensure_topology_topics(topology: Topology) -> list[str]:
+    """Create a topology's topics: the control log with one partition, the rest with N."""
+    single = topology.topics.single_partition()
+    rf = topology.topics.replication_factor
+    created = ensure_topics(topology.kafka, single, partitions=1, replication_factor=rf)
+    rest = [t for t in topology.all_topics() if t not in single]
+    partitions = topology.topics.partitions
+    return created + ensure_topics(
+        topology.kafka, rest, partitions=partitions, replication_factor=rf
+    )
 
 
 def check_reachable(kafka: KafkaSettings, timeout_s: float | None = None) -> None:

@@ -14,6 +14,7 @@ import time
 from typing import Any, cast
 
 import faust
+from confluent_kafka import Message
 from faust.app.base import BootStrategy
 
 from stream_infer.io.source import SourceBatch
@@ -46,6 +47,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     )
     app.boot_strategy = _NoFaustKafka(app)
     batches = app.channel()
+    commands = app.channel()
 
     @app.agent(batches, concurrency=1)
     async def serve(stream: Any) -> None:
@@ -58,6 +60,12 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
                 log.critical("cannot handle a batch; stopping the worker", exc_info=True)
                 await app.crash(exc)
                 raise
+
+    @app.agent(commands, concurrency=1)
+    async def obey(stream: Any) -> None:
+        """Control commands, one at a time, in log order; each is answered on the acks topic."""
+        async for msg in stream:
+            await rt.handle_control(msg.value())
 
     @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:
@@ -74,8 +82,12 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
         # faust resumes flow control when its own consumer gets partitions; it has none here.
         app.flow_control.resume()
+
+        def control_hand_off(msg: Message) -> None:
+            asyncio.run_coroutine_threadsafe(commands.put(cast(Any, msg)), loop)
+
         try:
-            await rt.start(hand_off)
+            await rt.start(hand_off, control_hand_off)
         except Exception as exc:
             log.critical("cannot start serving: %s", exc)
             await app.crash(exc)

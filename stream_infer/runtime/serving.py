@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from confluent_kafka import Message
 
-from stream_infer.events import BatchResult
+from stream_infer import control
+from stream_infer.control import (
+    Command,
+    RoutingTable,
+    encode_ack,
+    parse_command,
+    required_versions,
+)
+from stream_infer.errors import ControlError, ModelError
+from stream_infer.events import BatchResult, OutRecord
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import Predictor, TorchPredictor
-from stream_infer.io.clients import consumer_config, ensure_topics, producer_config
+from stream_infer.io.clients import consumer_config, ensure_topology_topics, producer_config
+from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.pipeline import ModelOutput, Pipeline, Serving
-from stream_infer.routing import Route
 from stream_infer.serde import FeatureDecoder
 from stream_infer.settings import Topology
 
@@ -43,6 +55,16 @@ class InferenceRuntime:
         )
         self.serving = Serving(routes={}, predictors={})
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # Models load here, beside serving, never on the inference thread.
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        declared = {m.name: tuple(v.version for v in m.versions) for m in topology.models}
+        serving = {m.name: m.serving for m in topology.models}
+        self.table = RoutingTable.initial(declared, serving, time.time())
+        self._predictors: dict[tuple[str, str], Predictor] = {}
+        key = topology.control.hmac_key
+        self._hmac_key = key.get_secret_value().encode() if key else None
+        self.control_log: ControlLog | None = None
         self.publisher: Publisher | None = None
         self.source: BatchSource | None = None
         self.ready = False
@@ -52,7 +74,11 @@ class InferenceRuntime:
 
     # --- start and stop ----------------------------------------------------------------
 
-    async def start(self, hand_off: Callable[[SourceBatch], None]) -> None:
+    async def start(
+        self,
+        hand_off: Callable[[SourceBatch], None],
+        control_hand_off: Callable[[Message], None],
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._commits = asyncio.Queue()
         await loop.run_in_executor(self.executor, self._prepare)
@@ -68,13 +94,16 @@ class InferenceRuntime:
             max_wait_ms=topo.batching.max_wait_ms,
             max_in_flight=topo.batching.max_batches_in_flight,
             hand_off=hand_off,
+            on_assignment=lambda parts: self.metrics.assigned_partitions.set(len(parts)),
         )
         self.source.start()
+        assert self.control_log is not None  # _prepare made it
+        self.control_log.follow(control_hand_off)
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
             "serving %s on %s: input %s, batches of <= %d within %g ms",
-            ", ".join(f"{m}={r.as_dict()['weights']}" for m, r in self.serving.routes.items()),
+            ", ".join(f"{m}={dict(r.weights)}" for m, r in self.serving.routes.items()),
             self.device,
             topo.topics.input,
             topo.batching.max_batch_size,
@@ -82,32 +111,112 @@ class InferenceRuntime:
         )
 
     def _prepare(self) -> None:
-        """Blocking start-up work: topics, then models loaded and warmed up (executor thread)."""
+        """Blocking start-up work (executor thread): topics; the routing rebuilt from the
+        control log; the versions it needs loaded and warmed up."""
         topo = self.topology
         torch.set_num_threads(topo.worker.inference_threads)
-        ensure_topics(
-            topo.kafka,
-            topo.all_topics(),
-            partitions=topo.topics.partitions,
-            replication_factor=topo.topics.replication_factor,
+        ensure_topology_topics(topo)
+        self.control_log = ControlLog(consumer_config(topo.kafka, "unused"), topo.topics.control)
+        replayed = self.control_log.replay()
+        for msg in replayed:
+            self._apply(msg.value(), replay=True)
+        self._load_required(required_versions(self.table.routes))
+        self._install()
+        log.info(
+            "routing rebuilt from %d control commands: %s",
+            len(replayed),
+            self.table.as_dict()["routes"],
         )
-        predictors: dict[tuple[str, str], Predictor] = {}
-        routes: dict[str, Route] = {}
-        for model in topo.models:
-            version = model.version(model.serving)
-            assert version is not None  # the topology validator checked it
+
+    # --- control ----------------------------------------------------------------------------
+
+    def _load_required(self, needed: set[tuple[str, str]]) -> None:
+        """Load and warm up every needed version not loaded yet. Raises ModelError."""
+        for model, version in sorted(needed - set(self._predictors)):
+            settings = self.topology.model(model)
+            spec = settings.version(version) if settings else None
+            if spec is None:  # the routing table only names declared versions
+                raise ModelError(f"{model}:{version} is not declared")
+            started = time.perf_counter()
             _meta, predictor = TorchPredictor.load(
-                version.path,
-                model=model.name,
-                version=version.version,
-                features=topo.features,
+                spec.path,
+                model=model,
+                version=version,
+                features=self.topology.features,
                 device=self.device,
             )
             predictor.warm_up()
-            predictors[(model.name, version.version)] = predictor
-            routes[model.name] = Route.single(version.version)
-        self.serving = Serving(routes=routes, predictors=predictors, changed_at=time.time())
+            self._predictors[(model, version)] = predictor
+            log.info(
+                "loaded %s:%s in %.0f ms", model, version, (time.perf_counter() - started) * 1000
+            )
+
+    def _install(self) -> None:
+        """Make the routing table's routes the serving snapshot (atomic for the next batch)."""
+        routes = dict(self.table.routes)
+        needed = required_versions(routes)
+        self.serving = Serving(
+            routes=routes,
+            predictors={key: self._predictors[key] for key in needed},
+            changed_at=self.table.changed_at,
+        )
         self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
+        self.metrics.routing_changed.set(self.table.changed_at)
+
+    def _apply(
+        self, raw: bytes | None, *, replay: bool = False
+    ) -> tuple[Command | None, ControlError | None]:
+        """Parse, validate, load what is needed, then switch. Runs on the loader thread.
+
+        A rejected command leaves the routing untouched.
+        """
+        cmd: Command | None = None
+        try:
+            cmd = parse_command(raw, hmac_key=self._hmac_key)
+            routes = self.table.plan(cmd)
+            try:
+                self._load_required(required_versions(routes))
+            except ModelError as exc:
+                raise ControlError(control.ARTIFACT_INVALID, str(exc), command_id=cmd.id) from None
+            self.table.commit(cmd, routes, time.time())
+            self._install()
+        except ControlError as exc:
+            self.metrics.control_commands.labels(cmd.command if cmd else "?", "rejected").inc()
+            log.warning(
+                "control command %s rejected%s: %s",
+                exc.command_id,
+                " (replay)" if replay else "",
+                exc,
+            )
+            return cmd, exc
+        self.metrics.control_commands.labels(cmd.command, "applied").inc()
+        log.info(
+            "control command %s (%s) applied%s: %s",
+            cmd.id,
+            cmd.command,
+            " (replay)" if replay else "",
+            self.table.as_dict()["routes"],
+        )
+        return cmd, None
+
+    async def handle_control(self, raw: bytes | None) -> None:
+        """Apply one live command off the serving path, then acknowledge it on the acks topic."""
+        loop = asyncio.get_running_loop()
+        cmd, error = await loop.run_in_executor(self.loader, self._apply, raw)
+        acks = self.topology.topics.acks
+        if acks is None or self.publisher is None:
+            return
+        value = encode_ack(
+            command_id=cmd.id if cmd else getattr(error, "command_id", None),
+            command=cmd.command if cmd else None,
+            worker=self.worker_id,
+            table=self.table,
+            error=error,
+            now=time.time(),
+        )
+        ticket = Ticket(loop)
+        self.publisher.publish([OutRecord(acks, self.worker_id.encode(), value)], ticket)
+        await ticket.delivered()
 
     async def stop(self) -> None:
         self.ready = False
@@ -117,7 +226,10 @@ class InferenceRuntime:
             await loop.run_in_executor(None, self.source.stop)
         if self.publisher is not None:
             await loop.run_in_executor(None, self.publisher.close)
+        if self.control_log is not None:
+            await loop.run_in_executor(None, self.control_log.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     # --- per batch -----------------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""Reading the control log: every worker reads every command, in log order.
+
+A group-less consumer (partitions assigned, never subscribed) per worker, from the beginning:
+this is how every worker sees every command (a consumer group would split them among workers,
+and faust's GlobalTable was seen not to reach every worker, faust-streaming#283). At start the
+worker replays what the log holds before it serves; afterwards a thread hands each new command
+over as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+
+from stream_infer.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+class ControlLog:
+    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+        self.topic = topic
+        self._consumer = Consumer(
+            conf
+            | {
+                # Required by librdkafka but never joined: partitions are assigned directly.
+                "group.id": f"stream-infer-control-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+            }
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def replay(self, timeout_s: float = 30.0) -> list[Message]:
+        """Every command already in the log, in order (blocking; call before serving)."""
+        meta = self._consumer.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            msg = f"control topic {self.topic!r} does not exist"
+            raise BrokerError(msg)
+        if len(meta.partitions) != 1:
+            log.warning(
+                "control topic %s has %d partitions; commands are only totally ordered with one",
+                self.topic,
+                len(meta.partitions),
+            )
+        parts = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+        self._consumer.assign(parts)
+        ends = {
+            p.partition: self._consumer.get_watermark_offsets(p, timeout=timeout_s)[1]
+            for p in parts
+        }
+        out: list[Message] = []
+        positions = dict.fromkeys(ends, 0)
+        deadline = time.monotonic() + timeout_s
+        while any(positions[p] < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                msg = f"could not read the control log {self.topic!r} within {timeout_s}s"
+                raise BrokerError(msg)
+            for msg_ in self._consumer.consume(500, 0.2):
+                if msg_.error() is None:
+                    out.append(msg_)
+                    positions[msg_.partition() or 0] = (msg_.offset() or 0) + 1
+        return out
+
+    def follow(self, hand_off: Callable[[Message], None]) -> None:
+        """Hand every later command over, from a thread, until :meth:`close`."""
+
+        def run() -> None:
+            while not self._stop.is_set():
+                for msg in self._consumer.consume(100, 0.2):
+                    if msg.error() is None:
+                        hand_off(msg)
+
+        self._thread = threading.Thread(target=run, name="control-log", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._consumer.close()

@@ -1,0 +1,235 @@
+"""The control topic on a real broker, with two workers in one group."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_infer.broker import free_port
+from stream_infer.controller import Controller, new_command
+from stream_infer.loadgen import OpenLoopProducer
+from tests.integration.conftest import MODELS, Setup, good_events
+
+
+def _metric(port: int, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+    )
+
+
+def start_group(setup: Setup, n: int = 2) -> list[int]:
+    """Start n workers and wait until together they own every input partition."""
+    ports = [free_port() for _ in range(n)]
+    for port in ports:
+        setup.start_worker(web_port=port)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        owned = [_metric(p, "stream_infer_assigned_partitions") for p in ports]
+        if sum(owned) == 4 and all(owned):
+            return ports
+        time.sleep(0.5)
+    raise AssertionError("the group never settled:\n" + setup.worker_logs())
+
+
+def command(ctl: Controller, name: str, workers: int = 2, **fields: Any) -> list[dict[str, Any]]:
+    sent = ctl.send(new_command(name, **fields))
+    acks = ctl.acks(sent["id"], wait_s=30, workers=workers)
+    assert len({a["worker"] for a in acks}) == workers, f"acks: {acks}"
+    return acks
+
+
+def routes_of(acks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [a["routing"]["routes"] for a in acks]
+
+
+def test_swap_under_load_loses_nothing_and_switches(make_setup: Any) -> None:
+    setup = make_setup()
+    start_group(setup)
+    ctl = Controller(setup.topology)
+    n = 8000
+    events = iter(good_events(n))
+    producer = OpenLoopProducer(
+        {"bootstrap.servers": setup.bootstrap}, setup.topics.input, events, rate=1000.0, count=n
+    ).start()
+    time.sleep(3.0)
+    sent_at = time.time()
+    acks = command(ctl, "swap", model="risk", version="v2")
+    assert all(a["status"] == "applied" for a in acks)
+    assert (
+        routes_of(acks)[0]
+        == routes_of(acks)[1]
+        == {"risk": {"weights": {"v2": 1.0}, "shadow": None}}
+    )
+    acked_at = max(a["ts"] for a in acks)
+    producer.join(30)
+    ctl.close()
+    preds = setup.collect_until_ids(setup.topics.predictions, {f"e-{i}" for i in range(n)})
+    ids = Counter(p["id"] for p in preds)
+    assert len(ids) == n, f"{n - len(ids)} events without a prediction"
+    assert sum(ids.values()) == n, "duplicates without a rebalance"
+    after = [p for p in preds if p["served_at"] > acked_at]
+    assert after and {p["version"] for p in after} == {"v2"}
+    first_v2 = min(p["served_at"] for p in preds if p["version"] == "v2")
+    print(f"command to first v2 prediction: {(first_v2 - sent_at) * 1000:.0f} ms")
+    assert {p["version"] for p in preds} == {"v1", "v2"}
+
+
+def test_split_is_sticky_and_moves_keys_only_toward_the_growing_version(make_setup: Any) -> None:
+    setup = make_setup()
+    start_group(setup)
+    ctl = Controller(setup.topology)
+    command(ctl, "split", model="risk", weights={"v1": 0.9, "v2": 0.1})
+    keys = 20_000
+
+    def round_of(prefix: str) -> dict[str, set[str]]:
+        items = [
+            (f"key-{i % keys}".encode(), value)
+            for i, (_, value) in enumerate(good_events(2 * keys, prefix=prefix))
+        ]
+        setup.produce(items)
+        preds = setup.collect_until_ids(
+            setup.topics.predictions, {f"{prefix}-{i}" for i in range(2 * keys)}
+        )
+        by_key: dict[str, set[str]] = defaultdict(set)
+        for p in preds:
+            if p["id"].startswith(prefix + "-"):
+                by_key[f"key-{int(p['id'].split('-')[1]) % keys}"].add(p["version"])
+        return by_key
+
+    first = round_of("a")
+    assert len(first) == keys
+    assert all(len(v) == 1 for v in first.values()), "a key was served by two versions"
+    share = sum(1 for v in first.values() if v == {"v2"}) / keys
+    assert abs(share - 0.1) <= 0.01, f"v2 share {share:.4f}"
+    command(ctl, "split", model="risk", weights={"v1": 0.5, "v2": 0.5})
+    second = round_of("b")
+    ctl.close()
+    assert all(len(v) == 1 for v in second.values())
+    share = sum(1 for v in second.values() if v == {"v2"}) / keys
+    assert abs(share - 0.5) <= 0.01, f"v2 share {share:.4f}"
+    moved_back = [k for k, v in first.items() if v == {"v2"} and second[k] == {"v1"}]
+    assert not moved_back, f"{len(moved_back)} keys moved from v2 to v1"
+
+
+def test_shadow_scores_every_event_without_touching_predictions(make_setup: Any) -> None:
+    setup = make_setup()
+    start_group(setup)
+    ctl = Controller(setup.topology)
+    command(ctl, "shadow", model="risk", version="v2")
+    n = 3000
+    setup.produce(good_events(n))
+    preds = setup.collect_until_ids(setup.topics.predictions, {f"e-{i}" for i in range(n)})
+    shadow = setup.collect_until_ids(setup.topics.shadow, {f"e-{i}" for i in range(n)})
+    assert Counter(p["id"] for p in preds) == Counter(f"e-{i}" for i in range(n))
+    assert {p["version"] for p in preds} == {"v1"}
+    assert Counter(p["id"] for p in shadow) == Counter(f"e-{i}" for i in range(n))
+    assert {p["version"] for p in shadow} == {"v2"}
+    acks = command(ctl, "shadow", model="risk", version=None)
+    assert routes_of(acks)[0]["risk"]["shadow"] is None
+    ctl.close()
+
+
+def test_bad_commands_are_rejected_and_change_nothing(make_setup: Any, tmp_path: Path) -> None:
+    corrupt = tmp_path / "v3"
+    shutil.copytree(MODELS / "v2", corrupt)
+    artifact = corrupt / "model.pt"
+    data = bytearray(artifact.read_bytes())
+    data[-1] ^= 0xFF
+    artifact.write_bytes(bytes(data))
+    setup = make_setup(
+        models=[
+            {
+                "name": "risk",
+                "serving": "v1",
+                "versions": [
+                    {"version": "v1", "path": str(MODELS / "v1")},
+                    {"version": "v3", "path": str(corrupt)},
+                ],
+            }
+        ]
+    )
+    start_group(setup)
+    ctl = Controller(setup.topology)
+    original = {"risk": {"weights": {"v1": 1.0}, "shadow": None}}
+    cases = [
+        (new_command("swap", model="nope", version="v1"), "unknown_model"),
+        (new_command("swap", model="risk", version="v9"), "unknown_version"),
+        (new_command("split", model="risk", weights={"v1": 1.5, "v3": -0.5}), "invalid_weights"),
+        (new_command("split", model="risk", weights={"v1": 0.5, "v3": 0.2}), "invalid_weights"),
+        (new_command("swap", model="risk", version="v3"), "artifact_invalid"),
+        (new_command("explode", model="risk"), "unknown_command"),
+        (new_command("rollback", model="risk"), "nothing_to_roll_back"),
+    ]
+    for doc, reason in cases:
+        sent = ctl.send(doc)
+        acks = ctl.acks(sent["id"], wait_s=30, workers=2)
+        assert [a["status"] for a in acks] == ["rejected", "rejected"], acks
+        assert {a["reason"] for a in acks} == {reason}, (doc, acks)
+        assert routes_of(acks) == [original, original]
+    # Malformed JSON has no id: it is answered with command_id null.
+    ctl._producer.produce(setup.topics.control, b"{not json")
+    ctl._producer.flush(10)
+    acks = ctl.acks(None, wait_s=30, workers=2)
+    assert {a["reason"] for a in acks} == {"malformed_command"}
+    ctl.close()
+    setup.produce(good_events(500))
+    preds = setup.collect_until_ids(setup.topics.predictions, {f"e-{i}" for i in range(500)})
+    assert {p["version"] for p in preds} == {"v1"}
+
+
+def test_signed_commands_only_when_a_key_is_set(make_setup: Any) -> None:
+    setup = make_setup(control={"hmac_key": "s3cret"})
+    start_group(setup, n=1)
+    signed = Controller(setup.topology)
+    unsigned_doc = new_command("swap", model="risk", version="v2")
+    signed._producer.produce(setup.topics.control, orjson.dumps(unsigned_doc))
+    signed._producer.flush(10)
+    assert [a["reason"] for a in signed.acks(unsigned_doc["id"], wait_s=30, workers=1)] == [
+        "unsigned"
+    ]
+    forged = unsigned_doc | {"id": "forged", "signature": "0" * 64}
+    signed._producer.produce(setup.topics.control, orjson.dumps(forged))
+    signed._producer.flush(10)
+    assert [a["reason"] for a in signed.acks("forged", wait_s=30, workers=1)] == ["bad_signature"]
+    acks = command(signed, "swap", workers=1, model="risk", version="v2")
+    assert acks[0]["status"] == "applied"
+    signed.close()
+    logs = setup.worker_logs()
+    assert "s3cret" not in logs
+
+
+def test_a_restarted_worker_rebuilds_the_same_routing(make_setup: Any) -> None:
+    setup = make_setup()
+    start_group(setup)
+    ctl = Controller(setup.topology)
+    command(ctl, "split", model="risk", weights={"v1": 0.7, "v2": 0.3})
+    command(ctl, "shadow", model="risk", version="v2")
+    command(ctl, "swap", model="risk", version="v2")
+    acks = command(ctl, "rollback", model="risk")
+    expected = {"risk": {"weights": {"v1": 0.7, "v2": 0.3}, "shadow": "v2"}}
+    assert routes_of(acks) == [expected, expected]
+    restarted = setup.workers[0]
+    restarted.terminate()
+    assert restarted.wait(30) == 0
+    port = free_port()
+    setup.start_worker(web_port=port)
+    # Commands sent while a worker starts are part of the log it replays, not answered: wait
+    # until it serves before asking.
+    deadline = time.monotonic() + 60
+    while _metric(port, "stream_infer_ready") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    acks = command(ctl, "status")
+    ctl.close()
+    assert routes_of(acks) == [expected, expected]
