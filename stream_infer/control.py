@@ -90,7 +90,13 @@ def parse_command(raw: bytes | None, *, hmac_key: bytes | None = None) -> Comman
         if not isinstance(signature, str):
             msg = "this topology requires signed commands; 'signature' is missing"
             raise ControlError(UNSIGNED, msg, command_id=command_id)
-        if not hmac.compare_digest(signature, sign(doc, hmac_key)):
+        try:
+            expected = sign(doc, hmac_key)
+        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes
+            msg = f"cannot write the command's canonical JSON to check its signature: {exc}"
+            raise ControlError(MALFORMED, msg, command_id=command_id) from None
+        # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
             msg = "the signature does not match the command"
             raise ControlError(BAD_SIGNATURE, msg, command_id=command_id)
     name = doc.get("command")

@@ -82,3 +82,4 @@ class BatchResult:
     shadowed: dict[tuple[str, str], int] = field(default_factory=dict)
     inference_s: float = 0.0
     n_in: int = 0
+    event_ts: list[float] = field(default_factory=list)

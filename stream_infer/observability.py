@@ -129,6 +129,13 @@ class Metrics:
         for letter in result.dead_letters:
             self.dead_letters.labels(letter.reason).inc()
 
+    def observe_latency(self, event_ts: list[float], now: float, sample: int = 64) -> None:
+        """End-to-end latency of a batch's events that carry ``ts``: an evenly spaced sample of
+        at most ``sample`` of them, so the cost per batch stays bounded."""
+        step = max(1, len(event_ts) // sample)
+        for ts in event_ts[::step]:
+            self.end_to_end_seconds.observe(max(0.0, now - ts))
+
     def set_routes(self, weights: Mapping[str, Mapping[str, float]]) -> None:
         self.route_weight.clear()
         for model, versions in weights.items():

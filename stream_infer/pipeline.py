@@ -65,6 +65,7 @@ class Pipeline:
     def process(self, records: Sequence[Record], serving: Serving) -> BatchResult:
         result = BatchResult(n_in=len(records))
         batch, result.dead_letters = self.decoder.decode_batch(records)
+        result.event_ts = [ts for ts in batch.ts if ts is not None]
         failed: dict[int, DeadLetter] = {}
         if len(batch):
             for out in self.outputs:

@@ -77,6 +77,11 @@ class BatchSource:
         self.assignment: list[tuple[str, int]] = []
         self.paused_s = 0.0
         self.error: BaseException | None = None
+        # Records behind the end of each owned partition, refreshed every lag_interval_s.
+        self.lag: dict[tuple[str, int], int] = {}
+        self.lag_interval_s = 5.0
+        self._positions: dict[tuple[str, int], int] = {}
+        self._lag_due = 0.0
 
     def start(self) -> None:
         self._consumer = Consumer(self._conf)
@@ -135,6 +140,8 @@ class BatchSource:
 
     def _step(self, consumer: Consumer) -> None:
         self._store_done(consumer)
+        if time.monotonic() >= self._lag_due:
+            self._measure_lag(consumer)
         # librdkafka's consume() returns when it has num_messages or at the timeout, whichever
         # first: exactly a batch's "full or max wait". An empty batch has no deadline yet, so
         # take what is already fetched, or block for the first record only.
@@ -167,7 +174,26 @@ class BatchSource:
         self.paused_s += time.monotonic() - started
         with self._idle:
             self._in_flight += 1
-        self._hand_off(SourceBatch(records, next_offsets(records)))
+        offsets = next_offsets(records)
+        self._positions.update(offsets)
+        self._hand_off(SourceBatch(records, offsets))
+
+    def _measure_lag(self, consumer: Consumer) -> None:
+        self._lag_due = time.monotonic() + self.lag_interval_s
+        lag = {}
+        for topic, partition in self.assignment:
+            try:
+                _low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=1.0
+                )
+            except KafkaException:
+                continue
+            position = self._positions.get((topic, partition))
+            if position is None:
+                committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
+                position = max(committed[0].offset, 0) if committed else 0
+            lag[(topic, partition)] = max(0, high - position)
+        self.lag = lag
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment = sorted({*self.assignment, *((p.topic, p.partition) for p in partitions)})
@@ -187,6 +213,8 @@ class BatchSource:
             )
         self._commit(consumer)
         self.assignment = sorted(set(self.assignment) - gone)
+        for tp in gone:
+            self._positions.pop(tp, None)
         log.info("revoked %s (%d waiting records dropped, to be re-read)", sorted(gone), dropped)
         if self._on_assignment:
             self._on_assignment(self.assignment)

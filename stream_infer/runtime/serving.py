@@ -242,6 +242,7 @@ class InferenceRuntime:
         started = time.perf_counter()
         result = await loop.run_in_executor(self.executor, self._process, batch, ticket)
         self.metrics.observe_batch(result, time.perf_counter() - started)
+        self.metrics.observe_latency(result.event_ts, time.time())
         self._count(result)
         await self._commits.put((batch, ticket))
 
