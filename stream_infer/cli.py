@@ -7,6 +7,7 @@ reached.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -299,6 +300,8 @@ def control(
             try:
                 parsed[name] = float(value)
             except ValueError:
+                sep = ""
+            if sep and not math.isfinite(parsed[name]):
                 sep = ""
             if not sep or not name:
                 raise click.UsageError(f"--weight {item!r}: expected VERSION=WEIGHT, e.g. v2=0.1")

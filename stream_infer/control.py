@@ -29,7 +29,9 @@ import orjson
 from stream_infer.errors import ControlError
 from stream_infer.routing import Route
 
-COMMANDS = ("swap", "split", "shadow", "unshadow", "rollback", "status")
+COMMANDS = ("swap", "split", "shadow", "unshadow", "rollback", "status", "reset_learner")
+# Commands that act on something other than the routing; the routing stays as it is.
+NO_ROUTING_CHANGE = ("status", "reset_learner")
 MAX_COMMAND_BYTES = 64 * 1024
 
 # Rejection reasons.
@@ -41,6 +43,7 @@ UNKNOWN_MODEL = "unknown_model"
 UNKNOWN_VERSION = "unknown_version"
 INVALID_WEIGHTS = "invalid_weights"
 NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"
+NOT_A_LEARNER = "not_a_learner"
 ARTIFACT_INVALID = "artifact_invalid"
 
 
@@ -106,7 +109,7 @@ def parse_command(raw: bytes | None, *, hmac_key: bytes | None = None) -> Comman
     if name == "status":
         return Command(command_id, name)
     model = _str_field(doc, "model", command_id)
-    if name == "swap":
+    if name in ("swap", "reset_learner"):
         return Command(command_id, name, model, _str_field(doc, "version", command_id))
     if name == "shadow":
         version = doc.get("version")
@@ -160,6 +163,9 @@ class RoutingTable:
                 raise ControlError(UNKNOWN_VERSION, msg, command_id=cmd.id)
             return version
 
+        if cmd.command == "reset_learner":
+            known(cmd.version or "")
+            return dict(self.routes)
         if cmd.command == "swap":
             version = known(cmd.version or "")
             # A shadow of the version that now serves would only score it twice.
@@ -186,7 +192,7 @@ class RoutingTable:
 
     def commit(self, cmd: Command, routes: dict[str, Route], now: float) -> None:
         """Make ``routes`` (from :meth:`plan`) the routing in force."""
-        if cmd.command == "status":
+        if cmd.command in NO_ROUTING_CHANGE:
             return
         model = cmd.model or ""
         if cmd.command == "rollback":

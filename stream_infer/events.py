@@ -83,3 +83,6 @@ class BatchResult:
     inference_s: float = 0.0
     n_in: int = 0
     event_ts: list[float] = field(default_factory=list)
+    # With score tracking on (online learning): the good events, and what each version scored.
+    batch: FeatureBatch | None = None
+    scored: list[tuple[str, str, list[str], npt.NDArray[np.float64]]] = field(default_factory=list)

@@ -55,17 +55,21 @@ class Pipeline:
         dead_letter_topic: str,
         shadow_topic: str | None,
         clock: Callable[[], float] = time.time,
+        track_scores: bool = False,
     ) -> None:
         self.decoder = decoder
         self.outputs = tuple(outputs)
         self.dead_letter_topic = dead_letter_topic
         self.shadow_topic = shadow_topic
         self.clock = clock
+        self.track_scores = track_scores
 
     def process(self, records: Sequence[Record], serving: Serving) -> BatchResult:
         result = BatchResult(n_in=len(records))
         batch, result.dead_letters = self.decoder.decode_batch(records)
         result.event_ts = [ts for ts in batch.ts if ts is not None]
+        if self.track_scores:
+            result.batch = batch
         failed: dict[int, DeadLetter] = {}
         if len(batch):
             for out in self.outputs:
@@ -118,6 +122,8 @@ class Pipeline:
         result.records.extend(
             OutRecord(topic, key, value) for key, value in zip(good.keys, payloads, strict=True)
         )
+        if self.track_scores and len(good):
+            result.scored.append((predictor.model, predictor.version, good.ids, good_values))
         if len(good):
             key = (predictor.model, predictor.version)
             counts[key] = counts.get(key, 0) + len(good)

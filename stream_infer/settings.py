@@ -183,6 +183,58 @@ class ControlSettings(_Frozen):
     )
 
 
+class LearnerSettings(_Frozen):
+    """An online River learner that serves as one more version of a declared model."""
+
+    model: str
+    version: str = "online"
+    kind: Literal["logistic_regression", "hoeffding_tree", "arf"] = "logistic_regression"
+    scale: bool = Field(default=True, description="StandardScaler before a linear model")
+
+
+class MonitorSettings(_Frozen):
+    """An ADWIN drift monitor on every version's stream of one signal."""
+
+    signal: str = Field(description="error | prediction | feature:<name>")
+    delta: float = Field(default=0.002, gt=0.0, lt=1.0)
+    grace: int = Field(default=0, ge=0, description="values after an alarm with alarms muted")
+    sample_every: int = Field(default=1, ge=1, description="feed every k-th value (high rates)")
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, value: str) -> str:
+        if value not in {"error", "prediction"} and not value.startswith("feature:"):
+            msg = f"{value!r} is not a signal; expected error, prediction or feature:<name>"
+            raise ValueError(msg)
+        return value
+
+
+class PolicySettings(_Frozen):
+    """What to do when a monitor of ``signal`` reports drift."""
+
+    signal: str
+    action: Literal["alert", "rollback_canary", "shift_to_online", "reset_learner"]
+    model: str | None = Field(default=None, description="only for this model; default all")
+    online_version: str | None = Field(
+        default=None, description="the learner version for shift_to_online / reset_learner"
+    )
+
+
+class OnlineSettings(_Frozen):
+    learners: tuple[LearnerSettings, ...] = ()
+    monitors: tuple[MonitorSettings, ...] = ()
+    policies: tuple[PolicySettings, ...] = ()
+    label_ttl_s: float = Field(default=3600.0, gt=0.0, description="how long an event waits")
+    max_pending: int = Field(default=200_000, ge=1, description="events and early labels kept")
+    metrics_window: int = Field(default=1000, ge=1, description="rolling prequential window")
+    snapshot_dir: Path | None = Field(default=None, description="learner snapshots; none: off")
+    snapshot_interval_s: float = Field(default=60.0, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.learners or self.monitors)
+
+
 class Topology(_Frozen):
     """A validated topology: everything a worker needs to run."""
 
@@ -195,6 +247,7 @@ class Topology(_Frozen):
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
     control: ControlSettings = ControlSettings()
+    online: OnlineSettings = OnlineSettings()
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
 
     @field_validator("name")
@@ -228,6 +281,38 @@ class Topology(_Frozen):
             msg = f"model names must be unique, got {names}"
             raise ValueError(msg)
         return self
+
+    @model_validator(mode="after")
+    def _online_consistent(self) -> Topology:
+        online = self.online
+        for learner in online.learners:
+            model = self.model(learner.model)
+            if model is None:
+                msg = f"online learner for unknown model {learner.model!r}"
+                raise ValueError(msg)
+            if model.version(learner.version) is not None:
+                msg = f"online learner version {learner.version!r} clashes with a declared one"
+                raise ValueError(msg)
+        for monitor in online.monitors:
+            feature = monitor.signal.removeprefix("feature:")
+            if monitor.signal.startswith("feature:") and feature not in self.features:
+                msg = f"monitor on unknown feature {feature!r}"
+                raise ValueError(msg)
+        needs_labels = bool(online.learners) or any(m.signal == "error" for m in online.monitors)
+        if needs_labels and not self.topics.labels:
+            msg = "online learners and error monitors need topics.labels"
+            raise ValueError(msg)
+        if online.monitors and not self.topics.drift:
+            msg = "drift monitors need topics.drift"
+            raise ValueError(msg)
+        return self
+
+    def versions_of(self, model: str) -> tuple[str, ...]:
+        """Declared versions of a model plus its online learners' versions."""
+        settings = self.model(model)
+        declared = tuple(v.version for v in settings.versions) if settings else ()
+        learners = tuple(x.version for x in self.online.learners if x.model == model)
+        return declared + learners
 
     @property
     def group_id(self) -> str:

@@ -19,7 +19,7 @@ from stream_infer.routing import Route
 from stream_infer.serde import FeatureDecoder, encode_dead_letter, encode_predictions
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
-SCHEMA_NAMES = ("feature-event", "prediction", "dead-letter")
+SCHEMA_NAMES = ("feature-event", "prediction", "dead-letter", "control-command", "control-ack")
 FEATURES = ("a", "b", "c")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
