@@ -35,9 +35,11 @@ from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.observability import Metrics
+from stream_infer.online.learner import OnlineLearner
 from stream_infer.pipeline import ModelOutput, Pipeline, Serving
+from stream_infer.runtime.learning import LearningService, snapshot_path
 from stream_infer.serde import FeatureDecoder
-from stream_infer.settings import Topology
+from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,30 @@ class InferenceRuntime:
             [ModelOutput(m.name, topology.prediction_topic(m)) for m in topology.models],
             dead_letter_topic=topology.topics.dead_letter,
             shadow_topic=topology.topics.shadow,
+            track_scores=topology.online.enabled,
         )
         self.serving = Serving(routes={}, predictors={})
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         # Models load here, beside serving, never on the inference thread.
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
-        declared = {m.name: tuple(v.version for v in m.versions) for m in topology.models}
+        declared = {m.name: topology.versions_of(m.name) for m in topology.models}
         serving = {m.name: m.serving for m in topology.models}
         self.table = RoutingTable.initial(declared, serving, time.time())
         self._predictors: dict[tuple[str, str], Predictor] = {}
         key = topology.control.hmac_key
         self._hmac_key = key.get_secret_value().encode() if key else None
         self.control_log: ControlLog | None = None
+        self.learning: LearningService | None = None
+        if topology.online.enabled:
+            self.learning = LearningService(
+                topology,
+                self.metrics,
+                publish=self._publish_untracked,
+                predictors=lambda: self._predictors,
+                routes=lambda: self.serving.routes,
+            )
+        self._labels_topic = topology.topics.labels if topology.online.enabled else None
         self.publisher: Publisher | None = None
         self.source: BatchSource | None = None
         self.ready = False
@@ -87,15 +100,22 @@ class InferenceRuntime:
             producer_config(topo.kafka),
             on_retry=lambda topic, err: self.metrics.delivery_retries.labels(topic, err).inc(),
         )
+        # Labels come through the same group as the events: with the same partition count and
+        # the same keys, partition i of both lands on the same worker (co-partitioned join).
+        inputs = [topo.topics.input] + ([self._labels_topic] if self._labels_topic else [])
         self.source = BatchSource(
             consumer_config(topo.kafka, topo.group_id),
-            [topo.topics.input],
+            inputs,
             max_batch_size=topo.batching.max_batch_size,
             max_wait_ms=topo.batching.max_wait_ms,
             max_in_flight=topo.batching.max_batches_in_flight,
             hand_off=hand_off,
-            on_assignment=lambda parts: self.metrics.assigned_partitions.set(len(parts)),
+            on_assignment=lambda parts: self.metrics.assigned_partitions.set(
+                sum(1 for topic, _ in parts if topic == topo.topics.input)
+            ),
         )
+        if self.learning is not None:
+            self.learning.start()
         self.source.start()
         assert self.control_log is not None  # _prepare made it
         self.control_log.follow(control_hand_off)
@@ -120,7 +140,9 @@ class InferenceRuntime:
         replayed = self.control_log.replay()
         for msg in replayed:
             self._apply(msg.value(), replay=True)
-        self._load_required(required_versions(self.table.routes))
+        # Online learners are always loaded: they learn whether they serve or not.
+        learners = {(x.model, x.version) for x in topo.online.learners}
+        self._load_required(required_versions(self.table.routes) | learners)
         self._install()
         log.info(
             "routing rebuilt from %d control commands: %s",
@@ -133,6 +155,17 @@ class InferenceRuntime:
     def _load_required(self, needed: set[tuple[str, str]]) -> None:
         """Load and warm up every needed version not loaded yet. Raises ModelError."""
         for model, version in sorted(needed - set(self._predictors)):
+            learner = next(
+                (
+                    x
+                    for x in self.topology.online.learners
+                    if (x.model, x.version) == (model, version)
+                ),
+                None,
+            )
+            if learner is not None:
+                self._predictors[(model, version)] = self._make_learner(learner)
+                continue
             settings = self.topology.model(model)
             spec = settings.version(version) if settings else None
             if spec is None:  # the routing table only names declared versions
@@ -150,6 +183,24 @@ class InferenceRuntime:
             log.info(
                 "loaded %s:%s in %.0f ms", model, version, (time.perf_counter() - started) * 1000
             )
+
+    def _make_learner(self, spec: LearnerSettings) -> OnlineLearner:
+        """A River learner; restored from its snapshot when there is one."""
+        folder = self.topology.online.snapshot_dir
+        path = snapshot_path(folder, spec.model, spec.version) if folder else None
+        if path is not None and path.exists():
+            learner = OnlineLearner.restore(path.read_bytes())
+            log.info(
+                "restored learner %s:%s from %s (%d learned)",
+                spec.model,
+                spec.version,
+                path,
+                learner.n_learned,
+            )
+            return learner
+        return OnlineLearner(
+            spec.model, spec.version, self.topology.features, kind=spec.kind, scale=spec.scale
+        )
 
     def _install(self) -> None:
         """Make the routing table's routes the serving snapshot (atomic for the next batch)."""
@@ -178,6 +229,8 @@ class InferenceRuntime:
                 self._load_required(required_versions(routes))
             except ModelError as exc:
                 raise ControlError(control.ARTIFACT_INVALID, str(exc), command_id=cmd.id) from None
+            if cmd.command == "reset_learner":
+                self._reset_learner(cmd)
             self.table.commit(cmd, routes, time.time())
             self._install()
         except ControlError as exc:
@@ -198,6 +251,13 @@ class InferenceRuntime:
             self.table.as_dict()["routes"],
         )
         return cmd, None
+
+    def _reset_learner(self, cmd: Command) -> None:
+        learner = self._predictors.get((cmd.model or "", cmd.version or ""))
+        if not isinstance(learner, OnlineLearner):
+            msg = f"{cmd.model}:{cmd.version} is not an online learner"
+            raise ControlError(control.NOT_A_LEARNER, msg, command_id=cmd.id)
+        learner.reset()
 
     async def handle_control(self, raw: bytes | None) -> None:
         """Apply one live command off the serving path, then acknowledge it on the acks topic."""
@@ -224,6 +284,8 @@ class InferenceRuntime:
         loop = asyncio.get_running_loop()
         if self.source is not None:
             await loop.run_in_executor(None, self.source.stop)
+        if self.learning is not None:
+            await loop.run_in_executor(None, self.learning.stop)
         if self.publisher is not None:
             await loop.run_in_executor(None, self.publisher.close)
         if self.control_log is not None:
@@ -248,9 +310,22 @@ class InferenceRuntime:
 
     def _process(self, batch: SourceBatch, ticket: Ticket) -> BatchResult:
         assert self.publisher is not None
-        result = self.pipeline.process(batch.records, self.serving)
+        records, labels = batch.records, []
+        if self._labels_topic is not None:
+            labels = [r for r in records if r.topic() == self._labels_topic]
+            if labels:
+                records = [r for r in records if r.topic() != self._labels_topic]
+        result = self.pipeline.process(records, self.serving)
         self.publisher.publish(result.records, ticket)
+        if self.learning is not None:
+            self.learning.submit(result.batch, result.scored, labels)
         return result
+
+    def _publish_untracked(self, records: list[OutRecord]) -> None:
+        """Drift events, policy commands, label dead letters: delivered with retries, but no
+        input offset waits on them."""
+        if self.publisher is not None and records:
+            self.publisher.publish(records, Ticket(None))
 
     def _count(self, result: BatchResult) -> None:
         self.totals["events"] += result.n_in

@@ -92,7 +92,16 @@ class Setup:
             },
             "topics": {
                 name: f"it-{suffix}.{name}"
-                for name in ("input", "predictions", "dead_letter", "control", "acks", "shadow")
+                for name in (
+                    "input",
+                    "predictions",
+                    "dead_letter",
+                    "control",
+                    "acks",
+                    "shadow",
+                    "labels",
+                    "drift",
+                )
             }
             | {"partitions": 4},
             "features": list(phishing.FEATURES),
@@ -141,10 +150,10 @@ class Setup:
             p.read_text(errors="replace")[-4000:] for p in sorted(self.tmp.glob("worker-*.log"))
         )
 
-    def produce(self, items: list[tuple[bytes | None, bytes]]) -> None:
+    def produce(self, items: list[tuple[bytes | None, bytes]], topic: str | None = None) -> None:
         producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
         for key, value in items:
-            producer.produce(self.topics.input, value, key)
+            producer.produce(topic or self.topics.input, value, key)
             producer.poll(0)
         assert producer.flush(30) == 0
 

@@ -1,0 +1,251 @@
+"""Join labels to the events they label, with every version that scored the event.
+
+Predictions are served long before their labels arrive (seconds to days), and labels can also
+arrive *before* the event they label (a separate topic, another partition, a slow consumer).
+:class:`LabelJoiner` keeps both sides, bounded in count and in age:
+
+* an event (its features and the versions that served it) waits for its label;
+* a label whose event has not been seen yet waits as an *early* label;
+* an id that was joined is remembered, so a second label for it is a *duplicate*.
+
+Each of the three stores holds at most ``max_entries`` ids; when one is full its oldest entry is
+evicted. :meth:`LabelJoiner.expire` drops entries older than ``ttl_s``. Every operation is O(1)
+amortised per item (insertion-ordered ``OrderedDict`` stores, oldest first).
+
+The joiner is not thread-safe: it is owned by one thread (the learning side of the runtime).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One version's prediction for one event; ``ts`` is when it was served (joiner's clock)."""
+
+    id: str
+    model: str
+    version: str
+    prediction: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """An event whose label arrived, with every version that scored it (serving and shadow)."""
+
+    id: str
+    label: float
+    features: tuple[float, ...]
+    served: tuple[Served, ...]
+
+
+@dataclass(slots=True)
+class _Pending:
+    features: tuple[float, ...]
+    served: list[Served]
+    at: float
+
+
+class LabelJoiner:
+    """Bounded, TTL'd join of events and their labels.
+
+    Parameters
+    ----------
+    ttl_s
+        How long an unlabelled event, an early label or the memory of a joined id is kept, in
+        seconds of ``clock``.
+    max_entries
+        The most events, and separately the most early labels and joined ids, held at once. The
+        oldest is evicted to make room.
+    clock
+        A monotonic clock in seconds.
+
+    Counters (ints, read through properties): ``joined`` joins completed; ``duplicate_labels``
+    labels ignored because their id was already joined (or already had an early label);
+    ``duplicate_events`` events ignored because their id was already joined; ``expired`` events
+    dropped by :meth:`expire` without a label; ``expired_labels`` early labels dropped by
+    :meth:`expire` without their event; ``evicted`` events and early labels pushed out by the
+    capacity bound. Gauges: ``pending`` events waiting for a label now, ``early`` early labels
+    waiting for their event now.
+
+    All the versions that scored an event should be given in one :meth:`add_event_many` call (a
+    pipeline batch's serving and shadow predictions together): an event that was already joined
+    is not reopened for versions that arrive later.
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
+            msg = f"LabelJoiner: ttl_s must be a finite number > 0, got {ttl_s!r}"
+            raise ValueError(msg)
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            msg = f"LabelJoiner: max_entries must be an int >= 1, got {max_entries!r}"
+            raise ValueError(msg)
+        self.ttl_s = float(ttl_s)
+        self.max_entries = max_entries
+        self.clock = clock
+        self._events: OrderedDict[str, _Pending] = OrderedDict()
+        self._early: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id -> (label, at)
+        self._done: OrderedDict[str, float] = OrderedDict()  # joined id -> when joined
+        self._joined = 0
+        self._duplicate_labels = 0
+        self._duplicate_events = 0
+        self._expired = 0
+        self._expired_labels = 0
+        self._evicted = 0
+
+    # -- counters ---------------------------------------------------------------------------
+
+    @property
+    def joined(self) -> int:
+        return self._joined
+
+    @property
+    def early(self) -> int:
+        """Early labels waiting for their event now."""
+        return len(self._early)
+
+    @property
+    def duplicate_labels(self) -> int:
+        return self._duplicate_labels
+
+    @property
+    def duplicate_events(self) -> int:
+        return self._duplicate_events
+
+    @property
+    def expired(self) -> int:
+        """Events dropped by :meth:`expire` without a label (total)."""
+        return self._expired
+
+    @property
+    def expired_labels(self) -> int:
+        """Early labels dropped by :meth:`expire` without their event (total)."""
+        return self._expired_labels
+
+    @property
+    def evicted(self) -> int:
+        """Events and early labels pushed out by the capacity bound (total)."""
+        return self._evicted
+
+    @property
+    def pending(self) -> int:
+        """Events waiting for their label now."""
+        return len(self._events)
+
+    # -- the join ---------------------------------------------------------------------------
+
+    def add_event_many(
+        self,
+        ids: Sequence[str],
+        features: npt.NDArray[Any],
+        served: Sequence[Served],
+    ) -> list[Joined]:
+        """Record events (``features[i]`` is the row of ``ids[i]``) and the versions that served
+        them. Returns the joins completed now by labels that had arrived early.
+
+        An id already waiting gets the new versions added to it; an id already joined is ignored
+        (``duplicate_events``). Every ``Served`` must name one of ``ids``.
+        """
+        n = len(ids)
+        if features.ndim != 2 or features.shape[0] != n:
+            msg = (
+                f"LabelJoiner.add_event_many: features must be a 2-d array with one row per id "
+                f"({n} ids), got shape {tuple(features.shape)}"
+            )
+            raise ValueError(msg)
+        by_id: dict[str, list[Served]] = {event_id: [] for event_id in ids}
+        for s in served:
+            versions = by_id.get(s.id)
+            if versions is None:
+                msg = f"LabelJoiner.add_event_many: served prediction for unknown id {s.id!r}"
+                raise ValueError(msg)
+            versions.append(s)
+        rows = features.tolist()
+        now = self.clock()
+        joins: list[Joined] = []
+        events, early, done = self._events, self._early, self._done
+        for event_id, row in zip(ids, rows, strict=True):
+            versions = by_id[event_id]
+            if event_id in done:
+                self._duplicate_events += 1
+                continue
+            waiting = events.get(event_id)
+            if waiting is not None:
+                seen = {(s.model, s.version) for s in waiting.served}
+                waiting.served.extend(s for s in versions if (s.model, s.version) not in seen)
+                continue
+            label = early.pop(event_id, None)
+            if label is not None:
+                joins.append(Joined(event_id, label[0], tuple(row), tuple(versions)))
+                self._mark_done(event_id, now)
+                continue
+            events[event_id] = _Pending(tuple(row), list(versions), now)
+            by_id[event_id] = []  # a repeated id in this call merges into the stored list
+            if len(events) > self.max_entries:
+                events.popitem(last=False)
+                self._evicted += 1
+        return joins
+
+    def add_label_one(self, event_id: str, label: float) -> Joined | None:
+        """Join a label with its stored event, or keep it as early until its event comes.
+
+        Returns the join, or None when the label is kept as early or is a duplicate.
+        """
+        value = float(label)
+        if not math.isfinite(value):
+            msg = f"LabelJoiner.add_label_one: label of {event_id!r} must be finite, got {label!r}"
+            raise ValueError(msg)
+        now = self.clock()
+        if event_id in self._done or event_id in self._early:
+            self._duplicate_labels += 1
+            return None
+        waiting = self._events.pop(event_id, None)
+        if waiting is None:
+            self._early[event_id] = (value, now)
+            if len(self._early) > self.max_entries:
+                self._early.popitem(last=False)
+                self._evicted += 1
+            return None
+        self._mark_done(event_id, now)
+        return Joined(event_id, value, waiting.features, tuple(waiting.served))
+
+    def expire(self) -> int:
+        """Drop events, early labels and joined-id memories older than ``ttl_s``.
+
+        Returns how many events expired unlabelled (also added to ``expired``).
+        """
+        cutoff = self.clock() - self.ttl_s
+        n = 0
+        events = self._events
+        while events:
+            oldest = next(iter(events.values()))
+            if oldest.at > cutoff:
+                break
+            events.popitem(last=False)
+            n += 1
+        self._expired += n
+        early = self._early
+        while early and next(iter(early.values()))[1] <= cutoff:
+            early.popitem(last=False)
+            self._expired_labels += 1
+        done = self._done
+        while done and next(iter(done.values())) <= cutoff:
+            done.popitem(last=False)
+        return n
+
+    def _mark_done(self, event_id: str, now: float) -> None:
+        self._joined += 1
+        self._done[event_id] = now
+        if len(self._done) > self.max_entries:
+            self._done.popitem(last=False)

@@ -1,0 +1,98 @@
+"""What to do about drift: a policy turns a DriftEvent into control commands.
+
+A :class:`Policy` names a signal (as in ``drift.SIGNALS``), an action (``POLICY_ACTIONS``) and
+optionally the model it is for (None: every model). :func:`commands_for` returns the command
+documents to produce to the control topic (the format of ``stream_infer.control``; ids are
+``drift-`` followed by a uuid4 in hex), or ``[]`` when nothing is to be done. It decides from
+the routes in force; the workers still validate each command as they would an operator's.
+
+Actions:
+
+* ``alert``: no command (the DriftEvent itself is the alert).
+* ``rollback_canary``: if the drifting version serves less than the largest weight of its
+  model's split, ``swap`` the model to the version with the largest weight (the first in route
+  order on a tie): idempotent, so the same command from several workers is harmless. The
+  model's sole serving version, a version that is the largest (or equal largest) share of a
+  split, a shadow, or a version that does not serve: no command (the drift event alerts).
+* ``shift_to_online``: ``swap`` the model to ``online_version`` when a serving version other
+  than ``online_version`` drifts; no command for a shadow, for the online version itself, or
+  when the online version already serves alone.
+* ``reset_learner``: ``reset_learner`` of ``online_version`` of the model, whichever of the
+  model's versions drifted (a shadow included: the online learner often runs as one).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from stream_infer.online.drift import DriftEvent, parse_signal
+from stream_infer.routing import Route
+
+POLICY_ACTIONS = ("alert", "rollback_canary", "shift_to_online", "reset_learner")
+_NEEDS_ONLINE_VERSION = ("shift_to_online", "reset_learner")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """On drift of ``signal`` (of ``model``, or of any model when None), do ``action``."""
+
+    signal: str
+    action: str
+    model: str | None = None
+    online_version: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_signal(self.signal)
+        if self.action not in POLICY_ACTIONS:
+            msg = f"Policy: action must be one of {', '.join(POLICY_ACTIONS)}; got {self.action!r}"
+            raise ValueError(msg)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            msg = f"Policy: model must be None or a non-empty string, got {self.model!r}"
+            raise ValueError(msg)
+        if self.action in _NEEDS_ONLINE_VERSION:
+            if not isinstance(self.online_version, str) or not self.online_version:
+                msg = f"Policy: action {self.action!r} needs online_version (a version name)"
+                raise ValueError(msg)
+        elif self.online_version is not None:
+            msg = f"Policy: online_version is only used by {', '.join(_NEEDS_ONLINE_VERSION)}"
+            raise ValueError(msg)
+
+    def matches(self, event: DriftEvent) -> bool:
+        """Whether this policy is about ``event``: same signal, and same model if it names one."""
+        return event.signal == self.signal and self.model in (None, event.model)
+
+
+def _command(command: str, **fields: Any) -> dict[str, Any]:
+    return {"id": f"drift-{uuid.uuid4().hex}", "command": command, **fields}
+
+
+def commands_for(
+    policy: Policy, event: DriftEvent, routes: Mapping[str, Route]
+) -> list[dict[str, Any]]:
+    """The control commands ``policy`` asks for on ``event`` given the routes in force."""
+    if not policy.matches(event) or policy.action == "alert":
+        return []
+    model = event.model
+    if policy.action == "reset_learner":
+        return [_command("reset_learner", model=model, version=policy.online_version)]
+    route = routes.get(model)
+    if route is None or event.version not in route.versions:
+        return []  # a shadow, a version that does not serve, or a model not routed here
+    if policy.action == "rollback_canary":
+        if len(route.weights) == 1:
+            # A sole version is no canary. A "rollback" here could undo the very swap that
+            # retired the canary, and every worker that saw the drift would send one, walking
+            # the history back several steps: only the idempotent swap is automated.
+            return []
+        top_version, top_weight = max(route.weights, key=lambda vw: vw[1])
+        if dict(route.weights)[event.version] < top_weight:
+            return [_command("swap", model=model, version=top_version)]
+        return []
+    # shift_to_online
+    online = policy.online_version
+    if event.version == online or route.versions == (online,):
+        return []
+    return [_command("swap", model=model, version=online)]
