@@ -46,7 +46,7 @@ def setup() -> None:
         return
     pip = (PY, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     _run(*pip, TORCH_SPEC)
-    _run(*pip, "-e", ".[dev]")
+    _run(*pip, "-e", ".[dev,bench]")
     STAMP.write_text(want)
 
 

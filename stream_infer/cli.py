@@ -220,7 +220,7 @@ def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> 
     "--topology",
     "topology_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="default: topologies/phishing.yaml",
+    help="default: topologies/phishing-online.yaml",
 )
 @click.option(
     "--rate",
@@ -231,8 +231,19 @@ def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> 
 )
 @click.option("--duration", type=click.FloatRange(min=1), help="seconds; default until Ctrl-C")
 @click.option("--bad-fraction", default=0.005, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option(
+    "--drift-at",
+    default=40.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="seconds until the concept flips (labels invert); 0: never",
+)
 def demo(
-    topology_path: Path | None, rate: float, duration: float | None, bad_fraction: float
+    topology_path: Path | None,
+    rate: float,
+    duration: float | None,
+    bad_fraction: float,
+    drift_at: float,
 ) -> None:
     """Broker, worker, events in, predictions out, on this machine. Ctrl-C stops it all."""
     from stream_infer.demo import DEFAULT_TOPOLOGY, run_demo
@@ -243,6 +254,7 @@ def demo(
             rate=rate,
             duration_s=duration,
             bad_fraction=bad_fraction,
+            drift_at_s=drift_at or None,
         )
     )
 
@@ -250,7 +262,10 @@ def demo(
 @cli.command()
 @TOPOLOGY
 @click.argument(
-    "command", type=click.Choice(["swap", "split", "shadow", "unshadow", "rollback", "status"])
+    "command",
+    type=click.Choice(
+        ["swap", "split", "shadow", "unshadow", "rollback", "status", "reset_learner"]
+    ),
 )
 @click.option("--model", help="the model the command is about")
 @click.option("--version", "version", help="swap: the version to serve; shadow: the candidate")
@@ -287,9 +302,9 @@ def control(
         if not model:
             raise click.UsageError(f"{command} needs --model")
         fields["model"] = model
-    if command in {"swap", "shadow"}:
-        if command == "swap" and not version:
-            raise click.UsageError("swap needs --version")
+    if command in {"swap", "shadow", "reset_learner"}:
+        if command != "shadow" and not version:
+            raise click.UsageError(f"{command} needs --version")
         fields["version"] = version
     if command == "split":
         if not weights:

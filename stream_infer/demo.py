@@ -1,9 +1,13 @@
 """``stream-infer demo``: the whole system on one machine, visibly.
 
 Starts the embedded broker, creates the example topology's topics, starts a worker process,
-produces synthetic events at a fixed rate (with a few malformed ones), and shows what comes
-out: events/s, latency, predictions by version, dead letters by reason, batch sizes. Ctrl-C
-(or --duration) stops everything; nothing is left running.
+splits traffic 90/10 between model v1 and a canary v2, produces synthetic events at a fixed rate
+(a few malformed), and labels every served event a second later from the dataset's ground
+truth. At ``--drift-at`` seconds the world changes (the concept flips: every label inverts):
+ADWIN catches the error drift, the policies retire the canary and move traffic to the online
+learner, which re-learns. The live table shows events/s, latency, batches, predictions by
+version, dead letters by reason, the routing in force, drift events and each version's
+rolling accuracy. Ctrl-C (or ``--duration``) stops everything; nothing is left running.
 """
 
 from __future__ import annotations
@@ -11,17 +15,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from stream_infer.broker import EmbeddedBroker, free_port
+from stream_infer.controller import Controller, new_command
 from stream_infer.examples import phishing
 from stream_infer.io.clients import ensure_topology_topics
 from stream_infer.loadgen import OpenLoopProducer, synthetic_events, with_bad_events
@@ -29,7 +39,7 @@ from stream_infer.settings import ENV_PREFIX, Topology, load_topology
 from stream_infer.watch import OutputWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
+DEFAULT_TOPOLOGY = ROOT / "topologies" / "phishing-online.yaml"
 
 
 def ensure_example_models(topology: Topology, console: Console) -> None:
@@ -40,32 +50,84 @@ def ensure_example_models(topology: Topology, console: Console) -> None:
         phishing.build(out)
 
 
-def scrape_batches(port: int) -> tuple[float, float] | None:
-    """(batches, records) from the worker's /metrics, or None if it is not up yet."""
-    url = f"http://127.0.0.1:{port}/metrics"
+def scrape(port: int) -> dict[str, float]:
+    """The worker's metrics as {"name{label=value,...}": value}; empty if it is not up."""
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=0.5) as resp:
             text = resp.read().decode()
     except OSError:
-        return None
-    samples = {
-        s.name: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name in {"stream_infer_batch_size_count", "stream_infer_batch_size_sum"}
-    }
-    return samples.get("stream_infer_batch_size_count", 0.0), samples.get(
-        "stream_infer_batch_size_sum", 0.0
-    )
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
 
 
-def _table(
-    snap: dict[str, Any], sent: int, elapsed: float, rate: float, batches: tuple[float, float]
-) -> Table:
-    table = Table(title=f"stream-infer demo: {elapsed:5.0f}s, offered {rate:,.0f} events/s")
+class Labeler:
+    """Labels each served event ``delay_s`` after its prediction, from the ground truth; after
+    ``flip_at`` (monotonic time) the concept flips and every label is inverted."""
+
+    def __init__(self, conf: dict[str, Any], topic: str, delay_s: float, flip_at: float | None):
+        self.topic = topic
+        self.delay_s = delay_s
+        self.flip_at = flip_at
+        self.truth: dict[str, tuple[bytes, bool]] = {}
+        self.sent = 0
+        self._due: deque[tuple[float, str]] = deque()
+        self._producer = Producer(conf | {"linger.ms": 20})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="labeler", daemon=True)
+        self._thread.start()
+
+    @property
+    def flipped(self) -> bool:
+        return self.flip_at is not None and time.monotonic() >= self.flip_at
+
+    def events(self, seed: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        """Feature events (key, value) whose ground truth this labeler keeps."""
+        for n, (event_id, features, label) in enumerate(phishing.events(seed)):
+            key = f"entity-{n % 50_000}".encode()
+            self.truth[event_id] = (key, label)
+            yield key, orjson.dumps({"id": event_id, "features": features, "ts": time.time()})
+
+    def on_record(self, _topic: str, doc: dict[str, Any]) -> None:
+        if "prediction" in doc:
+            self._due.append((time.monotonic() + self.delay_s, str(doc["id"])))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            flip = self.flipped
+            while self._due and self._due[0][0] <= now:
+                _, event_id = self._due.popleft()
+                known = self.truth.pop(event_id, None)
+                if known is None:
+                    continue  # a duplicate prediction: labelled already
+                key, label = known
+                doc = {"id": event_id, "label": (not label) if flip else label}
+                self._producer.produce(self.topic, orjson.dumps(doc), key)
+                self.sent += 1
+            self._producer.poll(0)
+            time.sleep(0.02)
+        self._producer.flush(10)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def _table(state: dict[str, Any], metrics: dict[str, float]) -> Table:
+    elapsed, rate, snap = state["elapsed"], state["rate"], state["snap"]
+    flip = state["flip_in"]
+    title = f"stream-infer demo: {elapsed:4.0f}s, offered {rate:,.0f} events/s"
+    if flip is not None:
+        title += f", concept flips in {flip:.0f}s" if flip > 0 else ", concept FLIPPED"
+    table = Table(title=title)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("events produced", f"{sent:,}")
+    table.add_row("events produced / labels sent", f"{state['sent']:,} / {state['labels']:,}")
     table.add_row("predictions received", f"{snap['predictions']:,}")
     table.add_row("predictions/s (last 5 s)", f"{snap['rate']:,.0f}")
     p50, p99 = snap["p50_ms"], snap["p99_ms"]
@@ -73,14 +135,41 @@ def _table(
         "latency p50 / p99 (event ts to received)",
         f"{p50:.1f} / {p99:.1f} ms" if p50 is not None else "-",
     )
-    n_batches, n_records = batches
-    mean = f"{n_records / n_batches:.1f}" if n_batches else "-"
-    table.add_row("batches / mean batch size", f"{n_batches:,.0f} / {mean}")
-    for version, n in sorted(snap["by_version"].items()):
-        table.add_row(f"  served by {version}", f"{n:,}")
-    for reason, n in sorted(snap["dead_letters"].items()):
-        table.add_row(f"  dead letter: {reason}", f"{n:,}")
+    n = metrics.get("stream_infer_batch_size_count", 0.0)
+    total = metrics.get("stream_infer_batch_size_sum", 0.0)
+    table.add_row("batches / mean batch size", f"{n:,.0f} / {total / n:.1f}" if n else "-")
+    for version, count in sorted(snap["by_version"].items()):
+        table.add_row(f"  served by {version}", f"{count:,}")
+    for reason, count in sorted(snap["dead_letters"].items()):
+        table.add_row(f"  dead letter: {reason}", f"{count:,}")
+    weights = {
+        k.split("version=")[1].rstrip("}"): v
+        for k, v in metrics.items()
+        if k.startswith("stream_infer_route_weight{") and v > 0
+    }
+    table.add_row("routing in force", ", ".join(f"{v} {w:.0%}" for v, w in sorted(weights.items())))
+    drifts = {
+        k.split("{")[1].rstrip("}"): v
+        for k, v in metrics.items()
+        if k.startswith("stream_infer_drift_events_total{")
+    }
+    table.add_row(
+        "drift events", ", ".join(f"{k}: {v:.0f}" for k, v in sorted(drifts.items())) or "none"
+    )
+    for key, value in sorted(metrics.items()):
+        if key.startswith("stream_infer_prequential{") and "metric=rolling_accuracy" in key:
+            version = key.split("version=")[1].rstrip("}")
+            table.add_row(f"  rolling accuracy {version}", f"{value:.3f}")
     return table
+
+
+def _wait_ready(port: int, worker: subprocess.Popen[bytes], timeout_s: float = 90) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and worker.poll() is None:
+        if scrape(port).get("stream_infer_ready") == 1.0:
+            return True
+        time.sleep(0.3)
+    return False
 
 
 def run_demo(
@@ -89,73 +178,140 @@ def run_demo(
     rate: float = 2000.0,
     duration_s: float | None = None,
     bad_fraction: float = 0.005,
+    drift_at_s: float | None = 40.0,
 ) -> int:
     console = Console()
     workdir = ROOT / ".demo"
     workdir.mkdir(exist_ok=True)
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        web_port = free_port()
-        env = dict(os.environ)
-        env[ENV_PREFIX + "KAFKA__BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
-        env[ENV_PREFIX + "KAFKA__GROUP_ID"] = f"stream-infer-demo-{int(time.time())}"
-        env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(web_port)
-        topology = load_topology(topology_path, env=env)
-        ensure_example_models(topology, console)
+        demo = _Demo(console, workdir, topology_path, broker.bootstrap_servers)
         console.print(f"embedded broker (tansu) on {broker.bootstrap_servers}")
-        ensure_topology_topics(topology)
-        log_path = workdir / "worker.log"
-        console.print(f"worker log: {log_path}; metrics: http://127.0.0.1:{web_port}/metrics")
-        with log_path.open("wb") as log:
-            worker = subprocess.Popen(
+        try:
+            return demo.run(rate, duration_s, bad_fraction, drift_at_s)
+        except KeyboardInterrupt:
+            console.print("stopping ...")
+            return 0
+        finally:
+            demo.stop()
+            demo.summary()
+
+
+class _Demo:
+    """One demo run: the worker process, the producer, the labeler and the watcher."""
+
+    def __init__(self, console: Console, workdir: Path, topology_path: Path, bootstrap: str):
+        self.console = console
+        self.topology_path = topology_path
+        self.web_port = free_port()
+        self.env = dict(os.environ)
+        self.env[ENV_PREFIX + "KAFKA__BOOTSTRAP_SERVERS"] = bootstrap
+        self.env[ENV_PREFIX + "KAFKA__GROUP_ID"] = f"stream-infer-demo-{int(time.time())}"
+        self.env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(self.web_port)
+        self.topology = load_topology(topology_path, env=self.env)
+        ensure_example_models(self.topology, console)
+        ensure_topology_topics(self.topology)
+        self.log_path = workdir / "worker.log"
+        with self.log_path.open("wb") as log:
+            self.worker = subprocess.Popen(
                 [sys.executable, "-m", "stream_infer", "worker", str(topology_path)],
-                env=env,
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        watcher = OutputWatcher(
+        console.print(
+            f"worker log: {self.log_path}; metrics: http://127.0.0.1:{self.web_port}/metrics"
+        )
+        self.labeler: Labeler | None = None
+        self.producer: OpenLoopProducer | None = None
+        self.watcher: OutputWatcher | None = None
+
+    def run(
+        self, rate: float, duration_s: float | None, bad_fraction: float, drift_at_s: float | None
+    ) -> int:
+        self.console.print("starting the worker (loading and warming up the models) ...")
+        if not _wait_ready(self.web_port, self.worker):
+            self.console.print(f"[red]the worker did not become ready; see {self.log_path}[/red]")
+            return 1
+        self._split_canary()
+        topology = self.topology
+        started = time.monotonic()
+        flip_at = started + drift_at_s if drift_at_s else None
+        if topology.online.enabled and topology.topics.labels:
+            self.labeler = Labeler(
+                topology.kafka.librdkafka(), topology.topics.labels, 1.0, flip_at
+            )
+        self.watcher = OutputWatcher(
             topology.kafka,
             prediction_topics=[topology.prediction_topic(m) for m in topology.models],
             dead_letter_topic=topology.topics.dead_letter,
+            on_record=self.labeler.on_record if self.labeler else None,
         ).start()
-        events = with_bad_events(synthetic_events(topology), bad_fraction)
-        producer = OpenLoopProducer(
-            topology.kafka.librdkafka(), topology.topics.input, events, rate=rate
+        source = self.labeler.events() if self.labeler else synthetic_events(topology)
+        self.producer = OpenLoopProducer(
+            topology.kafka.librdkafka(),
+            topology.topics.input,
+            with_bad_events(source, bad_fraction),
+            rate=rate,
         ).start()
-        started = time.monotonic()
-        code = 0
+        with Live(console=self.console, refresh_per_second=2) as live:
+            while duration_s is None or time.monotonic() - started < duration_s:
+                if self.worker.poll() is not None:
+                    self.console.print(
+                        f"[red]the worker exited with {self.worker.returncode}; "
+                        f"see {self.log_path}[/red]"
+                    )
+                    return 1
+                now = time.monotonic()
+                state = {
+                    "elapsed": now - started,
+                    "rate": rate,
+                    "snap": self.watcher.snapshot(),
+                    "sent": self.producer.sent,
+                    "labels": self.labeler.sent if self.labeler else 0,
+                    "flip_in": (flip_at - now) if flip_at else None,
+                }
+                live.update(_table(state, scrape(self.web_port)))
+                time.sleep(0.5)
+        return 0
+
+    def _split_canary(self) -> None:
+        model = self.topology.models[0]
+        canary = [v.version for v in model.versions if v.version != model.serving][:1]
+        if not canary:
+            return
+        ctl = Controller(self.topology)
+        weights = {model.serving: 0.9, canary[0]: 0.1}
+        sent = ctl.send(new_command("split", model=model.name, weights=weights))
+        ctl.acks(sent["id"], wait_s=10, workers=1)
+        ctl.close()
+        self.console.print(f"control: split {model.serving} 90% / {canary[0]} 10% (canary)")
+
+    def stop(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
+            if self.watcher is not None:
+                _drain(self.watcher, self.producer.sent, timeout_s=15.0)
+        if self.labeler is not None:
+            self.labeler.stop()
+        self.worker.terminate()
         try:
-            with Live(console=console, refresh_per_second=2) as live:
-                while duration_s is None or time.monotonic() - started < duration_s:
-                    if worker.poll() is not None:
-                        console.print(
-                            f"[red]the worker exited with {worker.returncode}; see {log_path}[/red]"
-                        )
-                        code = 1
-                        break
-                    batches = scrape_batches(web_port) or (0.0, 0.0)
-                    elapsed = time.monotonic() - started
-                    live.update(_table(watcher.snapshot(), producer.sent, elapsed, rate, batches))
-                    time.sleep(0.5)
-        except KeyboardInterrupt:
-            console.print("stopping ...")
-        finally:
-            producer.stop()
-            _drain(watcher, producer.sent, timeout_s=15.0)
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            watcher.stop()
-        snap = watcher.snapshot()
+            self.worker.wait(30)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait()
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    def summary(self) -> None:
+        if self.watcher is None or self.producer is None:
+            return
+        snap = self.watcher.snapshot()
         dead = sum(snap["dead_letters"].values())
-        console.print(
-            f"produced {producer.sent:,} events: {snap['unique_ids']:,} predicted "
+        self.console.print(
+            f"produced {self.producer.sent:,} events: {snap['unique_ids']:,} predicted "
             f"({snap['duplicates']:,} duplicates), {dead:,} dead letters, "
-            f"{producer.sent - snap['unique_ids'] - dead:,} unaccounted"
+            f"{self.producer.sent - snap['unique_ids'] - dead:,} unaccounted"
         )
-        return code
 
 
 def _drain(watcher: OutputWatcher, sent: int, timeout_s: float) -> None:
