@@ -224,7 +224,7 @@ def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> 
 )
 @click.option(
     "--rate",
-    default=2000.0,
+    default=1000.0,
     show_default=True,
     type=click.FloatRange(min=1),
     help="events per second offered",

@@ -175,7 +175,7 @@ def _wait_ready(port: int, worker: subprocess.Popen[bytes], timeout_s: float = 9
 def run_demo(
     topology_path: Path = DEFAULT_TOPOLOGY,
     *,
-    rate: float = 2000.0,
+    rate: float = 1000.0,
     duration_s: float | None = None,
     bad_fraction: float = 0.005,
     drift_at_s: float | None = 40.0,
@@ -307,10 +307,11 @@ class _Demo:
             return
         snap = self.watcher.snapshot()
         dead = sum(snap["dead_letters"].values())
+        waiting = self.producer.sent - snap["unique_ids"] - dead
         self.console.print(
             f"produced {self.producer.sent:,} events: {snap['unique_ids']:,} predicted "
-            f"({snap['duplicates']:,} duplicates), {dead:,} dead letters, "
-            f"{self.producer.sent - snap['unique_ids'] - dead:,} unaccounted"
+            f"({snap['duplicates']:,} duplicates), {dead:,} dead letters, {waiting:,} not yet "
+            "served when the demo stopped (uncommitted: a restarted worker would serve them)"
         )
 
 
