@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from typing import Any
@@ -60,7 +61,7 @@ def test_workers_scale_1_4_2_under_load_without_loss(make_setup: Any) -> None:
     ids = Counter(p["id"] for p in preds)
     assert len(ids) == n, f"{n - len(ids)} events lost while scaling"
     phases.append((max(p["served_at"] for p in preds), 0))
-    for (start, workers), (end, _) in zip(phases, phases[1:], strict=False):
+    for (start, workers), (end, _) in itertools.pairwise(phases):
         served = sum(1 for p in preds if start <= p["served_at"] < end)
         print(
             f"{workers} worker(s): {served / (end - start):,.0f} predictions/s "
