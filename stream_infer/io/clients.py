@@ -64,7 +64,14 @@ def ensure_topology_topics(topology: Topology) -> list[str]:
     """Create a topology's topics: the control log with one partition, the rest with N."""
     single = topology.topics.single_partition()
     rf = topology.topics.replication_factor
-    created = ensure_topics(topology.kafka, single, partitions=1, replication_factor=rf)
+    # The control log is replayed by every starting worker: it must never expire.
+    created = ensure_topics(
+        topology.kafka,
+        single,
+        partitions=1,
+        replication_factor=rf,
+        config={"retention.ms": "-1", "retention.bytes": "-1"},
+    )
     rest = [t for t in topology.all_topics() if t not in single]
     partitions = topology.topics.partitions
     return created + ensure_topics(
@@ -95,6 +102,7 @@ def ensure_topics(
     partitions: int,
     replication_factor: int,
     timeout_s: float = 15.0,
+    config: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet, with explicit partition counts.
 
@@ -117,7 +125,12 @@ def ensure_topics(
         return []
     futures = admin.create_topics(
         [
-            NewTopic(n, num_partitions=partitions, replication_factor=replication_factor)
+            NewTopic(
+                n,
+                num_partitions=partitions,
+                replication_factor=replication_factor,
+                config=config or {},
+            )
             for n in wanted
         ],
         operation_timeout=timeout_s,
