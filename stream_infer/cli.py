@@ -178,7 +178,7 @@ def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> 
     """Print records of one of TOPOLOGY's output topics as JSON lines."""
     from confluent_kafka import Consumer
 
-    from stream_infer.io.clients import check_reachable
+    from stream_infer.io.clients import check_reachable, consume_ready
     from stream_infer.watch import assign_all
 
     topo = _load(topology)
@@ -198,7 +198,7 @@ def tail(topology: Path, what: str, from_beginning: bool, count: int | None) -> 
     seen = 0
     try:
         while count is None or seen < count:
-            for msg in consumer.consume(500, 0.5):
+            for msg in consume_ready(consumer, 500, 0.5):
                 if msg.error():
                     continue
                 value = msg.value() or b""

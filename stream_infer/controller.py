@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_infer.control import sign
 from stream_infer.errors import BrokerError
+from stream_infer.io.clients import consume_ready
 from stream_infer.settings import Topology
 
 
@@ -64,7 +65,7 @@ class Controller:
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            for msg in self._acks.consume(100, 0.2):
+            for msg in consume_ready(self._acks, 100, 0.2):
                 if msg.error() is not None:
                     continue
                 ack = orjson.loads(msg.value() or b"{}")

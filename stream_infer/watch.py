@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
+from stream_infer.io.clients import consume_ready
 from stream_infer.settings import KafkaSettings
 
 
@@ -50,7 +51,7 @@ class OutputWatcher:
         conf = kafka.librdkafka() | {
             "group.id": "stream-infer-watch",  # required by librdkafka; never joined (assign)
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": 50,
+            "fetch.wait.max.ms": 10,
         }
         self._consumer = Consumer(conf)
         self.prediction_topics = prediction_topics
@@ -83,7 +84,7 @@ class OutputWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for msg in self._consumer.consume(1000, 0.1):
+            for msg in consume_ready(self._consumer, 1000, 0.1):
                 if msg.error():
                     continue
                 now = time.time()

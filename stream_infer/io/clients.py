@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_infer.errors import BrokerError
@@ -58,6 +58,16 @@ def _admin(kafka: KafkaSettings, **overrides: Any) -> AdminClient:
 
 # librdkafka's own log lines go through Python logging, not straight to stderr.
 _RDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
+def consume_ready(consumer: Consumer, max_records: int, timeout_s: float) -> list[Message]:
+    """The records already fetched (up to ``max_records``) or, when there are none, the first
+    to arrive within ``timeout_s``.
+
+    librdkafka's ``consume(n, t)`` returns when it has ``n`` records or at ``t``, whichever
+    first: used plainly at a low rate it adds ``t`` to every record's latency.
+    """
+    return consumer.consume(max_records, 0) or consumer.consume(1, timeout_s)
 
 
 def ensure_topology_topics(topology: Topology) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from stream_infer.errors import BrokerError
+from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class ControlLog:
             if time.monotonic() > deadline:
                 msg = f"could not read the control log {self.topic!r} within {timeout_s}s"
                 raise BrokerError(msg)
-            for msg_ in self._consumer.consume(500, 0.2):
+            for msg_ in consume_ready(self._consumer, 500, 0.2):
                 if msg_.error() is None:
                     out.append(msg_)
                     positions[msg_.partition() or 0] = (msg_.offset() or 0) + 1
@@ -74,7 +75,7 @@ class ControlLog:
 
         def run() -> None:
             while not self._stop.is_set():
-                for msg in self._consumer.consume(100, 0.2):
+                for msg in consume_ready(self._consumer, 100, 0.2):
                     if msg.error() is None:
                         hand_off(msg)
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream_infer.batching import MicroBatcher
+from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,7 @@ class BatchSource:
         wait = self.batcher.time_left_s()
         room = max(1, self.batcher.room)
         if wait is None:
-            records = consumer.consume(num_messages=room, timeout=0) or consumer.consume(
-                num_messages=1, timeout=0.1
-            )
+            records = consume_ready(consumer, room, 0.1)
         else:
             records = consumer.consume(num_messages=room, timeout=wait)
         if records:

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
-from stream_infer.io.clients import ensure_topology_topics
+from stream_infer.io.clients import consume_ready, ensure_topology_topics
 from stream_infer.settings import (
     ENV_PREFIX,
     Topology,
@@ -178,7 +178,7 @@ class Setup:
         deadline = time.monotonic() + timeout_s
         try:
             while len(out) < until and time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 0.2):
+                for msg in consume_ready(consumer, 1000, 0.2):
                     if msg.error() is None:
                         out.append(orjson.loads(msg.value()))
                 if any(p.poll() is not None and p.returncode not in (0, -9) for p in self.workers):
