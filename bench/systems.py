@@ -1,0 +1,99 @@
+"""The systems under test, and the per-run topology file they all read.
+
+Every run gets its own copy of the phishing topology: topics ``bench.<run>.*`` (fresh, so no
+run sees another's records), its own consumer group (a tansu group wedged by a killed consumer
+must not affect the next run), a free web port, absolute model paths and ``device: cpu``. The
+ceiling and the naive agent read the same file for the broker, topics, features and model, so
+all three serve the same model to the same events.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stream_infer.broker import free_port
+from stream_infer.settings import Topology, load_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
+
+Kind = Literal["ceiling", "naive", "stream-infer"]
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    key: str  # results key
+    label: str  # for tables and plots
+    kind: Kind
+    batching: dict[str, float] = field(default_factory=dict)  # overrides; empty = as shipped
+    workers: int = 1
+
+    def commands(self, topology_path: Path) -> list[list[str]]:
+        py = sys.executable
+        if self.kind == "ceiling":
+            return [[py, "-m", "bench.ceiling", str(topology_path)]]
+        if self.kind == "naive":
+            return [[py, "-m", "bench.naive_faust", str(topology_path)]]
+        cmd = [py, "-m", "stream_infer", "--log-level", "info", "worker", str(topology_path)]
+        return [list(cmd) for _ in range(self.workers)]
+
+
+CEILING = SystemSpec("ceiling", "ceiling (plain confluent-kafka loop)", "ceiling")
+NAIVE = SystemSpec("naive", "naive faust (one event at a time)", "naive")
+STREAM_INFER_DEFAULT = SystemSpec("stream-infer-default", "stream-infer (default)", "stream-infer")
+
+
+def stream_infer_with(
+    batch_size: int, wait_ms: float, *, key: str, label: str, workers: int = 1
+) -> SystemSpec:
+    return SystemSpec(
+        key,
+        label,
+        "stream-infer",
+        batching={"max_batch_size": batch_size, "max_wait_ms": wait_ms},
+        workers=workers,
+    )
+
+
+def write_topology(
+    dest_dir: Path,
+    *,
+    run_id: str,
+    bootstrap_servers: str,
+    session_timeout_ms: int,
+    batching: dict[str, float],
+    base: Path = BASE_TOPOLOGY,
+) -> tuple[Path, Topology]:
+    """Write this run's topology file and return it, loaded and validated (no env overrides)."""
+    data: dict[str, Any] = yaml.safe_load(base.read_text(encoding="utf-8"))
+    data["kafka"] = dict(data.get("kafka") or {}) | {
+        "bootstrap_servers": bootstrap_servers,
+        "group_id": f"bench-{run_id}",
+        "session_timeout_ms": session_timeout_ms,
+    }
+    topics = dict(data["topics"])
+    for name, value in list(topics.items()):
+        if isinstance(value, str):
+            topics[name] = f"bench.{run_id}.{value.rsplit('.', 1)[-1]}"
+    data["topics"] = topics
+    for model in data["models"]:
+        for version in model["versions"]:
+            version["path"] = str((base.parent / version["path"]).resolve())
+    data["worker"] = dict(data.get("worker") or {}) | {"web_port": free_port()}
+    data["device"] = "cpu"
+    if batching:
+        data["batching"] = dict(data.get("batching") or {}) | batching
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path, load_topology(path, env={})
+
+
+def new_run_id(key: str) -> str:
+    return f"{key}-{uuid.uuid4().hex[:8]}"
