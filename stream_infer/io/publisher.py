@@ -97,25 +97,35 @@ class Publisher:
     def publish(self, records: Sequence[OutRecord], ticket: Ticket) -> None:
         """Queue every record for delivery under the ticket. Safe from any one thread."""
         ticket._expect(len(records))
+        on_delivery = self._callback(ticket)  # one callback per batch, not per record
         for record in records:
-            self._produce(record, ticket)
+            self._produce(record.topic, record.value, record.key, on_delivery)
 
-    def _produce(self, record: OutRecord, ticket: Ticket) -> None:
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+    def _callback(self, ticket: Ticket) -> Callable[[KafkaError | None, Message], None]:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is None:
                 ticket._acked()
-            else:
-                ticket.failures += 1
-                self._retries.append((time.monotonic() + self.retry_backoff_s, record, ticket))
-                if self._on_retry:
-                    self._on_retry(record.topic, err.name())
-                log.warning("delivery to %s failed (%s); retrying", record.topic, err.str())
+                return
+            ticket.failures += 1
+            topic = msg.topic() or ""
+            retry = OutRecord(topic, msg.key(), msg.value() or b"")
+            self._retries.append((time.monotonic() + self.retry_backoff_s, retry, ticket))
+            if self._on_retry:
+                self._on_retry(topic, err.name())
+            log.warning("delivery to %s failed (%s); retrying", topic, err.str())
 
+        return on_delivery
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
         while True:
             try:
-                self._producer.produce(
-                    record.topic, record.value, record.key, on_delivery=on_delivery
-                )
+                self._producer.produce(topic, value, key, on_delivery=on_delivery)
                 return
             except BufferError:  # the local queue is full: let the poll thread drain it
                 time.sleep(0.005)
@@ -126,7 +136,7 @@ class Publisher:
             now = time.monotonic()
             while self._retries and self._retries[0][0] <= now:
                 _, record, ticket = self._retries.popleft()
-                self._produce(record, ticket)
+                self._produce(record.topic, record.value, record.key, self._callback(ticket))
             if self._stopping.is_set() and self._stop_deadline < now:
                 break
 
