@@ -196,7 +196,7 @@ def _steps(
     def sweep() -> None:
         default = systems_out.get("stream-infer-default", {}).get("saturation", {})
         if plan.sweep_rate:
-            rate, source = plan.sweep_rate, "given with --sweep-rate"
+            rate, source = plan.sweep_rate, "a fixed moderate rate"
         elif default:
             rate, source = 0.5 * default["throughput_eps"], "half of the default's saturation"
         else:

@@ -108,6 +108,21 @@ def _p99_at_half(system: dict[str, Any]) -> float | None:
     return None
 
 
+def _floor_p99_near(results: dict[str, Any], rate: float) -> tuple[float, float] | None:
+    """(rate, p99 ms) of the floor point nearest to ``rate`` (on a log scale)."""
+    import math
+
+    points = [
+        p
+        for p in (results.get("floor") or {}).get("latency", [])
+        if "p99_ms" in p and p.get("target_rate_eps")
+    ]
+    if not points or rate <= 0:
+        return None
+    best = min(points, key=lambda p: abs(math.log(p["target_rate_eps"] / rate)))
+    return float(best["target_rate_eps"]), float(best["p99_ms"])
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for each measured stream-infer configuration."""
     out = []
@@ -143,10 +158,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if p99 is not None:
             wait = float(system["batching"]["max_wait_ms"])
             bound = wait + TARGET_P99_SLACK_MS
+            measured = f"{p99:.1f} ms vs {bound:g} ms ({p99 / bound:.2f} of the bound)"
+            floor = _floor_p99_near(results, (si or 0.0) * 0.5)
+            if floor is not None:
+                rate, floor_p99 = floor
+                measured += f"; the harness floor alone: p99 {floor_p99:.1f} ms at {rate:,.0f}/s"
             rows.append(
                 _row(
                     f"p99 <= max_wait + {TARGET_P99_SLACK_MS:g} ms at 50% of saturation",
-                    f"{p99:.1f} ms vs {bound:g} ms ({p99 / bound:.2f} of the bound)",
+                    measured,
                     p99 / bound,
                     p99 <= bound,
                 )

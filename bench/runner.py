@@ -4,10 +4,14 @@ Saturation: the input topic is pre-filled with N events, then the system starts;
 N over the time from the first to the last prediction the reader saw (start-up and the group
 join are outside that window). CPU is the process trees' user+sys over the same window.
 
-Latency: an open-loop producer offers a fixed rate for a fixed time (events are due at
-``start + i / rate`` whatever the system does, so queueing shows up as latency); after the
-producer stops the reader waits for every prediction. Percentiles are over events generated
-after the warm-up.
+Latency: the system starts on fresh, empty topics and answers a few probe events; then an
+open-loop producer offers a fixed rate for a fixed time (events are due at ``start + i / rate``
+whatever the system does, so queueing shows up as latency); after the producer stops the reader
+waits for every prediction. Percentiles are over events generated after the warm-up.
+
+Every phase gets a fresh run (topics, group, process): tansu's in-memory storage was seen to
+get slower as a partition grows (the same rate on a topic that already held ~75,000 records
+had several times the p99 of a fresh one), so no phase may inherit another's records.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from stream_infer.loadgen import OpenLoopProducer
 from stream_infer.settings import KafkaSettings, Topology, load_topology
 
 SATURATION_SEED = 0
+PROBE_SEED = 999
 log = logging.getLogger(__name__)
 
 
@@ -123,6 +128,17 @@ class SystemRun:
             self.ctx.broker_pid,
             self.ctx.plan.sample_interval_s,
         ).start()
+
+    def start_ready(self, n_probe: int = 64) -> None:
+        """Start the system on its empty input and wait until it answers a few probe events
+        (it has loaded the model and joined its group): the load then meets a ready system."""
+        self.start()
+        conf = {"bootstrap.servers": self.ctx.bootstrap_servers, "logger": RDKAFKA_LOG}
+        producer = Producer(conf)
+        for key, value in itertools.islice(self.ctx.pool.stamped(PROBE_SEED), n_probe):
+            producer.produce(self.topo.topics.input, value, key)
+        producer.flush(30)
+        self.wait_for(PROBE_SEED, n_probe, first_timeout_s=self.ctx.plan.start_timeout_s)
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -300,13 +316,13 @@ def measure_floor(
     """Load generator -> broker -> reader with no system in between: the harness's own
     latency, the floor under every system's numbers."""
     topo = load_topology(BASE_TOPOLOGY, env={})
-    topic = f"bench.{new_run_id('floor')}.events"
     kafka = KafkaSettings(bootstrap_servers=ctx.bootstrap_servers)
-    ensure_topics(kafka, [topic], partitions=topo.topics.partitions, replication_factor=1)
-    reader = PredictionReader(ctx.bootstrap_servers, [topic]).start()
     points = []
-    try:
-        for seed, rate in enumerate(rates, start=1):
+    for seed, rate in enumerate(rates, start=1):
+        topic = f"bench.{new_run_id('floor')}.events"  # fresh: see SystemRun
+        ensure_topics(kafka, [topic], partitions=topo.topics.partitions, replication_factor=1)
+        reader = PredictionReader(ctx.bootstrap_servers, [topic]).start()
+        try:
             t_start, producer = open_loop(
                 ctx.bootstrap_servers,
                 topic,
@@ -320,14 +336,14 @@ def measure_floor(
             point = latency_summary(
                 reader.phase(seed), producer, t_start=t_start, warmup_s=warmup_s
             )
-            points.append(point)
-            say(
-                f"floor {rate:,.0f} events/s: p50 {point.get('p50_ms', float('nan')):.1f} ms, "
-                f"p99 {point.get('p99_ms', float('nan')):.1f} ms"
-            )
-    finally:
-        reader.stop()
-        delete_topics(ctx.bootstrap_servers, [topic])
+        finally:
+            reader.stop()
+            delete_topics(ctx.bootstrap_servers, [topic])
+        points.append(point)
+        say(
+            f"floor {rate:,.0f} events/s: p50 {point.get('p50_ms', float('nan')):.1f} ms, "
+            f"p99 {point.get('p99_ms', float('nan')):.1f} ms"
+        )
     return {"label": "harness floor (no system)", "latency": points}
 
 
@@ -368,34 +384,37 @@ def _tail(path: Path, n_bytes: int = 3000) -> str:
 
 
 def measure_system(ctx: BenchContext, spec: SystemSpec, n_events: int) -> dict[str, Any]:
-    """Saturation, then open-loop latency at fractions of it, in one running system."""
+    """Saturation, then open-loop latency at fractions of it; each phase a fresh run."""
     plan = ctx.plan
     with SystemRun(ctx, spec) as run:
         say(f"{spec.key}: pre-filling {n_events:,} events, then starting the system")
         sat = run.saturation(n_events)
-        say(
-            f"{spec.key}: saturation {sat['throughput_eps']:,.0f} events/s over "
-            f"{sat['window_s']:.2f}s, {sat['cpu_s_per_1k']:.3f} CPU s/1k events"
-        )
-        points = []
-        for i, fraction in enumerate(plan.latency_fractions, start=1):
-            rate = fraction * sat["throughput_eps"]
+        peak = run.peak_rss_bytes
+    say(
+        f"{spec.key}: saturation {sat['throughput_eps']:,.0f} events/s over "
+        f"{sat['window_s']:.2f}s, {sat['cpu_s_per_1k']:.3f} CPU s/1k events"
+    )
+    points = []
+    for i, fraction in enumerate(plan.latency_fractions, start=1):
+        rate = fraction * sat["throughput_eps"]
+        with SystemRun(ctx, spec) as run:
+            run.start_ready()
             point = run.latency(
                 rate,
                 duration_s=plan.latency_duration_s,
                 warmup_s=plan.latency_warmup_s,
                 seed=i,
             )
-            point["fraction"] = fraction
-            points.append(point)
-            say(
-                f"{spec.key}: {fraction:.0%} = {rate:,.0f} events/s: p50 "
-                f"{point.get('p50_ms', float('nan')):.1f} ms, p99 "
-                f"{point.get('p99_ms', float('nan')):.1f} ms, p99.9 "
-                f"{point.get('p999_ms', float('nan')):.1f} ms"
-            )
-        peak = run.peak_rss_bytes
-    say(f"{spec.key}: peak RSS {peak / 2**20:,.0f} MiB; stopped in {run.stop_s:.1f}s")
+            peak = max(peak, run.peak_rss_bytes)
+        point["fraction"] = fraction
+        points.append(point)
+        say(
+            f"{spec.key}: {fraction:.0%} = {rate:,.0f} events/s: p50 "
+            f"{point.get('p50_ms', float('nan')):.1f} ms, p99 "
+            f"{point.get('p99_ms', float('nan')):.1f} ms, p99.9 "
+            f"{point.get('p999_ms', float('nan')):.1f} ms"
+        )
+    say(f"{spec.key}: peak RSS {peak / 2**20:,.0f} MiB")
     return {
         "label": spec.label,
         "kind": spec.kind,
@@ -413,10 +432,13 @@ def measure_sweep_point(
     plan = ctx.plan
     with SystemRun(ctx, spec) as run:
         sat = run.saturation(n_events)
+        peak = run.peak_rss_bytes
+    with SystemRun(ctx, spec) as run:
+        run.start_ready()
         lat = run.latency(
             rate, duration_s=plan.sweep_duration_s, warmup_s=plan.sweep_warmup_s, seed=1
         )
-        peak = run.peak_rss_bytes
+        peak = max(peak, run.peak_rss_bytes)
     b = _batching(run.topo)
     say(
         f"sweep size {b['max_batch_size']:>5} wait {b['max_wait_ms']:>4g} ms: "
