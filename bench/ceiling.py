@@ -22,10 +22,9 @@ from types import FrameType
 
 import numpy as np
 import orjson
-import torch
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_infer.inference.predictor import TorchPredictor
+from bench.model import load_serving_predictor
 from stream_infer.settings import Topology, load_topology
 
 log = logging.getLogger("bench.ceiling")
@@ -33,20 +32,7 @@ log = logging.getLogger("bench.ceiling")
 
 def serve(topo: Topology, *, batch: int, max_wait_s: float, stop: threading.Event) -> int:
     """Serve until ``stop`` is set. Returns the number of events served."""
-    torch.set_num_threads(topo.worker.inference_threads)
-    model = topo.models[0]
-    version = model.version(model.serving)
-    if version is None:
-        problem = f"model {model.name} has no version {model.serving}"
-        raise SystemExit(problem)
-    _meta, predictor = TorchPredictor.load(
-        version.path,
-        model=model.name,
-        version=version.version,
-        features=topo.features,
-        device=torch.device("cpu"),
-    )
-    predictor.warm_up()
+    predictor = load_serving_predictor(topo)
     kafka = topo.kafka
     consumer = Consumer(
         {
@@ -63,9 +49,9 @@ def serve(topo: Topology, *, batch: int, max_wait_s: float, stop: threading.Even
     producer = Producer(
         {"bootstrap.servers": kafka.bootstrap_servers, "acks": "all", "linger.ms": 1}
     )
-    out_topic = topo.prediction_topic(model)
+    out_topic = topo.prediction_topic(topo.models[0])
     features = topo.features
-    stamp = {"model": model.name, "version": version.version}
+    stamp = {"model": predictor.model, "version": predictor.version}
     served = 0
     consumer.subscribe([topo.topics.input])
     try:

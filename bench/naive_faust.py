@@ -23,9 +23,9 @@ from typing import Any
 import faust
 import numpy as np
 import orjson
-import torch
 from faust.types import StreamT
 
+from bench.model import load_serving_predictor
 from stream_infer.inference.predictor import TorchPredictor
 from stream_infer.settings import Topology, load_topology
 
@@ -70,21 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="warning")
     args = parser.parse_args(argv)
     topo = load_topology(args.topology)
-    torch.set_num_threads(topo.worker.inference_threads)
-    model = topo.models[0]
-    version = model.version(model.serving)
-    if version is None:
-        msg = f"model {model.name} has no version {model.serving}"
-        raise SystemExit(msg)
-    _meta, predictor = TorchPredictor.load(
-        version.path,
-        model=model.name,
-        version=version.version,
-        features=topo.features,
-        device=torch.device("cpu"),
-    )
-    predictor.warm_up()
-    app = create_app(topo, predictor)
+    app = create_app(topo, load_serving_predictor(topo))
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
     try:
         worker.execute_from_commandline()
