@@ -76,7 +76,6 @@ class BatchSource:
         self._consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
         self.assignment: list[tuple[str, int]] = []
-        self.paused_s = 0.0
         self.error: BaseException | None = None
         # Records behind the end of each owned partition, refreshed every lag_interval_s.
         self.lag: dict[tuple[str, int], int] = {}
@@ -166,11 +165,9 @@ class BatchSource:
             self._send(closed)
 
     def _send(self, records: list[Message]) -> None:
-        started = time.monotonic()
         while not self._slots.acquire(timeout=0.1):
             if self._stopping.is_set():
                 return  # not handed off, not stored: re-read after restart
-        self.paused_s += time.monotonic() - started
         with self._idle:
             self._in_flight += 1
         offsets = next_offsets(records)

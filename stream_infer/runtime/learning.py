@@ -120,7 +120,6 @@ class LearningService:
         self.policies = [
             Policy(p.signal, p.action, p.model, p.online_version) for p in self.online.policies
         ]
-        self.drift_log: list[DriftEvent] = []
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learning", daemon=True)
@@ -277,7 +276,6 @@ class LearningService:
         drift_topic = self.topology.topics.drift
         records = []
         for event in events:
-            self.drift_log.append(event)
             self.metrics.drift_events.labels(event.model, event.version, event.signal).inc()
             log.warning("drift: %s", event)
             if drift_topic:
