@@ -6,7 +6,8 @@
     │   └── DeliveryError      a produced record was not acknowledged
     ├── ModelError             a model artifact or its metadata cannot be used
     │   ├── IntegrityError     the artifact's sha256 does not match its metadata
-    │   └── ModelOutputError   a model returned the wrong shape or non-finite values
+    │   ├── ModelOutputError   a model returned the wrong shape or non-finite values
+    │   └── InferenceTimeout   a model call did not return within limits.inference_timeout_s
     ├── ControlError           a control command is rejected (reason code + detail); serving
     │                          is left as it was
     └── InvalidEvent           one input record is not a valid feature event (data, not a crash:
@@ -63,6 +64,24 @@ class IntegrityError(ModelError):
 
 class ModelOutputError(ModelError):
     """A model returned the wrong shape or non-finite values."""
+
+
+class InferenceTimeout(ModelError):
+    """A model call did not return within its time limit, or was refused because too many
+    earlier calls of the same version are still hung (``refused``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        timeout_s: float,
+        refused: bool = False,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.refused = refused
+        super().__init__(message, model=model, version=version)
 
 
 class ControlError(StreamInferError):

@@ -48,6 +48,18 @@ class Metrics:
             ["topic", "error"],
             registry=r,
         )
+        self.inference_timeouts = Counter(
+            "stream_infer_inference_timeouts_total",
+            "Model calls abandoned after limits.inference_timeout_s",
+            ["model", "version"],
+            registry=r,
+        )
+        self.hung_calls = Gauge(
+            "stream_infer_hung_inference_calls",
+            "Model calls past their time limit that have not returned (their threads are lost)",
+            ["model", "version"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "stream_infer_batch_size",
             "Records per micro-batch",

@@ -17,9 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_infer import serde
-from stream_infer.errors import ModelOutputError
+from stream_infer.errors import InferenceTimeout, ModelOutputError
 from stream_infer.events import BatchResult, DeadLetter, FeatureBatch, OutRecord, Record
 from stream_infer.inference.predictor import Predictor
+from stream_infer.inference.watchdog import Watchdog
 from stream_infer.routing import Route
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Pipeline:
         shadow_topic: str | None,
         clock: Callable[[], float] = time.time,
         track_scores: bool = False,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.decoder = decoder
         self.outputs = tuple(outputs)
@@ -63,6 +65,7 @@ class Pipeline:
         self.shadow_topic = shadow_topic
         self.clock = clock
         self.track_scores = track_scores
+        self.watchdog = watchdog
 
     def process(self, records: Sequence[Record], serving: Serving) -> BatchResult:
         result = BatchResult(n_in=len(records))
@@ -101,7 +104,7 @@ class Pipeline:
         counts: dict[tuple[str, str], int],
     ) -> None:
         started = time.perf_counter()
-        values, errors = predict_isolating(predictor, batch.x)
+        values, errors = predict_isolating(predictor, batch.x, self.watchdog)
         result.inference_s += time.perf_counter() - started
         ok = np.ones(len(batch), dtype=bool)
         for row, (reason, detail) in errors.items():
@@ -130,21 +133,27 @@ class Pipeline:
 
 
 def predict_isolating(
-    predictor: Predictor, x: npt.NDArray[np.float32]
+    predictor: Predictor, x: npt.NDArray[np.float32], watchdog: Watchdog | None = None
 ) -> tuple[npt.NDArray[np.float64], dict[int, tuple[str, str]]]:
-    """Predict a batch; if the model fails, find the rows that make it fail by bisection.
+    """Predict a batch; if the model fails, find the rows that make it fail.
 
     Returns the values (rows that failed hold NaN) and ``{row: (reason, detail)}`` for every row
-    that could not be served: the model raised on it, returned the wrong shape, or a non-finite
-    value.
+    that could not be served: the model raised on it, returned the wrong shape or a non-finite
+    value (rows found by bisection), or did not answer within the watchdog's limit.
+
+    A call that times out is retried one event at a time, so each event that hangs costs one
+    timeout (bisection would cost one per level). Once the watchdog refuses a version (too many
+    of its calls still hung), its remaining rows fail at once.
     """
     errors: dict[int, tuple[str, str]] = {}
     n = x.shape[0]
     try:
-        values = predictor.predict_many(x)
-        if values.ndim not in (1, 2) or values.shape[0] != n:
-            msg = f"returned shape {values.shape} for a batch of {n}; expected ({n},...)"
-            raise ModelOutputError(msg, model=predictor.model, version=predictor.version)
+        values = _predict(predictor, x, watchdog)
+    except InferenceTimeout as exc:
+        if n == 1 or exc.refused:
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            return np.full(n, np.nan), dict.fromkeys(range(n), (serde.MODEL_TIMEOUT, detail))
+        return _combine([predict_isolating(predictor, x[i : i + 1], watchdog) for i in range(n)])
     except Exception as exc:  # a model may raise anything; the events are what we must keep
         if n == 1:
             output_error = isinstance(exc, ModelOutputError)
@@ -152,18 +161,49 @@ def predict_isolating(
             errors[0] = (reason, f"{type(exc).__name__}: {exc}"[:500])
             return np.full(1, np.nan), errors
         mid = n // 2
-        left, left_err = predict_isolating(predictor, x[:mid])
-        right, right_err = predict_isolating(predictor, x[mid:])
-        errors.update(left_err)
-        errors.update({row + mid: err for row, err in right_err.items()})
-        if left.ndim != right.ndim or left.shape[1:] != right.shape[1:]:
-            left, right = _as_column(left), _as_column(right)
-        return np.concatenate([left, right]), errors
+        return _combine(
+            [
+                predict_isolating(predictor, x[:mid], watchdog),
+                predict_isolating(predictor, x[mid:], watchdog),
+            ]
+        )
     finite = np.isfinite(values) if values.ndim == 1 else np.isfinite(values).all(axis=1)
     if not finite.all():
         for row in np.flatnonzero(~finite).tolist():
             errors[row] = (serde.MODEL_OUTPUT_INVALID, "the model returned a non-finite value")
     return values, errors
+
+
+def _predict(
+    predictor: Predictor, x: npt.NDArray[np.float32], watchdog: Watchdog | None
+) -> npt.NDArray[np.float64]:
+    """One model call (bounded by the watchdog when there is one), its output shape checked."""
+    n = x.shape[0]
+    if watchdog is None:
+        values = predictor.predict_many(x)
+    else:
+        values = watchdog.call(
+            (predictor.model, predictor.version), lambda: predictor.predict_many(x)
+        )
+    if values.ndim not in (1, 2) or values.shape[0] != n:
+        msg = f"returned shape {values.shape} for a batch of {n}; expected ({n},...)"
+        raise ModelOutputError(msg, model=predictor.model, version=predictor.version)
+    return values
+
+
+def _combine(
+    parts: list[tuple[npt.NDArray[np.float64], dict[int, tuple[str, str]]]],
+) -> tuple[npt.NDArray[np.float64], dict[int, tuple[str, str]]]:
+    """Concatenate the results of consecutive slices of one batch, renumbering their errors."""
+    arrays = [values for values, _ in parts]
+    if len({(a.ndim, a.shape[1:]) for a in arrays}) > 1:  # a failed slice holds a NaN column
+        arrays = [_as_column(a) for a in arrays]
+    errors: dict[int, tuple[str, str]] = {}
+    start = 0
+    for values, part_errors in parts:
+        errors.update({row + start: err for row, err in part_errors.items()})
+        start += values.shape[0]
+    return np.concatenate(arrays), errors
 
 
 def _as_column(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -167,7 +167,18 @@ class BatchingSettings(_Frozen):
 
 class LimitSettings(_Frozen):
     max_event_bytes: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
-    inference_timeout_s: float = Field(default=30.0, gt=0.0)
+    inference_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="a model call that takes longer dead-letters its events as model_timeout",
+    )
+    max_hung_calls: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="hung calls per version after which its calls are refused and /healthz fails",
+    )
 
 
 class WorkerSettings(_Frozen):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +46,6 @@ class TorchPredictor:
         self.output = output
         self.n_features = n_features
         self._module = module.to(device)
-        self._lock = threading.Lock()
 
     @classmethod
     def load(
@@ -81,7 +79,8 @@ class TorchPredictor:
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        with self._lock, torch.inference_mode():
+        # No lock: a call that hangs past the watchdog's limit must not block the next one.
+        with torch.inference_mode():
             out = self._module(tensor)
             if self.output == "logit":
                 out = torch.sigmoid(out)

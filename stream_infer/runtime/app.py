@@ -122,8 +122,8 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        failed = rt.source is not None and rt.source.error is not None
-        return web.json({"ok": not failed}, status=500 if failed else 200)
+        problems = rt.health_problems()
+        return web.json({"ok": not problems, "problems": problems}, status=500 if problems else 200)
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:

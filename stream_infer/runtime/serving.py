@@ -30,6 +30,7 @@ from stream_infer.errors import ControlError, ModelError
 from stream_infer.events import BatchResult, OutRecord
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import Predictor, TorchPredictor
+from stream_infer.inference.watchdog import Watchdog
 from stream_infer.io.clients import consumer_config, ensure_topology_topics, producer_config
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
@@ -49,12 +50,18 @@ class InferenceRuntime:
         self.topology = topology
         self.metrics = metrics or Metrics()
         self.device = select_device(topology.device)
+        self.watchdog = Watchdog(
+            topology.limits.inference_timeout_s,
+            max_hung=topology.limits.max_hung_calls,
+            on_hung=self._on_hung,
+        )
         self.pipeline = Pipeline(
             FeatureDecoder(topology.features, topology.limits.max_event_bytes),
             [ModelOutput(m.name, topology.prediction_topic(m)) for m in topology.models],
             dead_letter_topic=topology.topics.dead_letter,
             shadow_topic=topology.topics.shadow,
             track_scores=topology.online.enabled,
+            watchdog=self.watchdog,
         )
         self.serving = Serving(routes={}, predictors={})
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -84,6 +91,23 @@ class InferenceRuntime:
         self.started = asyncio.Event()
         self._commits: asyncio.Queue[tuple[SourceBatch, Ticket]] | None = None
         self.totals = {"events": 0, "predictions": 0, "dead_letters": 0, "batches": 0}
+
+    def _on_hung(self, key: tuple[str, str], hung: int, timed_out: bool) -> None:
+        self.metrics.hung_calls.labels(*key).set(hung)
+        if timed_out:
+            self.metrics.inference_timeouts.labels(*key).inc()
+
+    def health_problems(self) -> list[str]:
+        """Why this worker should be restarted (empty when it is healthy)."""
+        problems = []
+        if self.source is not None and self.source.error is not None:
+            problems.append(f"the batch source failed: {self.source.error!r}")
+        for model, version in self.watchdog.saturated():
+            problems.append(
+                f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
+                "only a restart reclaims their threads"
+            )
+        return problems
 
     # --- start and stop ----------------------------------------------------------------
 
@@ -291,6 +315,7 @@ class InferenceRuntime:
         if self.control_log is not None:
             await loop.run_in_executor(None, self.control_log.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.watchdog.close()
         self.loader.shutdown(wait=False, cancel_futures=True)
 
     # --- per batch -----------------------------------------------------------------------

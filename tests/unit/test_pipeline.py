@@ -4,6 +4,7 @@ that cause them."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from stream_infer import serde
 from stream_infer.events import BatchResult, Record
+from stream_infer.inference.watchdog import Watchdog
 from stream_infer.pipeline import ModelOutput, Pipeline, Serving
 from stream_infer.routing import Route
 from stream_infer.serde import FeatureDecoder
@@ -39,9 +41,18 @@ class FakePredictor:
         return self.fn(x)  # type: ignore[no-any-return]
 
 
-def make_pipeline(outputs: Sequence[ModelOutput] = (ModelOutput("risk", PRED),)) -> Pipeline:
+def make_pipeline(
+    outputs: Sequence[ModelOutput] = (ModelOutput("risk", PRED),), watchdog: Watchdog | None = None
+) -> Pipeline:
     decoder = FeatureDecoder(FEATURES, max_event_bytes=1024)
-    return Pipeline(decoder, outputs, dead_letter_topic=DLQ, shadow_topic=SHADOW, clock=lambda: NOW)
+    return Pipeline(
+        decoder,
+        outputs,
+        dead_letter_topic=DLQ,
+        shadow_topic=SHADOW,
+        clock=lambda: NOW,
+        watchdog=watchdog,
+    )
 
 
 def serving(route: Route, *predictors: FakePredictor, model: str = "risk") -> Serving:
@@ -341,3 +352,62 @@ def test_the_first_model_to_fail_an_event_names_the_reason(make_record: Any) -> 
     records = events(make_record, [1.0])
     result = pipeline.process(records, state)
     assert [(d.reason, d.record) for d in result.dead_letters] == [(serde.MODEL_FAILED, records[0])]
+
+
+def hangs_on_13(release: threading.Event) -> Fn:
+    """A model that blocks (until ``release``) on any batch holding the value 13."""
+
+    def model(x: npt.NDArray[np.float32]) -> Any:
+        if (x[:, 0] == 13).any():
+            release.wait()
+        return x[:, 0].astype(np.float64) * 2
+
+    return model
+
+
+def test_rows_that_make_the_model_hang_are_dead_lettered_and_the_rest_served(
+    make_record: Any,
+) -> None:
+    values = [float(i) for i in range(100, 120)]
+    values[4] = 13.0
+    release = threading.Event()
+    predictor = FakePredictor("risk", "v1", hangs_on_13(release))
+    records = events(make_record, values)
+    try:
+        result = make_pipeline(watchdog=Watchdog(0.1)).process(
+            records, serving(Route.single("v1"), predictor)
+        )
+    finally:
+        release.set()
+
+    assert [(d.reason, d.record) for d in result.dead_letters] == [
+        (serde.MODEL_TIMEOUT, records[4])
+    ]
+    assert "InferenceTimeout" in result.dead_letters[0].detail
+    assert "no answer within 0.1s" in result.dead_letters[0].detail
+    served = on(result, PRED)
+    assert [d["id"] for _, d in served] == [f"e{i}" for i in range(20) if i != 4]
+    assert all(d["prediction"] == values[int(d["id"][1:])] * 2 for _, d in served)
+    # One batch call that hung, then one call per row: a hang costs one timeout, not one per
+    # level of a bisection.
+    assert predictor.calls == [20] + [1] * 20
+
+
+def test_a_version_refused_for_hung_calls_dead_letters_at_once(make_record: Any) -> None:
+    release = threading.Event()
+    predictor = FakePredictor("risk", "v1", hangs_on_13(release))
+    pipeline = make_pipeline(watchdog=Watchdog(0.1, max_hung=2))
+    state = serving(Route.single("v1"), predictor)
+    try:
+        # The batch call hangs, then the retry of row 1 alone: two hung calls, the cap.
+        first = pipeline.process(events(make_record, [1.0, 13.0, 2.0]), state)
+        later = pipeline.process(events(make_record, [3.0, 4.0], prefix="x"), state)
+    finally:
+        release.set()
+
+    assert [d.reason for d in first.dead_letters] == [serde.MODEL_TIMEOUT] * 2
+    assert [d["id"] for _, d in on(first, PRED)] == ["e0"]
+    assert "earlier calls are still hung" in first.dead_letters[1].detail
+    assert [d.reason for d in later.dead_letters] == [serde.MODEL_TIMEOUT] * 2
+    assert on(later, PRED) == []
+    assert predictor.calls == [3, 1, 1]  # nothing more was even tried

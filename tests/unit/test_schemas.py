@@ -251,7 +251,7 @@ def test_dead_letters_from_the_model_validate(
 def test_every_reason_has_a_valid_dead_letter(
     validators: dict[str, Draft202012Validator], make_record: Any
 ) -> None:
-    """Including model_timeout, which no code emits yet, and a record with no origin."""
+    """Every reason code, and a record with no origin."""
     record = make_record(None, None, topic=None, partition=None, offset=None)
     for reason in serde.REASONS:
         doc = orjson.loads(encode_dead_letter(DeadLetter(reason, "detail", record)))
