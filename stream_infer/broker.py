@@ -57,6 +57,9 @@ class EmbeddedBroker:
     """Runs tansu on loopback. Use as a context manager; it stops the broker on exit.
 
     Arguments beyond the port pass through to ``tansu broker`` (TLS and authentication flags).
+    ``advertised`` ("host:port") is the address the broker tells clients to connect to, when
+    that is not its own listener: a proxy in front of it, such as the TLS and SASL front the
+    security tests put before tansu 0.6.0, whose own TLS and SCRAM cannot be used.
     """
 
     def __init__(
@@ -64,12 +67,14 @@ class EmbeddedBroker:
         port: int = 0,
         *,
         host: str = "127.0.0.1",
+        advertised: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
         start_timeout_s: float = 15.0,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.advertised = advertised
         self.extra_args = extra_args
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
@@ -91,7 +96,7 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine",
             "memory://tansu/",
             *self.extra_args,

@@ -79,9 +79,18 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Setup:
     """One test's topology (unique topics and group), its files, and helpers around them."""
 
-    def __init__(self, bootstrap: str, tmp: Path, **overrides: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        tmp: Path,
+        *,
+        client_conf: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         self.bootstrap = bootstrap
         self.tmp = tmp
+        # Merged into every client these helpers create: security settings for a secured broker.
+        self.client_conf: dict[str, Any] = dict(client_conf or {})
         suffix = uuid.uuid4().hex[:8]
         self.doc: dict[str, Any] = {
             "name": f"it-{suffix}",
@@ -131,12 +140,22 @@ class Setup:
     def topics(self) -> Any:
         return self.topology.topics
 
-    def start_worker(self, web_port: int | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, web_port: int | None = None, log_level: str = "info"
+    ) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(web_port or free_port())
         log_file = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_infer", "worker", str(self.path)],
+            [
+                sys.executable,
+                "-m",
+                "stream_infer",
+                "--log-level",
+                log_level,
+                "worker",
+                str(self.path),
+            ],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -151,7 +170,9 @@ class Setup:
         )
 
     def produce(self, items: list[tuple[bytes | None, bytes]], topic: str | None = None) -> None:
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "linger.ms": 5} | self.client_conf
+        )
         for key, value in items:
             producer.produce(topic or self.topics.input, value, key)
             producer.poll(0)
@@ -164,6 +185,7 @@ class Setup:
                 "group.id": "it-reader",
                 "enable.auto.commit": False,
             }
+            | self.client_conf
         )
         assign_all(consumer, list(topics), from_beginning=True)
         return consumer
@@ -210,7 +232,10 @@ class Setup:
 
     def committed(self, topic: str) -> int:
         """The sum over a topic's partitions of the workers' group's committed offsets."""
-        group = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.topology.group_id})
+        group = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": self.topology.group_id}
+            | self.client_conf
+        )
         try:
             meta = group.list_topics(topic, timeout=10).topics[topic]
             parts = [TopicPartition(topic, p) for p in meta.partitions]
