@@ -99,6 +99,11 @@ class Metrics:
         self.in_flight = Gauge(
             "stream_infer_batches_in_flight", "Batches consumed and not yet committed", registry=r
         )
+        self.source_backpressure_seconds = Counter(
+            "stream_infer_source_backpressure_seconds_total",
+            "Time the consumer thread paused, every in-flight slot taken (backpressure)",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "stream_infer_consumer_lag",
             "Records behind the end of the input partitions",

@@ -4,6 +4,7 @@ One thread owns the confluent-kafka consumer. It fills a :class:`MicroBatcher` a
 closed batch to a callback (the runtime puts it on a faust channel: one item per batch, not
 per event). At most ``max_in_flight`` batches may be handed over and not yet done; past that
 the thread stops fetching, which is the backpressure (librdkafka's prefetch is bounded too).
+The time it spends waiting for a free slot is reported to ``on_backpressure`` (seconds).
 
 Offsets: a batch's offsets are stored only when :meth:`BatchSource.done` is called, which the
 runtime does after every record the batch produced is acknowledged. librdkafka commits stored
@@ -60,6 +61,7 @@ class BatchSource:
         hand_off: Callable[[SourceBatch], None],
         drain_timeout_s: float = 30.0,
         on_assignment: Callable[[list[tuple[str, int]]], None] | None = None,
+        on_backpressure: Callable[[float], None] | None = None,
     ) -> None:
         self._conf = conf
         self.topics = topics
@@ -67,6 +69,7 @@ class BatchSource:
         self._hand_off = hand_off
         self.drain_timeout_s = drain_timeout_s
         self._on_assignment = on_assignment
+        self._on_backpressure = on_backpressure
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
         self._in_flight = 0
@@ -165,14 +168,26 @@ class BatchSource:
             self._send(closed)
 
     def _send(self, records: list[Message]) -> None:
-        while not self._slots.acquire(timeout=0.1):
-            if self._stopping.is_set():
-                return  # not handed off, not stored: re-read after restart
+        if not self._slots.acquire(blocking=False):
+            # Every slot is taken: consumption pauses here until a batch is done (the pause is
+            # reported as it goes, so a long one shows while it lasts).
+            since = time.monotonic()
+            while not self._slots.acquire(timeout=0.1):
+                since = self._paused(since)
+                if self._stopping.is_set():
+                    return  # not handed off, not stored: re-read after restart
+            self._paused(since)
         with self._idle:
             self._in_flight += 1
         offsets = next_offsets(records)
         self._positions.update(offsets)
         self._hand_off(SourceBatch(records, offsets))
+
+    def _paused(self, since: float) -> float:
+        now = time.monotonic()
+        if self._on_backpressure is not None:
+            self._on_backpressure(now - since)
+        return now
 
     def _measure_lag(self, consumer: Consumer) -> None:
         self._lag_due = time.monotonic() + self.lag_interval_s

@@ -137,7 +137,11 @@ class InferenceRuntime:
             on_assignment=lambda parts: self.metrics.assigned_partitions.set(
                 sum(1 for topic, _ in parts if topic == topo.topics.input)
             ),
+            on_backpressure=self.metrics.source_backpressure_seconds.inc,
         )
+        # Read at scrape time: the batches handed over and not yet done, as they are now.
+        source = self.source
+        self.metrics.in_flight.set_function(lambda: source.in_flight)
         if self.learning is not None:
             self.learning.start()
         self.source.start()
@@ -366,4 +370,3 @@ class InferenceRuntime:
             await ticket.delivered()
             self.metrics.delivery_seconds.observe(time.monotonic() - ticket.sent_at)
             self.source.done(batch)
-            self.metrics.in_flight.set(self.source.in_flight)

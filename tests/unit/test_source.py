@@ -1,0 +1,75 @@
+"""BatchSource's backpressure, without a broker: at most max_in_flight batches handed over, and
+the time the consumer thread waits for a free slot reported as it goes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+from confluent_kafka import Message
+
+from stream_infer.io.source import BatchSource, SourceBatch
+
+
+class _Record:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def _records(offset: int) -> list[Message]:
+    return [cast(Any, _Record(offset))]
+
+
+def test_a_full_source_pauses_until_a_batch_is_done_and_reports_the_pause() -> None:
+    handed: list[SourceBatch] = []
+    paused: list[float] = []
+    source = BatchSource(
+        {},
+        ["in"],
+        max_batch_size=1,
+        max_wait_ms=1,
+        max_in_flight=2,
+        hand_off=handed.append,
+        on_backpressure=paused.append,
+    )
+    source._send(_records(0))
+    source._send(_records(1))
+    assert source.in_flight == 2 and paused == []  # free slots: no pause
+
+    third = threading.Thread(target=source._send, args=(_records(2),))
+    started = time.monotonic()
+    third.start()
+    time.sleep(0.35)
+    assert len(handed) == 2 and source.in_flight == 2  # paused: not handed over
+    assert 0.1 <= sum(paused) <= time.monotonic() - started  # reported while it lasts
+    source.done(handed[0])
+    third.join(2.0)
+    waited = time.monotonic() - started
+    assert not third.is_alive()
+    assert len(handed) == 3 and source.in_flight == 2
+    assert 0.25 <= sum(paused) <= waited
+    assert handed[2].offsets == {("in", 0): 3}
+
+
+def test_a_stopping_source_gives_up_waiting_for_a_slot() -> None:
+    handed: list[SourceBatch] = []
+    source = BatchSource(
+        {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=1, hand_off=handed.append
+    )
+    source._send(_records(0))
+    waiting = threading.Thread(target=source._send, args=(_records(1),))
+    waiting.start()
+    source._stopping.set()
+    waiting.join(2.0)
+    assert not waiting.is_alive()
+    assert len(handed) == 1 and source.in_flight == 1
