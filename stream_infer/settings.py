@@ -58,6 +58,10 @@ class KafkaSettings(_Frozen):
     extra: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="further librdkafka properties, passed through"
     )
+    producer_extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="librdkafka properties for the workers' producer only, applied after extra",
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:

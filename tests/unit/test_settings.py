@@ -12,6 +12,7 @@ import yaml
 
 from stream_infer.errors import ConfigError
 from stream_infer.examples import phishing
+from stream_infer.io.clients import consumer_config, producer_config
 from stream_infer.settings import load_topology, parse_topology
 
 TOPOLOGIES = Path(__file__).resolve().parents[2] / "topologies"
@@ -372,3 +373,29 @@ def test_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_topology(path, env={})
     assert str(info.value) == f"{path}: cannot read topology file: No such file or directory"
+
+
+def test_producer_extra_reaches_the_producer_only() -> None:
+    topo = parse_topology(
+        minimal(
+            kafka={
+                "extra": {"message.timeout.ms": 60_000, "linger.ms": 1},
+                "producer_extra": {"message.timeout.ms": 1500, "enable.idempotence": False},
+            }
+        ),
+        env={},
+    )
+    producer = producer_config(topo.kafka)
+    assert producer["message.timeout.ms"] == 1500  # after extra
+    assert producer["enable.idempotence"] is False  # over the built-in default
+    assert producer["linger.ms"] == 1
+    consumer = consumer_config(topo.kafka, "g")
+    assert consumer["message.timeout.ms"] == 60_000
+    assert "enable.idempotence" not in consumer
+    assert "enable.idempotence" not in topo.kafka.librdkafka()
+
+
+def test_producer_extra_values_are_validated() -> None:
+    assert "kafka.producer_extra" in config_error(
+        minimal(kafka={"producer_extra": {"message.timeout.ms": [1, 2]}})
+    )

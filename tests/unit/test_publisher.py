@@ -1,0 +1,167 @@
+"""The publisher: failed deliveries are produced again, counted, and hold their batch's ticket.
+
+A batch's input offsets are committed only once its ticket completes, so a ticket that
+completed with a record still undelivered would be a lost record after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from stream_infer.broker import free_port
+from stream_infer.events import OutRecord
+from stream_infer.io import publisher as publisher_module
+from stream_infer.io.publisher import Publisher, Ticket
+
+Delivery = Callable[[KafkaError | None, Any], None]
+
+
+class FakeMessage:
+    def __init__(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self._topic, self._key, self._value = topic, key, value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+
+class FakeProducer:
+    """Delivers on poll(); while the "broker" is down, records whose value is in `failing`
+    fail with a message timeout, as librdkafka reports them."""
+
+    last: FakeProducer | None = None
+
+    def __init__(self, _conf: dict[str, Any]) -> None:
+        self.failing: set[bytes] = set()
+        self.down = threading.Event()
+        self.produced: Counter[bytes] = Counter()
+        self.acked: Counter[bytes] = Counter()
+        self._queue: list[tuple[FakeMessage, Delivery]] = []
+        self._lock = threading.Lock()
+        FakeProducer.last = self
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Delivery) -> None:
+        with self._lock:
+            self.produced[value] += 1
+            self._queue.append((FakeMessage(topic, key, value), on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        with self._lock:
+            queued, self._queue = self._queue, []
+        for msg, on_delivery in queued:
+            if self.down.is_set() and msg.value() in self.failing:
+                on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), msg)
+            else:
+                self.acked[msg.value()] += 1
+                on_delivery(None, msg)
+        if not queued:
+            time.sleep(timeout)
+        return len(queued)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeProducer]]:
+    monkeypatch.setattr(publisher_module, "Producer", FakeProducer)
+    yield FakeProducer
+    FakeProducer.last = None
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_failed_delivery_is_produced_again_and_holds_the_ticket_until_acked(
+    fake: type[FakeProducer],
+) -> None:
+    retries: list[tuple[str, str]] = []
+    pub = Publisher({}, retry_backoff_s=0.02, on_retry=lambda t, e: retries.append((t, e)))
+    producer = fake.last
+    assert producer is not None
+    producer.failing = {b"b"}
+    producer.down.set()
+    ticket = Ticket()
+    records = [OutRecord("preds", b"k", v) for v in (b"a", b"b", b"c")]
+    try:
+        pub.publish(records, ticket)
+        _wait_for(lambda: len(retries) >= 3)  # b failed, was produced again, failed again...
+        assert producer.acked == Counter({b"a": 1, b"c": 1})
+        assert producer.produced[b"b"] >= 3
+        assert not ticket.done, "the ticket completed with a record undelivered"
+        assert ticket.pending == 1
+        assert len(pub) >= 1
+        producer.down.clear()
+        assert ticket.wait(5.0)
+        assert producer.acked == Counter({b"a": 1, b"b": 1, b"c": 1})
+        assert ticket.failures == len(retries) >= 3
+        assert set(retries) == {("preds", "_MSG_TIMED_OUT")}
+        assert len(pub) == 0
+    finally:
+        assert pub.close(timeout_s=1.0) == 0
+
+
+def test_the_ticket_resolves_on_the_event_loop_only_after_every_retry_succeeds(
+    fake: type[FakeProducer],
+) -> None:
+    async def scenario() -> None:
+        pub = Publisher({}, retry_backoff_s=0.02)
+        producer = fake.last
+        assert producer is not None
+        producer.failing = {b"x", b"y"}
+        producer.down.set()
+        ticket = Ticket(asyncio.get_running_loop())
+        pub.publish([OutRecord("preds", None, v) for v in (b"x", b"y", b"z")], ticket)
+        waiter = asyncio.ensure_future(ticket.delivered())
+        await asyncio.sleep(0.3)
+        assert not waiter.done()
+        producer.down.clear()
+        await asyncio.wait_for(waiter, 5.0)
+        assert producer.acked == Counter({b"x": 1, b"y": 1, b"z": 1})
+        assert ticket.failures >= 2
+        assert pub.close(timeout_s=1.0) == 0
+
+    asyncio.run(scenario())
+
+
+def test_real_delivery_timeouts_are_retried_and_counted_and_never_complete_the_ticket() -> None:
+    """librdkafka itself fails the deliveries: no broker listens at the bootstrap address."""
+    retries: list[tuple[str, str]] = []
+    conf = {
+        "bootstrap.servers": f"127.0.0.1:{free_port()}",
+        "message.timeout.ms": 50,
+        "logger": logging.getLogger("librdkafka"),
+        "log_level": 0,
+    }
+    pub = Publisher(conf, retry_backoff_s=0.05, on_retry=lambda t, e: retries.append((t, e)))
+    ticket = Ticket()
+    pub.publish([OutRecord("preds", b"k", b"1"), OutRecord("preds", b"k", b"2")], ticket)
+    try:
+        _wait_for(lambda: len(retries) >= 4)  # each record failed, was re-produced, failed again
+        assert set(retries) == {("preds", "_MSG_TIMED_OUT")}
+        assert not ticket.done
+        assert ticket.pending == 2
+        assert ticket.failures >= 4
+    finally:
+        left = pub.close(timeout_s=0.3)
+    assert left == 2, "undelivered records must be reported at shutdown, not dropped"
+    assert not ticket.done
