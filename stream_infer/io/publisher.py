@@ -4,6 +4,14 @@ Each batch gets a :class:`Ticket`. A dedicated thread polls the producer, which 
 delivery callbacks; a record whose delivery fails is produced again after a back-off, for as
 long as it takes. A ticket is complete only when all its records are acknowledged, and only
 then may the batch's input offsets be committed.
+
+Some failures mean the producer itself can no longer deliver: a fatal error, or an idempotent
+producer whose identity the broker refuses (fenced, unknown, out of sequence). Retrying on it
+would retry forever, so the poll thread replaces it with a new producer and purges the old
+one; the purged records come back through their callbacks and are produced again on the new
+one. (Seen on the embedded broker: once a message timed out, every later delivery of that
+producer fails with PRODUCER_FENCED. librdkafka's advice for a fatal error is the same: make a
+new producer.)
 """
 
 from __future__ import annotations
@@ -21,6 +29,19 @@ from confluent_kafka import KafkaError, Message, Producer
 from stream_infer.events import OutRecord
 
 log = logging.getLogger(__name__)
+
+_RETIRED_GRACE_S = 5.0
+# Errors after which this producer instance will not deliver again.
+_BROKEN_PRODUCER = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
 
 
 class Ticket:
@@ -85,8 +106,16 @@ class Publisher:
         *,
         retry_backoff_s: float = 0.5,
         on_retry: Callable[[str, str], None] | None = None,
+        rebuild_interval_s: float = 1.0,
     ) -> None:
+        self._conf = conf
         self._producer = Producer(conf)
+        # Replaced producers (and when), polled and purged until their queues are empty.
+        self._retired: list[tuple[float, Producer]] = []
+        self._broken = threading.Event()
+        self._rebuilt_at = 0.0
+        self.rebuild_interval_s = rebuild_interval_s
+        self.rebuilds = 0
         self.retry_backoff_s = retry_backoff_s
         self._on_retry = on_retry
         self._retries: deque[tuple[float, OutRecord, Ticket]] = deque()
@@ -107,6 +136,8 @@ class Publisher:
                 ticket._acked()
                 return
             ticket.failures += 1
+            if err.code() in _BROKEN_PRODUCER or err.fatal():
+                self._broken.set()
             topic = msg.topic() or ""
             retry = OutRecord(topic, msg.key(), msg.value() or b"")
             self._retries.append((time.monotonic() + self.retry_backoff_s, retry, ticket))
@@ -131,9 +162,12 @@ class Publisher:
                 time.sleep(0.005)
 
     def _poll_loop(self) -> None:
-        while not self._stopping.is_set() or len(self._producer) or self._retries:
+        while not self._stopping.is_set() or len(self):
             self._producer.poll(0.05)
+            self._poll_retired()
             now = time.monotonic()
+            if self._broken.is_set() and now - self._rebuilt_at >= self.rebuild_interval_s:
+                self._rebuild(now)
             while self._retries and self._retries[0][0] <= now:
                 _, record, ticket = self._retries.popleft()
                 self._produce(record.topic, record.value, record.key, self._callback(ticket))
@@ -142,16 +176,42 @@ class Publisher:
 
     _stop_deadline = 0.0
 
+    def _rebuild(self, now: float) -> None:
+        """Replace a producer that can no longer deliver (poll thread only)."""
+        self._broken.clear()
+        self._rebuilt_at = now
+        old, self._producer = self._producer, Producer(self._conf)
+        self._retired.append((now, old))
+        self.rebuilds += 1
+        log.error(
+            "the producer can no longer deliver (fatal error or fenced); replaced it "
+            "(%d records to produce again)",
+            len(old),
+        )
+
+    def _poll_retired(self) -> None:
+        """Purge what the replaced producers still hold: their callbacks queue it for a retry
+        on the new producer. A record that another thread produced on one of them just after
+        the swap is caught by a later purge: a replaced producer is kept for a grace period."""
+        now = time.monotonic()
+        for entry in list(self._retired):
+            retired_at, old = entry
+            old.purge()
+            old.poll(0)
+            if len(old) == 0 and now - retired_at > _RETIRED_GRACE_S:
+                self._retired.remove(entry)
+
     def close(self, timeout_s: float = 30.0) -> int:
         """Deliver what is queued (up to the timeout), stop polling; return records left."""
         self._stop_deadline = time.monotonic() + timeout_s
         self._stopping.set()
         self._thread.join(timeout_s + 1.0)
-        left = len(self._producer) + len(self._retries)
+        left = len(self)
         if left:
             log.error("%d records were not delivered before shutdown", left)
         return left
 
     def __len__(self) -> int:
-        """Records queued in the producer or waiting for a retry."""
-        return len(self._producer) + len(self._retries)
+        """Records queued in the producers or waiting for a retry."""
+        retired = sum(len(old) for _, old in self._retired)
+        return len(self._producer) + retired + len(self._retries)

@@ -22,10 +22,12 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_infer.broker import EmbeddedBroker, free_port
+from stream_infer.events import OutRecord
 from stream_infer.examples import phishing
-from stream_infer.io.clients import consume_ready
+from stream_infer.io.clients import consume_ready, ensure_topics, producer_config
+from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.loadgen import OpenLoopProducer
-from stream_infer.settings import bootstrap_for_tests, docker_requested
+from stream_infer.settings import KafkaSettings, bootstrap_for_tests, docker_requested
 from tests.integration.conftest import Setup, good_events
 
 FREEZE_S = 20.0
@@ -463,3 +465,44 @@ def test_failed_prediction_deliveries_are_retried_and_never_committed_past(
         f"and committed {time.monotonic() - opened:.1f} s after the gate opened; "
         f"{duplicates} duplicates; {time.monotonic() - started:.1f} s"
     )
+
+
+def test_a_producer_the_broker_fences_after_a_timeout_is_replaced_and_delivers(
+    own_broker: EmbeddedBroker,
+) -> None:
+    """tansu fences an idempotent producer once one of its messages timed out: without a new
+    producer every later delivery fails (PRODUCER_FENCED) and the worker never commits again."""
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap_servers)
+    topic = f"fence-{os.getpid()}-{time.monotonic_ns()}"
+    ensure_topics(kafka, [topic], partitions=2, replication_factor=1)
+    errors: Counter[str] = Counter()
+    pub = Publisher(
+        producer_config(kafka, **{"message.timeout.ms": 1000}),
+        retry_backoff_s=0.1,
+        on_retry=lambda _topic, err: errors.update([err]),
+    )
+    try:
+        before = Ticket()
+        pub.publish([OutRecord(topic, None, f"a{i}".encode()) for i in range(100)], before)
+        assert before.wait(15)
+        own_broker.pause()
+        during = Ticket()
+        pub.publish([OutRecord(topic, None, f"b{i}".encode()) for i in range(100)], during)
+        time.sleep(2.5)  # past message.timeout.ms: the records time out
+        own_broker.resume()
+        assert during.wait(30), f"never delivered after the freeze; delivery errors: {errors}"
+        assert errors["_MSG_TIMED_OUT"] > 0
+        print(f"delivery errors: {dict(errors)}, producers replaced: {pub.rebuilds}")
+    finally:
+        assert pub.close(timeout_s=5) == 0
+    reader = Consumer({"bootstrap.servers": own_broker.bootstrap_servers, "group.id": "fence"})
+    try:
+        parts = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        reader.assign([TopicPartition(topic, p, 0) for p in parts])
+        seen: set[bytes] = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 200 and time.monotonic() < deadline:
+            seen.update(m.value() or b"" for m in consume_ready(reader, 500, 0.5) if not m.error())
+    finally:
+        reader.close()
+    assert seen == {f"{c}{i}".encode() for c in "ab" for i in range(100)}

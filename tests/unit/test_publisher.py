@@ -46,6 +46,7 @@ class FakeProducer:
     last: FakeProducer | None = None
 
     def __init__(self, _conf: dict[str, Any]) -> None:
+        self.fenced = False  # every delivery fails as from a producer the broker fenced
         self.failing: set[bytes] = set()
         self.down = threading.Event()
         self.produced: Counter[bytes] = Counter()
@@ -63,7 +64,9 @@ class FakeProducer:
         with self._lock:
             queued, self._queue = self._queue, []
         for msg, on_delivery in queued:
-            if self.down.is_set() and msg.value() in self.failing:
+            if self.fenced:
+                on_delivery(KafkaError(KafkaError.PRODUCER_FENCED), msg)
+            elif self.down.is_set() and msg.value() in self.failing:
                 on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), msg)
             else:
                 self.acked[msg.value()] += 1
@@ -71,6 +74,12 @@ class FakeProducer:
         if not queued:
             time.sleep(timeout)
         return len(queued)
+
+    def purge(self) -> None:
+        with self._lock:
+            queued, self._queue = self._queue, []
+        for msg, on_delivery in queued:
+            on_delivery(KafkaError(KafkaError._PURGE_QUEUE), msg)
 
     def __len__(self) -> int:
         with self._lock:
@@ -165,3 +174,31 @@ def test_real_delivery_timeouts_are_retried_and_counted_and_never_complete_the_t
         left = pub.close(timeout_s=0.3)
     assert left == 2, "undelivered records must be reported at shutdown, not dropped"
     assert not ticket.done
+
+
+def test_a_producer_that_can_no_longer_deliver_is_replaced_and_its_records_delivered(
+    fake: type[FakeProducer],
+) -> None:
+    retries: list[tuple[str, str]] = []
+    pub = Publisher(
+        {},
+        retry_backoff_s=0.02,
+        rebuild_interval_s=0.05,
+        on_retry=lambda t, e: retries.append((t, e)),
+    )
+    first = fake.last
+    assert first is not None
+    first.fenced = True
+    ticket = Ticket()
+    values = [f"r{i}".encode() for i in range(50)]
+    try:
+        pub.publish([OutRecord("preds", None, v) for v in values], ticket)
+        assert ticket.wait(5.0), "the records were never delivered"
+        second = fake.last
+        assert second is not None and second is not first
+        assert pub.rebuilds >= 1
+        assert second.acked == Counter(dict.fromkeys(values, 1))  # each one, once
+        assert first.acked == Counter()
+        assert ("preds", "PRODUCER_FENCED") in retries
+    finally:
+        assert pub.close(timeout_s=1.0) == 0
