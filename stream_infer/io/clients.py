@@ -31,10 +31,10 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 5),
         # Bound what librdkafka prefetches: backpressure must not turn into unbounded memory.
         "queued.max.messages.kbytes": 16 * 1024,
-        # Let the broker gather records for up to 10 ms rather than answer every fetch with a
-        # handful: far fewer requests for the broker to serve at a small latency cost.
+        # A fetch that finds no data waits at most 10 ms (librdkafka's default is 500 ms, and
+        # tansu answers a waiting fetch only at its deadline). fetch.min.bytes stays at its
+        # default (1 byte): 64 KiB was measured to double tansu's CPU and raise the p99.
         "fetch.wait.max.ms": 10,
-        "fetch.min.bytes": 64 * 1024,
     }
     return conf | kafka.extra | overrides
 
