@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -24,6 +25,7 @@ import orjson
 import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
@@ -267,6 +269,46 @@ def make_setup(bootstrap: str, tmp_path: Path) -> Iterator[Any]:
     yield make
     for setup in made:
         setup.stop()
+
+
+def metrics_text(port: int, timeout_s: float = 5.0) -> str:
+    """A worker's /metrics page. Raises OSError while its web server does not answer."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+        return str(r.read().decode())
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (0.0 when none).
+
+    Raises OSError while the worker's web server does not answer."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text(port))
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
+    """:func:`metric`, or 0.0 while the worker's web server does not answer (yet)."""
+    try:
+        return metric(port, name, **labels)
+    except OSError:
+        return 0.0
+
+
+def wait_ready(port: int, timeout_s: float = 60.0) -> None:
+    """Wait until the worker on ``port`` answers /readyz with 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"worker on port {port} not ready after {timeout_s}s")
 
 
 def good_events(n: int, prefix: str = "e") -> list[tuple[bytes | None, bytes]]:

@@ -15,7 +15,6 @@ import base64
 import random
 import re
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from stream_infer import serde
 from stream_infer.examples import phishing
 from stream_infer.examples.phishing import FEATURES
-from tests.integration.conftest import Setup
+from tests.integration.conftest import Setup, metrics_text
 
 SEED = 20_261
 N_GOOD = 10_000
@@ -289,8 +288,7 @@ def _raw(letter: dict[str, Any]) -> bytes:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = metrics_text(port)
     return {
         m[1]: float(m[2])
         for m in re.finditer(r"^(stream_infer_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)

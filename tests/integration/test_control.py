@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import shutil
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream_infer.broker import free_port
 from stream_infer.controller import Controller, new_command
 from stream_infer.loadgen import OpenLoopProducer
-from tests.integration.conftest import MODELS, Setup, good_events
-
-
-def _metric(port: int, name: str) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    return sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
-    )
+from tests.integration.conftest import MODELS, Setup, good_events, scrape
 
 
 def start_group(setup: Setup, n: int = 2) -> list[int]:
@@ -36,7 +23,7 @@ def start_group(setup: Setup, n: int = 2) -> list[int]:
         setup.start_worker(web_port=port)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        owned = [_metric(p, "stream_infer_assigned_partitions") for p in ports]
+        owned = [scrape(p, "stream_infer_assigned_partitions") for p in ports]
         if sum(owned) == 4 and all(owned):
             return ports
         time.sleep(0.5)
@@ -228,7 +215,7 @@ def test_a_restarted_worker_rebuilds_the_same_routing(make_setup: Any) -> None:
     # Commands sent while a worker starts are part of the log it replays, not answered: wait
     # until it serves before asking.
     deadline = time.monotonic() + 60
-    while _metric(port, "stream_infer_ready") != 1.0 and time.monotonic() < deadline:
+    while scrape(port, "stream_infer_ready") != 1.0 and time.monotonic() < deadline:
         time.sleep(0.3)
     acks = command(ctl, "status")
     ctl.close()

@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from stream_infer.io.clients import consume_ready, ensure_topics, producer_confi
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.loadgen import OpenLoopProducer
 from stream_infer.settings import KafkaSettings, bootstrap_for_tests, docker_requested
-from tests.integration.conftest import Setup, good_events
+from tests.integration.conftest import Setup, good_events, metric, scrape
 
 FREEZE_S = 20.0
 
@@ -173,25 +172,6 @@ def uncommitted_served(
         (p, o) for (p, o), i in ids.items() if o < committed.get(p, 0) and i not in served
     )
     return again, past
-
-
-def metric(port: int, name: str) -> float:
-    """The sum of a metric's samples (all label sets) on a worker's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " "))
-    )
-
-
-def scrape(port: int, name: str) -> float:
-    """metric(), or 0 while the worker's web server is not up yet."""
-    try:
-        return metric(port, name)
-    except OSError:
-        return 0.0
 
 
 def endless_events(prefix: str = "e") -> Iterator[tuple[bytes, bytes]]:

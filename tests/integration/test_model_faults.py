@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream_infer.examples import phishing
 from stream_infer.inference.store import save_state_dict
-from tests.integration.conftest import good_events
+from tests.integration.conftest import good_events, metric, wait_ready
 from tests.integration.faulty_models import HANGS, NAN, RAISES, Faulty
-from tests.integration.test_serving import _wait_ready
 
 TIMEOUT_S = 0.5
 MAX_HUNG = 6
@@ -47,17 +45,6 @@ def _events(kind: str, value: float, n: int) -> list[tuple[bytes | None, bytes]]
     return out
 
 
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
 def _health(port: int) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
@@ -78,7 +65,7 @@ def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
     )
     port = setup.doc["worker"]["web_port"]
     worker = setup.start_worker(web_port=port)
-    _wait_ready(port)
+    wait_ready(port)
 
     good = good_events(3000)
     faulty = {"raises": _events("raises", RAISES, 3), "nan": _events("nan", NAN, 3)}
@@ -105,9 +92,9 @@ def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
     # A hanging event costs the timeout of its batch's call and of its own retry (one, if it
     # was alone in its batch): 2 to 4 threads are still hung (they sleep for an hour). That is
     # below the cap, so the worker is healthy.
-    hung = _metric(port, "stream_infer_hung_inference_calls")
+    hung = metric(port, "stream_infer_hung_inference_calls")
     assert 2 <= hung <= 4
-    assert _metric(port, "stream_infer_inference_timeouts_total") == hung
+    assert metric(port, "stream_infer_inference_timeouts_total") == hung
     assert _health(port) == (200, {"ok": True, "problems": []})
 
     # More hanging events, one at a time, until the version is refused and /healthz fails.
@@ -117,7 +104,7 @@ def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
         setup.produce(_events(f"more{sent}", HANGS, 1))
         sent += 1
         deadline = time.monotonic() + 10
-        while (now := _metric(port, "stream_infer_hung_inference_calls")) <= hung:
+        while (now := metric(port, "stream_infer_hung_inference_calls")) <= hung:
             assert time.monotonic() < deadline, "a hanging event was not timed out"
             time.sleep(0.1)
         hung = now

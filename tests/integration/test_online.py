@@ -4,29 +4,14 @@ prequential metrics, ADWIN drift events and a policy acting through the control 
 from __future__ import annotations
 
 import time
-import urllib.request
 from typing import Any
 
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 from river import compose, datasets, evaluate, linear_model, metrics, preprocessing
 
 from stream_infer.controller import Controller, new_command
-from tests.integration.conftest import good_events
+from tests.integration.conftest import good_events, metric, scrape
 from tests.integration.test_control import start_group
-
-
-def _metric_value(port: int, name: str, **labels: str) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
 
 
 def test_prequential_accuracy_through_kafka_equals_river_progressive_validation(
@@ -50,18 +35,13 @@ def test_prequential_accuracy_through_kafka_equals_river_progressive_validation(
     deadline = time.monotonic() + 60
     learned = 0.0
     while time.monotonic() < deadline:
-        learned = (
-            _metric_value(
-                port, "stream_infer_learner_learned_total", model="risk", version="online"
-            )
-            or 0.0
-        )
+        learned = scrape(port, "stream_infer_learner_learned_total", model="risk", version="online")
         if learned >= len(rows):
             break
         time.sleep(0.5)
     assert learned == len(rows)
     time.sleep(1.5)  # the prequential gauges are exported every second
-    ours = _metric_value(
+    ours = metric(
         port, "stream_infer_prequential", model="risk", version="online", metric="accuracy"
     )
     model = compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
@@ -69,10 +49,8 @@ def test_prequential_accuracy_through_kafka_equals_river_progressive_validation(
     print(f"prequential accuracy: stream-infer {ours:.6f}, river {reference.get():.6f}")
     assert ours == reference.get()
     # The torch version that served every event is scored on the same labels.
-    served = _metric_value(
-        port, "stream_infer_prequential", model="risk", version="v1", metric="accuracy"
-    )
-    assert served is not None and 0.8 < served <= 1.0
+    served = metric(port, "stream_infer_prequential", model="risk", version="v1", metric="accuracy")
+    assert 0.8 < served <= 1.0
 
 
 def test_a_policy_rolls_back_a_canary_whose_error_drifts_up(make_setup: Any) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream_infer.examples import phishing
 from stream_infer.loadgen import OpenLoopProducer
-from tests.integration.conftest import Setup
+from tests.integration.conftest import Setup, metrics_text
 
 MAX_BATCH_SIZE = 16  # small batches: a low saturation, so that twice it is cheap to offer
 MAX_WAIT_MS = 5
@@ -110,8 +109,7 @@ class Histograms:
 
 
 def _scrape(port: int) -> tuple[dict[str, float], Histograms]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = metrics_text(port)
     values: dict[str, float] = {}
     buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):

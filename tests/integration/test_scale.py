@@ -9,8 +9,7 @@ from typing import Any
 
 from stream_infer.broker import free_port
 from stream_infer.loadgen import OpenLoopProducer
-from tests.integration.conftest import Setup, good_events
-from tests.integration.test_control import _metric
+from tests.integration.conftest import Setup, good_events, scrape
 
 PARTITIONS = 8
 
@@ -20,7 +19,7 @@ def _settle(setup: Setup, ports: list[int], timeout_s: float = 120) -> list[floa
     deadline = time.monotonic() + timeout_s
     owned: list[float] = []
     while time.monotonic() < deadline:
-        owned = [_metric(p, "stream_infer_assigned_partitions") for p in ports]
+        owned = [scrape(p, "stream_infer_assigned_partitions") for p in ports]
         if sum(owned) == PARTITIONS and all(owned):
             return owned
         time.sleep(0.5)

@@ -12,20 +12,7 @@ from typing import Any
 import orjson
 
 from stream_infer.examples.phishing import FEATURES
-from tests.integration.conftest import good_events
-
-
-def _wait_ready(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"worker on port {port} not ready after {timeout_s}s")
+from tests.integration.conftest import good_events, wait_ready
 
 
 def test_every_event_gets_exactly_one_prediction_stamped_with_its_version(make_setup: Any) -> None:
@@ -145,7 +132,7 @@ def test_health_readiness_and_metrics_endpoints(make_setup: Any) -> None:
     setup = make_setup()
     port = setup.doc["worker"]["web_port"]
     setup.start_worker(web_port=port)
-    _wait_ready(port)
+    wait_ready(port)
     setup.produce([*good_events(100), (b"bad", b"junk")])
     setup.collect(setup.topics.predictions, until=100)
     time.sleep(0.5)
