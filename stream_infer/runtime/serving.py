@@ -291,6 +291,11 @@ class InferenceRuntime:
         """Apply one live command off the serving path, then acknowledge it on the acks topic."""
         loop = asyncio.get_running_loop()
         cmd, error = await loop.run_in_executor(self.loader, self._apply, raw)
+        if error is None:
+            # A batch that read the old snapshot may still be on the inference thread. That
+            # thread runs batches in order, so once a no-op has run there, every batch served
+            # by the old routing is done: what the ack promises is then true of everything after.
+            await loop.run_in_executor(self.executor, _barrier)
         acks = self.topology.topics.acks
         if acks is None or self.publisher is None:
             return
@@ -370,3 +375,7 @@ class InferenceRuntime:
             await ticket.delivered()
             self.metrics.delivery_seconds.observe(time.monotonic() - ticket.sent_at)
             self.source.done(batch)
+
+
+def _barrier() -> None:
+    """Runs on the inference thread after every batch queued before it."""
