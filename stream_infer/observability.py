@@ -159,6 +159,15 @@ class Metrics:
             for version, weight in versions.items():
                 self.route_weight.labels(model, version).set(weight)
 
+    def set_consumer_lag(self, lag: Mapping[tuple[str, int], int], input_topic: str) -> None:
+        """The input partitions' lag, from ``{(topic, partition): records behind}``. The
+        consumer also owns the labels topic's partitions, which share partition numbers: they
+        are left out, or they would overwrite the input's figures."""
+        self.consumer_lag.clear()
+        for (topic, partition), behind in lag.items():
+            if topic == input_topic:
+                self.consumer_lag.labels(str(partition)).set(behind)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -103,9 +103,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         rate = (events - last["events"]) / max(1e-9, now - last["t"])
         last.update(t=now, events=events)
         if rt.source is not None:
-            rt.metrics.consumer_lag.clear()
-            for (_topic, partition), lag in rt.source.lag.items():
-                rt.metrics.consumer_lag.labels(str(partition)).set(lag)
+            rt.metrics.set_consumer_lag(rt.source.lag, topology.topics.input)
         log.info(
             "events %d (%.0f/s), predictions %d, dead letters %d, batches %d, in flight %d",
             events,
