@@ -40,6 +40,12 @@ from stream_infer.watch import OutputWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOPOLOGY = ROOT / "topologies" / "phishing-online.yaml"
+# The demo's producers send 100 ms of events per request (linger), so each partition gets about
+# ten record batches a second. tansu keeps a partition's batches in memory and its fetches
+# collapse past roughly 15,000 of them (measured: a fetch at the end of a partition of 10,000
+# single-record batches took 0.37 s, of 20,000 it never returned). At librdkafka's 5 ms the
+# input topic got ~200 batches/s per partition and the demo stalled after 65 to 90 s.
+DEMO_LINGER_MS = 100.0
 
 
 def ensure_example_models(topology: Topology, console: Console) -> None:
@@ -76,7 +82,7 @@ class Labeler:
         self.truth: dict[str, tuple[bytes, bool]] = {}
         self.sent = 0
         self._due: deque[tuple[float, str]] = deque()
-        self._producer = Producer(conf | {"linger.ms": 20})
+        self._producer = Producer(conf | {"linger.ms": DEMO_LINGER_MS})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="labeler", daemon=True)
         self._thread.start()
@@ -252,6 +258,7 @@ class _Demo:
             topology.topics.input,
             with_bad_events(source, bad_fraction),
             rate=rate,
+            linger_ms=DEMO_LINGER_MS,
         ).start()
         with Live(console=self.console, refresh_per_second=2) as live:
             while duration_s is None or time.monotonic() - started < duration_s:

@@ -92,6 +92,7 @@ class OpenLoopProducer:
         rate: float,
         count: int | None = None,
         tick_s: float = 0.005,
+        linger_ms: float = 5.0,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         if rate <= 0:
@@ -105,7 +106,7 @@ class OpenLoopProducer:
         self.errors = 0
         self._events = events
         self._on_error = on_error
-        self._producer = Producer(conf | {"linger.ms": 5, "acks": "all"})
+        self._producer = Producer(conf | {"linger.ms": linger_ms, "acks": "all"})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="open-loop-producer", daemon=True)
 
