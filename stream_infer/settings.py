@@ -429,3 +429,13 @@ def docker_requested(env: Mapping[str, str] | None = None) -> bool:
     """Whether the tests were asked to run Kafka in a testcontainer."""
     value = (os.environ if env is None else env).get(ENV_PREFIX + "TEST_DOCKER", "")
     return value.lower() in {"1", "true", "yes"}
+
+
+def test_broker_engine(env: Mapping[str, str] | None = None) -> str:
+    """Which local broker the tests start: ``kafka`` (Apache Kafka, needs Java and Maven),
+    ``tansu`` (the embedded one), or ``auto`` (Apache Kafka where it can run, else tansu)."""
+    value = (os.environ if env is None else env).get(ENV_PREFIX + "TEST_BROKER", "auto").lower()
+    if value not in {"auto", "kafka", "tansu"}:
+        msg = f"{ENV_PREFIX}TEST_BROKER must be auto, kafka or tansu, got {value!r}"
+        raise ConfigError(msg)
+    return value

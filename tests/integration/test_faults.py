@@ -20,28 +20,21 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from stream_infer.apache_kafka import KafkaCluster
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.events import OutRecord
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, ensure_topics, producer_config
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.loadgen import OpenLoopProducer
-from stream_infer.settings import KafkaSettings, bootstrap_for_tests, docker_requested
-from tests.integration.conftest import Setup, good_events, metric, scrape
+from stream_infer.settings import KafkaSettings
+from tests.integration.conftest import Setup, broker_choice, good_events, metric, scrape
 
 FREEZE_S = 20.0
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Any:
-    if bootstrap_for_tests() or docker_requested():
-        pytest.skip("freezes the broker process: only with the embedded broker")
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
-        yield broker
-
-
 def test_a_frozen_broker_stalls_workers_without_loss_and_they_catch_up(
-    own_broker: EmbeddedBroker, tmp_path: Path
+    own_broker: KafkaCluster | EmbeddedBroker, tmp_path: Path
 ) -> None:
     setup = Setup(own_broker.bootstrap_servers, tmp_path)
     try:
@@ -378,7 +371,7 @@ def test_failed_prediction_deliveries_are_retried_and_never_committed_past(
         "message.timeout.ms": DELIVERY_TIMEOUT_MS,
         "reconnect.backoff.max.ms": 250,
     }
-    if not bootstrap_for_tests():
+    if broker_choice().engine == "tansu":
         # librdkafka's idempotent producer bumps its epoch after messages time out; tansu
         # answers PRODUCER_FENCED to the bumped epoch and the producer never delivers again.
         # Real Kafka accepts it: keep idempotence there.
@@ -448,7 +441,7 @@ def test_failed_prediction_deliveries_are_retried_and_never_committed_past(
 
 
 def test_a_producer_the_broker_fences_after_a_timeout_is_replaced_and_delivers(
-    own_broker: EmbeddedBroker,
+    own_broker: KafkaCluster | EmbeddedBroker,
 ) -> None:
     """tansu fences an idempotent producer once one of its messages timed out: without a new
     producer every later delivery fails (PRODUCER_FENCED) and the worker never commits again."""
