@@ -8,9 +8,14 @@
     python3 dev.py setup    # only the venv + install
 
 Needs only Python >= 3.11 and pip. Uses the standard library alone, because it runs before
-anything is installed. torch is installed first, pinned to the CPU build that the machines
-we run on carry (override with STREAM_INFER_TORCH_SPEC), so pip never pulls a multi-GB CUDA
-build while resolving the project's range.
+anything is installed. torch is installed first, pinned (override with STREAM_INFER_TORCH_SPEC),
+so the resolver never picks another build while resolving the project's range. PyPI's torch
+2.13.0 wheel needs its CUDA libraries even on a CPU-only machine (importing torch loads them),
+so the venv is about 5.4 GB; pip's cache and the venv's stamp make later runs instant.
+
+The integration tests start Apache Kafka themselves where Java 17+ and Maven are on PATH
+(resolved once from Maven Central into ~/.cache/stream-infer), else the embedded tansu broker,
+and pytest's header says which.
 """
 
 from __future__ import annotations

@@ -51,8 +51,27 @@ def cli(ctx: click.Context, log_level: str) -> None:
 @cli.command()
 @click.option("--port", default=9092, show_default=True, help="0 picks a free port")
 @click.option("--host", default="127.0.0.1", show_default=True)
-def broker(port: int, host: str) -> None:
-    """Run the embedded Kafka-compatible broker (tansu, in memory) until Ctrl-C."""
+@click.option(
+    "--kafka",
+    "apache_kafka",
+    is_flag=True,
+    help="Apache Kafka (KRaft, resolved from Maven Central; needs Java 17+ and Maven) "
+    "instead of tansu, its data in a temporary folder",
+)
+@click.option("--nodes", default=1, show_default=True, help="with --kafka: cluster size")
+def broker(port: int, host: str, apache_kafka: bool, nodes: int) -> None:
+    """Run a local broker until Ctrl-C: the embedded tansu (in memory), or Apache Kafka."""
+    if apache_kafka:
+        from stream_infer.apache_kafka import KafkaCluster
+
+        with KafkaCluster(nodes, host=host, client_port=port) as cluster:
+            click.echo(
+                f"Apache Kafka {cluster.version} ({nodes} KRaft node(s)) listening on "
+                f"{cluster.bootstrap_servers}, started in {cluster.started_in_s:.1f} s; "
+                "Ctrl-C stops it and removes its data"
+            )
+            _wait_for_signal()
+        return
     from stream_infer.broker import EmbeddedBroker
 
     with EmbeddedBroker(port, host=host) as b:

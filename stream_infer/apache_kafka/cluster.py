@@ -207,6 +207,7 @@ class KafkaCluster:
         workdir: Path | None = None,
         heap_mb: int = 512,
         start_timeout_s: float = 120.0,
+        client_port: int = 0,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -217,6 +218,7 @@ class KafkaCluster:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="stream-infer-kafka-"))
         self.heap_mb = heap_mb
+        self.client_port = client_port  # the first node's plaintext port; 0 picks a free one
         self.start_timeout_s = start_timeout_s
         self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.nodes: dict[int, KafkaNode] = {}
@@ -273,11 +275,14 @@ class KafkaCluster:
         names = list(protocols)
         ports = iter(_free_ports(len(names) * self.n_nodes, self.host))
         for node_id in range(1, self.n_nodes + 1):
+            node_ports = {name: next(ports) for name in names}
+            if node_id == 1 and self.client_port:
+                node_ports[CLIENT] = self.client_port
             self.nodes[node_id] = KafkaNode(
                 node_id,
                 host=self.host,
                 workdir=self.workdir / f"node-{node_id}",
-                ports={name: next(ports) for name in names},
+                ports=node_ports,
                 protocols=protocols,
                 heap_mb=self.heap_mb,
             )
