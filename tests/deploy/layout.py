@@ -14,7 +14,6 @@ K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stream-infer.json"
 DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
 ORIGINAL_TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
-KEDA_SCHEMA = Path(__file__).resolve().parent / "keda-scaledobject.schema.json"
 
 
 def load_yaml(path: Path) -> Any:
