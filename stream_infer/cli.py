@@ -99,18 +99,23 @@ def _wait_for_signal() -> None:
 @click.pass_context
 def worker(ctx: click.Context, topology: Path) -> None:
     """Run one worker of TOPOLOGY in the foreground (SIGINT/SIGTERM stop it cleanly)."""
-    from stream_infer.io.clients import check_reachable
+    from stream_infer.io.clients import check_reachable, ensure_topology_topics
     from stream_infer.runtime.app import run_worker
 
     topo = _load(topology)
     check_reachable(topo.kafka)
+    # Topics it cannot run on (a control topic that loses commands, input and labels topics
+    # partitioned differently) are refused here, before anything starts: exit code 2.
+    ensure_topology_topics(topo)
     sys.exit(run_worker(topo, loglevel=ctx.obj["log_level"]))
 
 
 @cli.command()
 @TOPOLOGY
 def topics(topology: Path) -> None:
-    """Create TOPOLOGY's topics (with their partition counts) if they do not exist."""
+    """Create TOPOLOGY's topics (with their partition counts) if they do not exist, and check
+    the existing ones: a control topic that would lose commands (more than one partition, finite
+    retention) and input and labels topics partitioned differently are refused (exit code 2)."""
     from stream_infer.io.clients import ensure_topology_topics
 
     created = ensure_topology_topics(_load(topology))

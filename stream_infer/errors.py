@@ -2,6 +2,7 @@
 
     StreamInferError
     ├── ConfigError            a topology file or setting is invalid (names the field)
+    │                          or an existing topic cannot serve it (names the topic)
     ├── BrokerError            the broker cannot be reached or refused an operation
     │   └── DeliveryError      a produced record was not acknowledged
     ├── ModelError             a model artifact or its metadata cannot be used

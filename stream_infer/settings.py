@@ -36,6 +36,12 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# librdkafka properties that follow from kafka.group_protocol (not settable through extra), and
+# those librdkafka refuses with group.protocol=consumer (the broker owns them there).
+_GROUP_OWNED = ("group.protocol", "group.remote.assignor", "partition.assignment.strategy")
+_CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "group.protocol.type")
+
+
 class KafkaSettings(_Frozen):
     """How every client (faust and confluent-kafka alike) reaches the cluster."""
 
@@ -51,7 +57,25 @@ class KafkaSettings(_Frozen):
     ssl_ca_location: str | None = None
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
-    session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
+    group_protocol: Literal["classic", "consumer"] = Field(
+        default="classic",
+        description="the consumer group protocol: classic (JoinGroup/SyncGroup, eager range "
+        "assignment) or consumer (KIP-848, Kafka 4.0+: the broker assigns, incrementally)",
+    )
+    session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1_000,
+        le=300_000,
+        description="classic protocol only (with consumer, the broker's "
+        "group.consumer.session.timeout.ms decides)",
+    )
+    metadata_refresh_ms: int = Field(
+        default=30_000,
+        ge=1_000,
+        le=3_600_000,
+        description="how often the workers' clients refresh topic metadata: partitions added "
+        "to a topic are consumed within about this long",
+    )
     connect_timeout_s: float = Field(
         default=10.0, gt=0.0, le=300.0, description="how long to wait for the cluster at start"
     )
@@ -71,6 +95,30 @@ class KafkaSettings(_Frozen):
             msg = (
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, "
                 "sasl_username and sasl_password"
+            )
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _group_protocol_consistent(self) -> KafkaSettings:
+        where = next((k for k in self.extra if k in _GROUP_OWNED), None)
+        if where is not None:
+            msg = (
+                f"extra.{where} is set by stream-infer from kafka.group_protocol "
+                f"({self.group_protocol}); the label join needs co-partitioned (range) "
+                "assignment: remove it"
+            )
+            raise ValueError(msg)
+        if self.group_protocol != "consumer":
+            return self
+        classic_only = [k for k in self.extra if k in _CLASSIC_ONLY]
+        if "session_timeout_ms" in self.model_fields_set:
+            classic_only.insert(0, "session_timeout_ms")
+        if classic_only:
+            msg = (
+                f"{', '.join(classic_only)}: classic-protocol settings, refused with "
+                "group_protocol consumer (the broker's group.consumer.session.timeout.ms and "
+                "group.consumer.heartbeat.interval.ms decide): remove them"
             )
             raise ValueError(msg)
         return self

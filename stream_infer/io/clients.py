@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
-from stream_infer.errors import BrokerError
+from stream_infer.errors import BrokerError, ConfigError
 from stream_infer.settings import KafkaSettings, Topology
 
 log = logging.getLogger(__name__)
@@ -27,8 +33,8 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "enable.auto.offset.store": False,
         "auto.commit.interval.ms": 500,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": kafka.session_timeout_ms,
-        "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 5),
+        # librdkafka's default is 5 minutes: partitions added to a topic would wait that long.
+        "topic.metadata.refresh.interval.ms": kafka.metadata_refresh_ms,
         # Bound what librdkafka prefetches: backpressure must not turn into unbounded memory.
         "queued.max.messages.kbytes": 16 * 1024,
         # A fetch that finds no data waits at most 10 ms (librdkafka's default is 500 ms, and
@@ -36,7 +42,24 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         # default (1 byte): 64 KiB was measured to double tansu's CPU and raise the p99.
         "fetch.wait.max.ms": 10,
     }
-    return conf | kafka.extra | overrides
+    return conf | group_protocol_config(kafka) | kafka.extra | overrides
+
+
+def group_protocol_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """The group protocol's properties. Both assign co-partitioned: partition i of the input
+    and of the labels topic go to the same worker (the label join needs it; the consumer
+    protocol's default assignor, uniform, spreads the two topics over different workers).
+
+    With ``group.protocol=consumer`` the broker owns the session timeout, the heartbeat
+    interval and the assignor list; librdkafka refuses the classic properties for them.
+    """
+    if kafka.group_protocol == "consumer":
+        return {"group.protocol": "consumer", "group.remote.assignor": "range"}
+    return {
+        "partition.assignment.strategy": "range",
+        "session.timeout.ms": kafka.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 5),
+    }
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -75,8 +98,9 @@ def consume_ready(consumer: Consumer, max_records: int, timeout_s: float) -> lis
     return consumer.consume(max_records, 0) or consumer.consume(1, timeout_s)
 
 
-def ensure_topology_topics(topology: Topology) -> list[str]:
-    """Create a topology's topics: the control log with one partition, the rest with N."""
+def ensure_topology_topics(topology: Topology, timeout_s: float = 15.0) -> list[str]:
+    """Create a topology's topics (the control log with one partition and infinite retention,
+    the rest with N), then check the ones that existed: see :func:`check_topology_topics`."""
     single = topology.topics.single_partition()
     rf = topology.topics.replication_factor
     # The control log is replayed by every starting worker: it must never expire.
@@ -85,13 +109,109 @@ def ensure_topology_topics(topology: Topology) -> list[str]:
         single,
         partitions=1,
         replication_factor=rf,
-        config={"retention.ms": "-1", "retention.bytes": "-1"},
+        config=dict(CONTROL_TOPIC_CONFIG),
+        timeout_s=timeout_s,
     )
     rest = [t for t in topology.all_topics() if t not in single]
     partitions = topology.topics.partitions
-    return created + ensure_topics(
-        topology.kafka, rest, partitions=partitions, replication_factor=rf
+    created += ensure_topics(
+        topology.kafka, rest, partitions=partitions, replication_factor=rf, timeout_s=timeout_s
     )
+    for warning in check_topology_topics(topology, _admin(topology.kafka), timeout_s):
+        log.warning("%s", warning)
+    return created
+
+
+# What the control topic is created with: the log is the routing's only memory.
+CONTROL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def check_topology_topics(topology: Topology, admin: Any, timeout_s: float = 15.0) -> list[str]:
+    """Refuse topics a worker of ``topology`` cannot run on; return warnings about the rest.
+
+    Raises :class:`ConfigError` when the control topic would lose commands (more than one
+    partition, or a finite retention under ``cleanup.policy=delete``), or when the input and
+    labels topics of a topology that joins labels have different partition counts. Warns
+    when the control topic is compacted (only the last command per key survives) or when its
+    configuration cannot be read. ``admin`` is an :class:`AdminClient` (or a fake of one).
+    """
+    meta = admin.list_topics(timeout=timeout_s).topics
+    counts = {name: len(t.partitions) for name, t in meta.items() if t.error is None}
+    topics = topology.topics
+    if topology.online.enabled and topics.labels:
+        problem = copartition_problem(counts, topics.input, topics.labels)
+        if problem:
+            raise ConfigError(problem)
+    control = topics.control
+    if control not in counts:
+        return []
+    if counts[control] != 1:
+        msg = (
+            f"control topic {control!r} has {counts[control]} partitions, expected 1: commands "
+            "in different partitions have no order between them, and workers would reach "
+            "different routings. Partitions cannot be removed: create a new control topic with "
+            "one partition (`stream-infer topics` does) and set topics.control to it"
+        )
+        raise ConfigError(msg)
+    return _check_control_config(admin, control, timeout_s)
+
+
+def copartition_problem(counts: Mapping[str, int], input_topic: str, labels: str) -> str | None:
+    """Why the label join cannot work on these partition counts (None when it can, or when a
+    topic is not known yet)."""
+    n_input, n_labels = counts.get(input_topic), counts.get(labels)
+    if n_input is None or n_labels is None or n_input == n_labels:
+        return None
+    more, fewer = (input_topic, labels) if n_input > n_labels else (labels, input_topic)
+    return (
+        f"the input topic {input_topic!r} has {n_input} partitions and the labels topic "
+        f"{labels!r} has {n_labels}: the label join needs both partitioned alike (the same key "
+        f"in the same partition number of both, owned by one worker). Add partitions to "
+        f"{fewer!r} to match {more!r} (kafka-topics.sh --alter --topic {fewer} --partitions "
+        f"{max(n_input, n_labels)}), or give the topology a new labels topic"
+    )
+
+
+def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]:
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        future = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+        entries = future.result(timeout=timeout_s)
+    except KafkaException as exc:
+        return [
+            f"cannot read the configuration of control topic {topic!r} ({exc}): check "
+            "that it has retention.ms=-1 and retention.bytes=-1"
+        ]
+    config = {name: entry.value for name, entry in entries.items()}
+    policy = {p.strip() for p in (config.get("cleanup.policy") or "delete").split(",")}
+    fix = (
+        f"kafka-configs.sh --bootstrap-server ... --alter --entity-type topics --entity-name "
+        f"{topic} --add-config retention.ms=-1,retention.bytes=-1"
+    )
+    if "delete" in policy:
+        missing = [k for k in CONTROL_TOPIC_CONFIG if k not in config]
+        if missing:
+            return [
+                f"control topic {topic!r}: the broker did not report {', '.join(missing)}; "
+                f"check that its retention is infinite ({fix})"
+            ]
+        finite = {k: config[k] for k in CONTROL_TOPIC_CONFIG if config[k] != "-1"}
+        if finite:
+            said = ", ".join(f"{k}={v}" for k, v in finite.items())
+            msg = (
+                f"control topic {topic!r} has {said} with cleanup.policy="
+                f"{config.get('cleanup.policy') or 'delete'}: commands would be deleted, and "
+                "every worker started afterwards would rebuild its routing without them. Make "
+                f"its retention infinite: {fix}"
+            )
+            raise ConfigError(msg)
+    if "compact" in policy:
+        return [
+            f"control topic {topic!r} is compacted: only the last command of each key is kept. "
+            "stream-infer keys each command by its unique id, so none is lost, unless another "
+            "producer reuses a key; cleanup.policy=delete with infinite retention is safer"
+        ]
+    return []
 
 
 def check_reachable(kafka: KafkaSettings, timeout_s: float | None = None) -> None:
@@ -161,6 +281,13 @@ def ensure_topics(
             if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             msg = f"cannot create topic {name!r}: {exc}"
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                # A topic this principal may not describe is hidden from it, so it looks missing.
+                msg = (
+                    f"topic {name!r} is not visible to this principal and creating it was refused "
+                    f"({err.name()}): grant Describe on it (Read and Write include Describe), "
+                    "or Create to let it be created (docs/production.md, Kafka ACLs)"
+                )
             raise BrokerError(msg, bootstrap_servers=kafka.bootstrap_servers) from None
     log.info("created topics %s", created)
     return created

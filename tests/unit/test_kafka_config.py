@@ -1,0 +1,227 @@
+"""The consumer group protocol setting and its librdkafka mapping; the checks of existing topics
+(control topic, co-partitioned input and labels) against a fake admin client."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from stream_infer.errors import ConfigError
+from stream_infer.io.clients import (
+    check_topology_topics,
+    consumer_config,
+    copartition_problem,
+)
+from stream_infer.settings import Topology, parse_topology
+from tests.unit.test_settings import config_error, minimal
+
+# --- kafka.group_protocol -------------------------------------------------------------------
+
+
+def test_classic_is_the_default_with_range_assignment_and_the_session_timeout() -> None:
+    conf = consumer_config(parse_topology(minimal(), env={}).kafka, "g")
+    assert "group.protocol" not in conf  # librdkafka's default, classic
+    assert conf["partition.assignment.strategy"] == "range"
+    assert conf["session.timeout.ms"] == 10_000
+    assert conf["heartbeat.interval.ms"] == 2_000
+    assert "group.remote.assignor" not in conf
+
+
+def test_the_consumer_protocol_assigns_on_the_broker_with_range_and_no_classic_properties() -> None:
+    topo = parse_topology(minimal(kafka={"group_protocol": "consumer"}), env={})
+    conf = consumer_config(topo.kafka, "g")
+    assert conf["group.protocol"] == "consumer"
+    # The broker's default assignor (uniform) does not co-partition the input and labels topics.
+    assert conf["group.remote.assignor"] == "range"
+    for classic in ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"):
+        assert classic not in conf
+
+
+def test_the_group_protocol_can_come_from_the_env() -> None:
+    env = {"STREAM_INFER_KAFKA__GROUP_PROTOCOL": "consumer"}
+    assert parse_topology(minimal(), env=env).kafka.group_protocol == "consumer"
+
+
+def test_partitions_added_are_seen_within_the_metadata_refresh() -> None:
+    topo = parse_topology(minimal(kafka={"metadata_refresh_ms": 5000}), env={})
+    assert consumer_config(topo.kafka, "g")["topic.metadata.refresh.interval.ms"] == 5000
+    default = parse_topology(minimal(), env={})
+    assert consumer_config(default.kafka, "g")["topic.metadata.refresh.interval.ms"] == 30_000
+
+
+@pytest.mark.parametrize(
+    ("kafka", "fragment"),
+    [
+        ({"group_protocol": "eager"}, "kafka.group_protocol: Input should be 'classic' or"),
+        (
+            {"group_protocol": "consumer", "session_timeout_ms": 6000},
+            "session_timeout_ms: classic-protocol settings, refused with group_protocol consumer",
+        ),
+        (
+            {"group_protocol": "consumer", "extra": {"heartbeat.interval.ms": 500}},
+            "heartbeat.interval.ms: classic-protocol settings",
+        ),
+        (
+            {"extra": {"partition.assignment.strategy": "cooperative-sticky"}},
+            "extra.partition.assignment.strategy is set by stream-infer from kafka.group_protocol",
+        ),
+        ({"extra": {"group.protocol": "consumer"}}, "extra.group.protocol is set by stream-infer"),
+        (
+            {"group_protocol": "consumer", "extra": {"group.remote.assignor": "uniform"}},
+            "extra.group.remote.assignor is set by stream-infer from kafka.group_protocol "
+            "(consumer); the label join needs co-partitioned (range) assignment",
+        ),
+        ({"metadata_refresh_ms": 10}, "kafka.metadata_refresh_ms: Input should be greater"),
+    ],
+    ids=["unknown", "session", "heartbeat", "strategy", "protocol-extra", "assignor", "refresh"],
+)
+def test_group_settings_that_cannot_work_are_refused(kafka: dict[str, Any], fragment: str) -> None:
+    assert fragment in config_error(minimal(kafka=kafka))
+
+
+def test_the_classic_protocol_keeps_its_session_settings_in_extra() -> None:
+    topo = parse_topology(minimal(kafka={"extra": {"heartbeat.interval.ms": 700}}), env={})
+    assert consumer_config(topo.kafka, "g")["heartbeat.interval.ms"] == 700
+
+
+# --- checks of existing topics ----------------------------------------------------------------
+
+
+@dataclass
+class _Topic:
+    partitions: dict[int, object]
+    error: object = None
+
+
+@dataclass
+class _Entry:
+    value: str | None
+
+
+@dataclass
+class FakeAdmin:
+    """list_topics and describe_configs, as much of AdminClient as the checks use."""
+
+    partitions: dict[str, int]
+    configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    describe_error: KafkaException | None = None
+
+    def list_topics(self, timeout: float) -> Any:
+        topics = {n: _Topic(dict.fromkeys(range(k))) for n, k in self.partitions.items()}
+        return type("Meta", (), {"topics": topics})()
+
+    def describe_configs(self, resources: list[Any], request_timeout: float) -> Any:
+        fut: Future[dict[str, _Entry]] = Future()
+        if self.describe_error is not None:
+            fut.set_exception(self.describe_error)
+        else:
+            config = self.configs.get(resources[0].name, {})
+            fut.set_result({k: _Entry(v) for k, v in config.items()})
+        return {resources[0]: fut}
+
+
+INFINITE = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def topology(online: bool = True) -> Topology:
+    data = minimal()
+    data["topics"] = data["topics"] | {"labels": "t.labels"}
+    if online:
+        data["online"] = {"learners": [{"model": data["models"][0]["name"]}]}
+    return parse_topology(data, env={})
+
+
+def admin_for(topo: Topology, **over: Any) -> FakeAdmin:
+    parts = dict.fromkeys(topo.all_topics(), 4) | {topo.topics.control: 1}
+    parts |= over.pop("partitions", {})
+    configs = {topo.topics.control: dict(INFINITE) | over.pop("control", {})}
+    return FakeAdmin(parts, configs, **over)
+
+
+def test_topics_as_created_pass_without_warnings() -> None:
+    topo = topology()
+    assert check_topology_topics(topo, admin_for(topo)) == []
+
+
+def test_a_control_topic_with_more_than_one_partition_is_refused() -> None:
+    topo = topology()
+    admin = admin_for(topo, partitions={topo.topics.control: 3})
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin)
+    assert str(info.value).startswith(
+        f"control topic {topo.topics.control!r} has 3 partitions, expected 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        ({"retention.ms": "604800000"}, "retention.ms=604800000 with cleanup.policy=delete"),
+        ({"retention.bytes": "1048576"}, "retention.bytes=1048576 with cleanup.policy=delete"),
+        (
+            {"cleanup.policy": "compact,delete", "retention.ms": "86400000"},
+            "retention.ms=86400000 with cleanup.policy=compact,delete",
+        ),
+    ],
+    ids=["time", "size", "compact-and-delete"],
+)
+def test_a_control_topic_with_finite_retention_is_refused(
+    config: dict[str, str], said: str
+) -> None:
+    topo = topology()
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin_for(topo, control=config))
+    message = str(info.value)
+    assert f"control topic {topo.topics.control!r} has {said}: commands would be deleted" in message
+    assert "--add-config retention.ms=-1,retention.bytes=-1" in message
+
+
+def test_a_compacted_control_topic_is_a_warning() -> None:
+    topo = topology()
+    admin = admin_for(topo, control={"cleanup.policy": "compact", "retention.ms": "1000"})
+    (warning,) = check_topology_topics(topo, admin)
+    assert warning.startswith(f"control topic {topo.topics.control!r} is compacted")
+
+
+def test_an_unreadable_control_topic_configuration_is_a_warning() -> None:
+    topo = topology()
+    refused = KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    (warning,) = check_topology_topics(topo, admin_for(topo, describe_error=refused))
+    assert warning.startswith(
+        f"cannot read the configuration of control topic {topo.topics.control!r}"
+    )
+
+
+def test_a_broker_that_reports_no_retention_is_a_warning() -> None:
+    topo = topology()
+    admin = admin_for(topo)
+    admin.configs[topo.topics.control] = {}  # seen on tansu: only explicit settings reported
+    (warning,) = check_topology_topics(topo, admin)
+    assert "did not report retention.ms, retention.bytes" in warning
+
+
+def test_input_and_labels_partitioned_differently_are_refused_when_labels_are_joined() -> None:
+    topo = topology()
+    admin = admin_for(topo, partitions={topo.topics.labels: 6})
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin)
+    assert str(info.value).startswith(
+        f"the input topic {topo.topics.input!r} has 4 partitions and the labels topic "
+        f"{topo.topics.labels!r} has 6: the label join needs both partitioned alike"
+    )
+    assert f"--alter --topic {topo.topics.input} --partitions 6" in str(info.value)
+    # Without online learning the labels topic is not read: nothing to refuse.
+    plain = topology(online=False)
+    assert check_topology_topics(plain, admin_for(plain, partitions={plain.topics.labels: 6})) == []
+
+
+def test_copartition_problem_needs_both_counts() -> None:
+    assert copartition_problem({"in": 4, "lab": 4}, "in", "lab") is None
+    assert copartition_problem({"in": 4}, "in", "lab") is None
+    problem = copartition_problem({"in": 8, "lab": 4}, "in", "lab")
+    assert problem is not None
+    assert "Add partitions to 'lab' to match 'in'" in problem
