@@ -201,7 +201,12 @@ class BatchSource:
                 continue
             position = self._positions.get((topic, partition))
             if position is None:
-                committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
+                try:
+                    committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
+                except KafkaException:
+                    # The group coordinator is slow or moving (a broker died): measured again
+                    # next time. Raising here would stop the consumer thread for good.
+                    continue
                 position = max(committed[0].offset, 0) if committed else 0
             lag[(topic, partition)] = max(0, high - position)
         self.lag = lag

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, cast
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from stream_infer.io.source import BatchSource, SourceBatch
 
@@ -73,3 +73,36 @@ def test_a_stopping_source_gives_up_waiting_for_a_slot() -> None:
     waiting.join(2.0)
     assert not waiting.is_alive()
     assert len(handed) == 1 and source.in_flight == 1
+
+
+class _SlowCoordinator:
+    """A consumer whose group coordinator does not answer (a broker died, or it is moving)."""
+
+    def __init__(self) -> None:
+        self.answers = False
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        return 0, 10
+
+    def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if not self.answers:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return [TopicPartition(p.topic, p.partition, 4) for p in parts]
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+
+def test_lag_is_skipped_not_fatal_while_the_coordinator_does_not_answer() -> None:
+    """Seen on a 3-node Apache Kafka cluster: a committed() that timed out in the lag
+    measurement killed the consumer thread, and the worker served nothing more."""
+    source = BatchSource(
+        {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=1, hand_off=lambda _: None
+    )
+    source.assignment = [("in", 0)]
+    consumer = _SlowCoordinator()
+    source._measure_lag(cast(Any, consumer))
+    assert source.lag == {}
+    consumer.answers = True
+    source._measure_lag(cast(Any, consumer))
+    assert source.lag == {("in", 0): 6}
