@@ -99,6 +99,12 @@ class Metrics:
         self.in_flight = Gauge(
             "stream_infer_batches_in_flight", "Batches consumed and not yet committed", registry=r
         )
+        self.access_refused = Gauge(
+            "stream_infer_kafka_access_refused",
+            "Topics and groups on which Kafka refuses this worker a permission it needs (ACLs;"
+            " named in /healthz and the log)",
+            registry=r,
+        )
         self.source_backpressure_seconds = Counter(
             "stream_infer_source_backpressure_seconds_total",
             "Time the consumer thread paused, every in-flight slot taken (backpressure)",

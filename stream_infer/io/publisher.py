@@ -12,6 +12,11 @@ one; the purged records come back through their callbacks and are produced again
 one. (Seen on the embedded broker: once a message timed out, every later delivery of that
 producer fails with PRODUCER_FENCED. librdkafka's advice for a fatal error is the same: make a
 new producer.)
+
+A topic the worker's principal may not write to (TOPIC_AUTHORIZATION_FAILED, from the broker
+or, once librdkafka's metadata knows it, from ``produce()`` itself) is noted once in
+:class:`AccessRefusals` (an ERROR line, a health problem) and its records are retried every
+``refused_backoff_s`` until the permission is granted.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from stream_infer.events import OutRecord
+from stream_infer.io.access import AccessRefusals, is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +111,13 @@ class Publisher:
         conf: dict[str, Any],
         *,
         retry_backoff_s: float = 0.5,
+        refused_backoff_s: float = 5.0,
         on_retry: Callable[[str, str], None] | None = None,
         rebuild_interval_s: float = 1.0,
+        access: AccessRefusals | None = None,
     ) -> None:
         self._conf = conf
+        self.access = access if access is not None else AccessRefusals()
         self._producer = Producer(conf)
         # Replaced producers (and when), polled and purged until their queues are empty.
         self._retired: list[tuple[float, Producer]] = []
@@ -117,8 +126,12 @@ class Publisher:
         self.rebuild_interval_s = rebuild_interval_s
         self.rebuilds = 0
         self.retry_backoff_s = retry_backoff_s
+        self.refused_backoff_s = refused_backoff_s
         self._on_retry = on_retry
+        # Records to produce again, each queue in order of when they are due: one per back-off
+        # (a refused record waiting 5 s must not hold up the others behind it).
         self._retries: deque[tuple[float, OutRecord, Ticket]] = deque()
+        self._refused_retries: deque[tuple[float, OutRecord, Ticket]] = deque()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._poll_loop, name="publisher-poll", daemon=True)
         self._thread.start()
@@ -128,38 +141,55 @@ class Publisher:
         ticket._expect(len(records))
         on_delivery = self._callback(ticket)  # one callback per batch, not per record
         for record in records:
-            self._produce(record.topic, record.value, record.key, on_delivery)
+            self._produce(record, ticket, on_delivery)
 
     def _callback(self, ticket: Ticket) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is None:
+                if self.access.active:
+                    self.access.allowed("topic", msg.topic() or "")
                 ticket._acked()
                 return
-            ticket.failures += 1
-            if err.code() in _BROKEN_PRODUCER or err.fatal():
-                self._broken.set()
-            topic = msg.topic() or ""
-            retry = OutRecord(topic, msg.key(), msg.value() or b"")
-            self._retries.append((time.monotonic() + self.retry_backoff_s, retry, ticket))
-            if self._on_retry:
-                self._on_retry(topic, err.name())
-            log.warning("delivery to %s failed (%s); retrying", topic, err.str())
+            self._failed(OutRecord(msg.topic() or "", msg.key(), msg.value() or b""), ticket, err)
 
         return on_delivery
 
+    def _failed(self, record: OutRecord, ticket: Ticket, err: KafkaError) -> None:
+        """A record was not delivered: count it, and produce it again after a back-off."""
+        ticket.failures += 1
+        if err.code() in _BROKEN_PRODUCER or err.fatal():
+            self._broken.set()
+        if self._on_retry:
+            self._on_retry(record.topic, err.name())
+        if is_refusal(err):
+            # Logged once per topic, not per record and retry; retried slowly until granted.
+            self.access.refused("topic", record.topic, "Write", err.name())
+            due = time.monotonic() + self.refused_backoff_s
+            self._refused_retries.append((due, record, ticket))
+            return
+        log.warning("delivery to %s failed (%s); retrying", record.topic, err.str())
+        self._retries.append((time.monotonic() + self.retry_backoff_s, record, ticket))
+
     def _produce(
         self,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
+        record: OutRecord,
+        ticket: Ticket,
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=on_delivery)
+                self._producer.produce(
+                    record.topic, record.value, record.key, on_delivery=on_delivery
+                )
                 return
             except BufferError:  # the local queue is full: let the poll thread drain it
                 time.sleep(0.005)
+            except KafkaException as exc:
+                # Refused before it left: librdkafka already knows the topic is unauthorized
+                # (or unknown). A failed delivery like any other; raising here would kill the
+                # caller's thread (the poll thread: every later delivery would stall).
+                self._failed(record, ticket, exc.args[0])
+                return
 
     def _poll_loop(self) -> None:
         while not self._stopping.is_set() or len(self):
@@ -168,11 +198,14 @@ class Publisher:
             now = time.monotonic()
             if self._broken.is_set() and now - self._rebuilt_at >= self.rebuild_interval_s:
                 self._rebuild(now)
-            while self._retries and self._retries[0][0] <= now:
-                _, record, ticket = self._retries.popleft()
-                self._produce(record.topic, record.value, record.key, self._callback(ticket))
-            if self._stopping.is_set() and self._stop_deadline < now:
-                break
+            for retries in (self._retries, self._refused_retries):
+                while retries and retries[0][0] <= now:
+                    _, record, ticket = retries.popleft()
+                    self._produce(record, ticket, self._callback(ticket))
+            if self._stopping.is_set() and (
+                self._stop_deadline < now or len(self) == len(self._refused_retries)
+            ):
+                break  # out of time, or all that is left waits for a permission: not coming
 
     _stop_deadline = 0.0
 
@@ -214,4 +247,5 @@ class Publisher:
     def __len__(self) -> int:
         """Records queued in the producers or waiting for a retry."""
         retired = sum(len(old) for _, old in self._retired)
-        return len(self._producer) + retired + len(self._retries)
+        retries = len(self._retries) + len(self._refused_retries)
+        return len(self._producer) + retired + retries

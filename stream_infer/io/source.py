@@ -10,6 +10,11 @@ Offsets: a batch's offsets are stored only when :meth:`BatchSource.done` is call
 runtime does after every record the batch produced is acknowledged. librdkafka commits stored
 offsets in the background, on revocation and on close. On revocation the thread first waits
 for the in-flight batches to finish, so the next owner starts after them.
+
+A topic or group the worker's principal may not read (TOPIC_AUTHORIZATION_FAILED,
+GROUP_AUTHORIZATION_FAILED) is noted once in :class:`AccessRefusals` (an ERROR line naming it
+and the permission, a health problem) while librdkafka keeps retrying; records from the topic,
+or an assignment, clear it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream_infer.batching import MicroBatcher
+from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
@@ -62,8 +68,10 @@ class BatchSource:
         drain_timeout_s: float = 30.0,
         on_assignment: Callable[[list[tuple[str, int]]], None] | None = None,
         on_backpressure: Callable[[float], None] | None = None,
+        access: AccessRefusals | None = None,
     ) -> None:
         self._conf = conf
+        self.access = access if access is not None else AccessRefusals()
         self.topics = topics
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch_size, max_wait_ms)
         self._hand_off = hand_off
@@ -157,15 +165,28 @@ class BatchSource:
         if records:
             good = [r for r in records if r.error() is None]
             if len(good) != len(records):
-                for r in records:
-                    err = r.error()
-                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", err.str())
+                self._errors(records)
+            if good and self.access.active:
+                for topic in {r.topic() for r in good}:
+                    self.access.allowed("topic", topic or "")
             for batch in self.batcher.add_many(good):
                 self._send(batch)
         closed = self.batcher.poll()
         if closed:
             self._send(closed)
+
+    def _errors(self, records: list[Message]) -> None:
+        """Consumer errors: refusals noted once (librdkafka keeps retrying), others logged."""
+        for r in records:
+            err = r.error()
+            if err is None or err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
+                self.access.refused("group", str(self._conf.get("group.id")), "Read", err.name())
+            elif is_refusal(err) and r.topic():
+                self.access.refused("topic", r.topic() or "", "Read", err.name())
+            else:
+                log.warning("consumer error: %s", err.str())
 
     def _send(self, records: list[Message]) -> None:
         if not self._slots.acquire(blocking=False):
@@ -212,6 +233,7 @@ class BatchSource:
         self.lag = lag
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.access.allowed("group", str(self._conf.get("group.id")))
         self.assignment = sorted({*self.assignment, *((p.topic, p.partition) for p in partitions)})
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
         if self._on_assignment:

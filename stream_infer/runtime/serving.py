@@ -31,6 +31,7 @@ from stream_infer.events import BatchResult, OutRecord
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import Predictor, TorchPredictor
 from stream_infer.inference.watchdog import Watchdog
+from stream_infer.io.access import AccessRefusals
 from stream_infer.io.clients import consumer_config, ensure_topology_topics, producer_config
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
@@ -85,6 +86,9 @@ class InferenceRuntime:
                 routes=lambda: self.serving.routes,
             )
         self._labels_topic = topology.topics.labels if topology.online.enabled else None
+        # Topics and groups Kafka refuses this worker (missing ACLs): health problems.
+        self.access = AccessRefusals()
+        self.metrics.access_refused.set_function(lambda: len(self.access))
         self.publisher: Publisher | None = None
         self.source: BatchSource | None = None
         self.ready = False
@@ -107,6 +111,7 @@ class InferenceRuntime:
                 f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
                 "only a restart reclaims their threads"
             )
+        problems.extend(self.access.problems())
         return problems
 
     # --- start and stop ----------------------------------------------------------------
@@ -123,6 +128,7 @@ class InferenceRuntime:
         self.publisher = Publisher(
             producer_config(topo.kafka),
             on_retry=lambda topic, err: self.metrics.delivery_retries.labels(topic, err).inc(),
+            access=self.access,
         )
         # Labels come through the same group as the events: with the same partition count and
         # the same keys, partition i of both lands on the same worker (co-partitioned join).
@@ -138,6 +144,7 @@ class InferenceRuntime:
                 sum(1 for topic, _ in parts if topic == topo.topics.input)
             ),
             on_backpressure=self.metrics.source_backpressure_seconds.inc,
+            access=self.access,
         )
         # Read at scrape time: the batches handed over and not yet done, as they are now.
         source = self.source

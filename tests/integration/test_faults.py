@@ -343,8 +343,9 @@ def _kill_repeatedly(setup: Setup, kills: int, rate: float, seed: int) -> None:
 def test_sigkill_at_random_moments_under_steady_load_loses_nothing(
     make_setup: Any, kills: int, rate: float
 ) -> None:
-    # A 3 s session: a restarted worker's join waits session.timeout/2 on tansu.
-    setup = make_setup(batching=BATCHING, kafka={"session_timeout_ms": 3000})
+    # 6 s, Apache Kafka's least session timeout (group.min.session.timeout.ms): the dead
+    # worker's partitions move once its session expires.
+    setup = make_setup(batching=BATCHING, kafka={"session_timeout_ms": 6000})
     _kill_repeatedly(setup, kills, rate, SEED + kills)
 
 
