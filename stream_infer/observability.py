@@ -13,7 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from stream_infer.events import BatchResult
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Seconds. Steps of <= 25 % from 1 to 100 ms (5 ms apart around the p99 target of
+# max_wait + 25 ms), so a quantile read from the buckets means something; coarse beyond.
+_LATENCY_BUCKETS = (
+    *(0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008),
+    *(0.010, 0.0125, 0.015, 0.0175, 0.020, 0.025, 0.030, 0.035, 0.040, 0.045, 0.050),
+    *(0.060, 0.070, 0.080, 0.090, 0.100, 0.125, 0.150, 0.200, 0.250, 0.350, 0.500),
+    *(0.750, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 _BATCH_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -75,6 +82,20 @@ class Metrics:
         self.process_seconds = Histogram(
             "stream_infer_batch_process_seconds",
             "Decode + route + infer + encode time per micro-batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fetch_delay_seconds = Histogram(
+            "stream_infer_fetch_delay_seconds",
+            "Record timestamp to the consumer thread receiving it, per fetched chunk (its oldest "
+            "record): producer linger, broker, fetch wait and the client's prefetch queue",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batching_seconds = Histogram(
+            "stream_infer_batching_seconds",
+            "First record of a batch received to the closed batch handed over: the batcher's "
+            "wait (<= max_wait_ms) plus any backpressure pause",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

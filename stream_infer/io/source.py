@@ -6,6 +6,11 @@ per event). At most ``max_in_flight`` batches may be handed over and not yet don
 the thread stops fetching, which is the backpressure (librdkafka's prefetch is bounded too).
 The time it spends waiting for a free slot is reported to ``on_backpressure`` (seconds).
 
+Latency stages, measured here at little cost: ``on_fetch_delay`` gets, once per fetched chunk,
+the wall-clock time since the chunk's oldest record timestamp (time in Kafka and in the
+client's queue before this thread got the record); each batch carries ``opened_at``, when its
+first record arrived, and ``closed_at``, when it was handed over.
+
 Offsets: a batch's offsets are stored only when :meth:`BatchSource.done` is called, which the
 runtime does after every record the batch produced is acknowledged. librdkafka commits stored
 offsets in the background, on revocation and on close. On revocation the thread first waits
@@ -38,11 +43,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class SourceBatch:
-    """A closed micro-batch and the offsets to store once it is delivered."""
+    """A closed micro-batch and the offsets to store once it is delivered.
+
+    ``opened_at``: when its first record reached the consumer thread; ``closed_at``: when it
+    was handed over (after any backpressure pause). Both ``time.monotonic()``.
+    """
 
     records: list[Message]
     offsets: dict[tuple[str, int], int]
     closed_at: float = field(default_factory=time.monotonic)
+    opened_at: float | None = None
 
 
 def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -68,6 +78,7 @@ class BatchSource:
         drain_timeout_s: float = 30.0,
         on_assignment: Callable[[list[tuple[str, int]]], None] | None = None,
         on_backpressure: Callable[[float], None] | None = None,
+        on_fetch_delay: Callable[[float], None] | None = None,
         access: AccessRefusals | None = None,
     ) -> None:
         self._conf = conf
@@ -78,6 +89,8 @@ class BatchSource:
         self.drain_timeout_s = drain_timeout_s
         self._on_assignment = on_assignment
         self._on_backpressure = on_backpressure
+        self._on_fetch_delay = on_fetch_delay
+        self._opened_at = 0.0  # when the open batch's first record arrived (monotonic)
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
         self._in_flight = 0
@@ -163,17 +176,23 @@ class BatchSource:
         else:
             records = consumer.consume(num_messages=room, timeout=wait)
         if records:
+            received, received_wall = time.monotonic(), time.time()
             good = [r for r in records if r.error() is None]
             if len(good) != len(records):
                 self._errors(records)
             if good and self.access.active:
                 for topic in {r.topic() for r in good}:
                     self.access.allowed("topic", topic or "")
+            if good and self._on_fetch_delay is not None:
+                self._report_fetch_delay(good, received_wall)
+            if not len(self.batcher):
+                self._opened_at = received
             for batch in self.batcher.add_many(good):
-                self._send(batch)
+                self._send(batch, self._opened_at)
+                self._opened_at = received  # the next batch starts with this chunk
         closed = self.batcher.poll()
         if closed:
-            self._send(closed)
+            self._send(closed, self._opened_at)
 
     def _errors(self, records: list[Message]) -> None:
         """Consumer errors: refusals noted once (librdkafka keeps retrying), others logged."""
@@ -188,7 +207,15 @@ class BatchSource:
             else:
                 log.warning("consumer error: %s", err.str())
 
-    def _send(self, records: list[Message]) -> None:
+    def _report_fetch_delay(self, records: list[Message], received: float) -> None:
+        """Arrival (wall clock) minus the chunk's oldest record timestamp. The timestamps are
+        whole milliseconds (so up to 1 ms is added); about 0.1 us per record."""
+        assert self._on_fetch_delay is not None
+        oldest_ms = min(r.timestamp()[1] for r in records)
+        if oldest_ms > 0:  # -1: a record without a timestamp
+            self._on_fetch_delay(max(0.0, received - oldest_ms / 1000.0))
+
+    def _send(self, records: list[Message], opened_at: float | None = None) -> None:
         if not self._slots.acquire(blocking=False):
             # Every slot is taken: consumption pauses here until a batch is done (the pause is
             # reported as it goes, so a long one shows while it lasts).
@@ -202,7 +229,7 @@ class BatchSource:
             self._in_flight += 1
         offsets = next_offsets(records)
         self._positions.update(offsets)
-        self._hand_off(SourceBatch(records, offsets))
+        self._hand_off(SourceBatch(records, offsets, opened_at=opened_at))
 
     def _paused(self, since: float) -> float:
         now = time.monotonic()

@@ -144,6 +144,7 @@ class InferenceRuntime:
                 sum(1 for topic, _ in parts if topic == topo.topics.input)
             ),
             on_backpressure=self.metrics.source_backpressure_seconds.inc,
+            on_fetch_delay=self.metrics.fetch_delay_seconds.observe,
             access=self.access,
         )
         # Read at scrape time: the batches handed over and not yet done, as they are now.
@@ -340,6 +341,8 @@ class InferenceRuntime:
         """Process and publish one batch, then queue it for in-order commit."""
         assert self._commits is not None
         loop = asyncio.get_running_loop()
+        if batch.opened_at is not None:
+            self.metrics.batching_seconds.observe(batch.closed_at - batch.opened_at)
         self.metrics.queue_wait_seconds.observe(time.monotonic() - batch.closed_at)
         ticket = Ticket(loop)
         started = time.perf_counter()
