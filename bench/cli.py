@@ -3,25 +3,35 @@
     python -m bench                    # full run, ~15-20 min on 2 cores
     python -m bench --quick            # every part, tiny, in ~3 min (a smoke test)
     python -m bench --only ceiling,stream-infer
+    python -m bench --broker tansu     # on the embedded broker (results in bench/results/tansu)
+
+The broker is one Apache Kafka node (KRaft, started here with plain java, data in a temporary
+folder) where Java 17+ and Maven (or the cached jars) are present, else the embedded tansu.
 
 Parts: floor (the harness alone: load generator -> broker -> reader), ceiling, naive,
 stream-infer (default settings), sweep (batch size x max wait, then stream-infer with the best
 settings), scale (1 vs 2 workers in one group). Results go to
-bench/results/ (bench/results/quick/ for --quick): results.json, RESULTS.md and
-latency_vs_throughput.png; logs of every process to bench/results/raw/<run>/.
+bench/results/ (bench/results/quick/ for --quick; a tansu run in tansu/ below that):
+results.json, RESULTS.md and latency_vs_throughput.png; logs of every process, the broker's
+included, to bench/results/raw/<run>/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,11 +46,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="everything tiny: a smoke test")
     p.add_argument(
+        "--broker",
+        choices=("kafka", "tansu"),
+        help="kafka: one local Apache Kafka node; tansu: the embedded broker "
+        "(default: kafka where Java 17+ can run it, else tansu)",
+    )
+    p.add_argument(
         "--only",
         default=",".join(PARTS),
         help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)",
     )
-    p.add_argument("--out", type=Path, help="results directory (default bench/results[/quick])")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results directory (default bench/results[/quick], and tansu/ below it for tansu)",
+    )
     p.add_argument("--events", type=int, help="saturation events for ceiling and stream-infer")
     p.add_argument("--naive-events", type=int, help="saturation events for the naive agent")
     p.add_argument("--duration", type=float, help="seconds per open-loop latency run")
@@ -100,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bench import report
     from bench.runner import say
+    from stream_infer.errors import BrokerError
 
     plan = _plan(args)
-    out_dir: Path = args.out or (RESULTS / "quick" if plan.quick else RESULTS)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    raw_dir = RESULTS / "raw" / stamp
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    _prune_raw(RESULTS / "raw")
+    choice = choose_broker(args.broker)
+    if choice is None:
+        return 2
+    base_dir: Path = args.out or (RESULTS / "quick" if plan.quick else RESULTS)
+    # A tansu run keeps its own results: the baseline a Kafka run's RESULTS.md compares with.
+    out_dir = base_dir / "tansu" if choice.engine == "tansu" else base_dir
+    baseline_path = base_dir / "tansu" / "results.json" if choice.engine == "kafka" else None
     previous = out_dir / "results.json"
     partial = set(parts) != set(PARTS)
     results: dict[str, Any] = (
@@ -114,6 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         if partial and not args.fresh and previous.is_file()
         else {"floor": None, "systems": {}, "sweep": None, "scale": None, "runs": []}
     )
+    earlier = report.broker_engine(results)
+    if results.get("machine") and earlier != choice.engine:
+        print(
+            f"{previous} holds results measured on {earlier}, this run would use "
+            f"{choice.engine}: pass --fresh to start a new results.json there, or --broker "
+            f"{earlier}",
+            file=sys.stderr,
+        )
+        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    raw_dir = RESULTS / "raw" / stamp
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    _prune_raw(RESULTS / "raw")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
@@ -129,33 +165,127 @@ def main(argv: list[str] | None = None) -> int:
         "errors": {},
     }
     say(f"bench: parts {','.join(parts)}{' (quick)' if plan.quick else ''}; logs in {raw_dir}")
+    say(f"bench: broker {choice.engine}: {choice.why}")
+    broker_info: dict[str, Any] = {"engine": choice.engine, "chosen_because": choice.why}
+    run_info["broker"] = broker_info
     code = 0
     try:
-        _run_parts(plan, parts, raw_dir, results, run_info)
+        _run_parts(plan, parts, raw_dir, results, run_info, broker_info)
     except KeyboardInterrupt:
         say("interrupted: stopping everything")
         run_info["interrupted"] = True
         code = 130
+    except BrokerError as exc:
+        say(f"the broker failed: {exc}")
+        run_info["errors"]["broker"] = f"{type(exc).__name__}: {exc}"
+        code = 1
     finally:
         run_info["duration_s"] = round(time.time() - started, 1)
-        results["machine"] = report.machine_info()
+        results["machine"] = report.machine_info() | {"broker": broker_info}
         results["runs"] = [*results.get("runs", []), run_info][-10:]
-        written = report.write_all(results, out_dir)
+        baseline = _load_baseline(baseline_path)
+        written = report.write_all(results, out_dir, baseline=baseline)
         say(f"bench: done in {run_info['duration_s']:.0f}s; wrote {', '.join(map(str, written))}")
     if run_info["errors"] and not code:
         code = 1
     return code
 
 
+@dataclass(frozen=True)
+class BrokerChoice:
+    engine: str  # kafka | tansu
+    why: str
+
+
+def choose_broker(wanted: str | None) -> BrokerChoice | None:
+    """The broker of this run and one line saying why; None (and why, on stderr) when
+    ``--broker kafka`` cannot run here."""
+    from stream_infer.apache_kafka import kafka_version, missing_tools
+
+    if wanted == "tansu":
+        return BrokerChoice("tansu", "the embedded tansu broker, as asked (--broker tansu)")
+    why_not = missing_tools()
+    if why_not is None:
+        return BrokerChoice("kafka", f"one Apache Kafka {kafka_version()} node, started here")
+    if wanted == "kafka":
+        print(f"--broker kafka: Apache Kafka cannot run here: {why_not}", file=sys.stderr)
+        return None
+    return BrokerChoice(
+        "tansu", f"the embedded tansu broker, because Apache Kafka cannot run here: {why_not}"
+    )
+
+
+@dataclass(frozen=True)
+class RunningBroker:
+    bootstrap_servers: str
+    pid: int | None
+
+
+@contextlib.contextmanager
+def running_broker(engine: str, raw_dir: Path, info: dict[str, Any]) -> Iterator[RunningBroker]:
+    """Start the broker, fill ``info`` (name, version, ...), stop it at the end. Its log ends
+    up in ``raw_dir/broker.log``; Kafka's data lives in a temporary folder, removed."""
+    if engine == "tansu":
+        from stream_infer.broker import EmbeddedBroker, tansu_binary
+
+        info |= {"name": "tansu", "version": _tansu_version(str(tansu_binary()))}
+        with EmbeddedBroker(log_path=raw_dir / "broker.log") as tansu:
+            yield RunningBroker(tansu.bootstrap_servers, tansu.pid)
+        return
+    from stream_infer.apache_kafka import KafkaCluster
+
+    with tempfile.TemporaryDirectory(prefix="stream-infer-bench-kafka-") as tmp:
+        # Kafka's default 3 s: the scale part's workers, started together, join one
+        # generation (the launcher's 0 s let the first run alone, then rebalance).
+        delay = {"group.initial.rebalance.delay.ms": "3000"}
+        cluster = KafkaCluster(1, workdir=Path(tmp), config=delay)
+        info |= {"name": "Apache Kafka", "version": cluster.version, "nodes": 1}
+        info |= {"heap_mb": cluster.heap_mb, "mode": "KRaft, combined broker and controller"}
+        try:
+            cluster.start()
+            info["started_in_s"] = round(cluster.started_in_s or 0.0, 1)
+            yield RunningBroker(cluster.bootstrap_servers, cluster.nodes[1].pid)
+        finally:
+            cluster.stop()  # before copying its log: the shutdown lines are in it
+            for node in cluster.nodes.values():
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(node.log_path, raw_dir / "broker.log")
+
+
+def _tansu_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().removeprefix("tansu").strip() or None
+
+
+def _load_baseline(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        loaded: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"the tansu baseline {path} is not readable ({exc}); no comparison", file=sys.stderr)
+        return None
+    return loaded | {"_path": str(path.relative_to(RESULTS.parent.parent))}
+
+
 def _run_parts(
-    plan: Plan, parts: list[str], raw_dir: Path, results: dict[str, Any], run_info: dict[str, Any]
+    plan: Plan,
+    parts: list[str],
+    raw_dir: Path,
+    results: dict[str, Any],
+    run_info: dict[str, Any],
+    broker_info: dict[str, Any],
 ) -> None:
     from bench import procs, runner
-    from stream_infer.broker import EmbeddedBroker
 
     supervisor = procs.Supervisor(raw_dir)
     try:
-        with EmbeddedBroker(log_path=raw_dir / "broker.log") as broker:
+        with running_broker(broker_info["engine"], raw_dir, broker_info) as broker:
             ctx = runner.BenchContext(
                 bootstrap_servers=broker.bootstrap_servers,
                 broker_pid=broker.pid,
@@ -163,7 +293,10 @@ def _run_parts(
                 plan=plan,
                 work_dir=raw_dir,
             )
-            runner.say(f"embedded broker (tansu) on {broker.bootstrap_servers}")
+            runner.say(
+                f"{broker_info['name']} {broker_info.get('version') or ''} on "
+                f"{broker.bootstrap_servers}"
+            )
             steps = _steps(ctx, plan, parts, results)
             try:
                 for name, step in steps:

@@ -3,7 +3,9 @@
 A group-less confluent-kafka consumer (partitions assigned, no group to join or disturb) in a
 thread. Each prediction carries the event's ``id`` and ``ts`` (set when the load generator made
 the event); the reader stamps it with ``time.time()`` when it arrives. Latency is arrival minus
-``ts``: producer, broker, system, broker again, and the reader, end to end.
+``ts``: producer, broker, system, broker again, and the reader, end to end. The prediction
+record's own timestamp (set by the system's producer as it produces it) is kept too: arrival
+minus it is the last hop (system's producer, broker, reader), per event.
 
 Events of different phases carry different seeds, and synthetic ids are ``evt-{seed}-{n}``, so
 each prediction is counted in its phase without any coordination with the system.
@@ -12,6 +14,7 @@ each prediction is counted in its phase without any coordination with the system
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from array import array
@@ -39,6 +42,7 @@ class PhaseStats:
     last_recv: float | None = None
     ts: array[float] = field(default_factory=lambda: array("d"))
     recv: array[float] = field(default_factory=lambda: array("d"))
+    created: array[float] = field(default_factory=lambda: array("d"))  # NaN: no timestamp
 
     @property
     def unique(self) -> int:
@@ -50,6 +54,15 @@ class PhaseStats:
         recv = np.frombuffer(self.recv, dtype=np.float64)
         keep = ts >= min_ts
         return np.asarray(recv[keep] - ts[keep], dtype=np.float64)
+
+    def out_hop_s(self, *, min_ts: float = 0.0) -> npt.NDArray[np.float64]:
+        """Arrival minus the prediction record's timestamp, for events generated at or after
+        ``min_ts`` (records without a timestamp left out)."""
+        ts = np.frombuffer(self.ts, dtype=np.float64)
+        recv = np.frombuffer(self.recv, dtype=np.float64)
+        created = np.frombuffer(self.created, dtype=np.float64)
+        keep = (ts >= min_ts) & ~np.isnan(created)
+        return np.asarray(recv[keep] - created[keep], dtype=np.float64)
 
 
 class PredictionReader:
@@ -135,3 +148,5 @@ class PredictionReader:
                 stats.last_recv = now
                 stats.ts.append(ts)
                 stats.recv.append(now)
+                created_ms = msg.timestamp()[1]
+                stats.created.append(created_ms / 1000.0 if created_ms > 0 else math.nan)

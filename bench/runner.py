@@ -7,7 +7,9 @@ join are outside that window). CPU is the process trees' user+sys over the same 
 Latency: the system starts on fresh, empty topics and answers a few probe events; then an
 open-loop producer offers a fixed rate for a fixed time (events are due at ``start + i / rate``
 whatever the system does, so queueing shows up as latency); after the producer stops the reader
-waits for every prediction. Percentiles are over events generated after the warm-up.
+waits for every prediction. Percentiles are over events generated after the warm-up. For
+stream-infer, the worker's /metrics are scraped when the warm-up ends and again at the end, and
+each latency stage's p50/p99 is read from the difference (bench/stages.py).
 
 Every phase gets a fresh run (topics, group, process): tansu's in-memory storage was seen to
 get slower as a partition grows (the same rate on a topic that already held ~75,000 records
@@ -30,6 +32,7 @@ import numpy as np
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
+from bench import stages
 from bench.events import EventPool
 from bench.plan import Plan
 from bench.procs import Started, Supervisor, TreeSampler, clean_env
@@ -234,23 +237,66 @@ class SystemRun:
     def latency(
         self, rate: float, *, duration_s: float, warmup_s: float, seed: int
     ) -> dict[str, Any]:
-        """Offer ``rate`` events/s for ``duration_s``; latency percentiles after warm-up."""
-        t_start, producer = open_loop(
+        """Offer ``rate`` events/s for ``duration_s``; latency percentiles after warm-up, and
+        (stream-infer) the worker's latency stages over the same window."""
+        t_start, producer = start_open_loop(
             self.ctx.bootstrap_servers,
             self.topo.topics.input,
             self.ctx.pool.stamped(seed),
             rate=rate,
             duration_s=duration_s,
         )
+        try:
+            time.sleep(max(0.0, t_start + warmup_s - time.time()))
+            before = self._scrape_stages()
+            producer.join(duration_s + 120)
+        except BaseException:
+            producer.stop(timeout_s=5.0)
+            raise
         stats = self.wait_for(seed, producer.sent, first_timeout_s=30.0)
         out = latency_summary(stats, producer, t_start=t_start, warmup_s=warmup_s)
+        if before is not None:
+            time.sleep(0.3)  # the last batches' delivery is observed after the reader saw them
+            after = self._scrape_stages()
+            if after is not None:
+                out["stages"] = stages.summarize(before, after) | out.pop("stages", {})
         win0, win1 = t_start + warmup_s, t_start + duration_s
         return out | _per_1k(self._cpu(win0, win1), max(1.0, rate * (win1 - win0)))
+
+    def _scrape_stages(self) -> dict[str, stages.HistogramSnapshot] | None:
+        """The worker's histograms (one worker, stream-infer only); None when unavailable."""
+        if self.spec.kind != "stream-infer" or self.spec.workers != 1:
+            return None
+        try:
+            return stages.scrape(self.topo.worker.web_port)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: /metrics not read (%s): no stage breakdown", self.spec.key, exc)
+            return None
 
     def _cpu(self, t0: float, t1: float) -> dict[str, float]:
         assert self.sampler is not None
         self.sampler.sample()  # a sample at or after t1
         return self.sampler.cpu_between(t0, t1)
+
+
+def start_open_loop(
+    bootstrap_servers: str,
+    topic: str,
+    events: Iterator[tuple[bytes, bytes]],
+    *,
+    rate: float,
+    duration_s: float,
+) -> tuple[float, OpenLoopProducer]:
+    """Start offering ``rate`` events/s for ``duration_s``, in the producer's thread."""
+    t_start = time.time()
+    producer = OpenLoopProducer(
+        {"bootstrap.servers": bootstrap_servers, "logger": RDKAFKA_LOG},
+        topic,
+        events,
+        rate=rate,
+        count=max(1, int(rate * duration_s)),
+    ).start()
+    return t_start, producer
 
 
 def open_loop(
@@ -262,14 +308,9 @@ def open_loop(
     duration_s: float,
 ) -> tuple[float, OpenLoopProducer]:
     """Offer ``rate`` events/s for ``duration_s`` (returns once all are produced)."""
-    t_start = time.time()
-    producer = OpenLoopProducer(
-        {"bootstrap.servers": bootstrap_servers, "logger": RDKAFKA_LOG},
-        topic,
-        events,
-        rate=rate,
-        count=max(1, int(rate * duration_s)),
-    ).start()
+    t_start, producer = start_open_loop(
+        bootstrap_servers, topic, events, rate=rate, duration_s=duration_s
+    )
     try:
         producer.join(duration_s + 120)
     except BaseException:
@@ -306,6 +347,18 @@ def latency_summary(
             "p999_ms": p999,
             "mean_ms": float(lat_ms.mean()),
             "max_ms": float(lat_ms.max()),
+        }
+    hop_ms = stats.out_hop_s(min_ts=t_start + warmup_s) * 1000.0
+    if len(hop_ms):
+        hop50, hop99 = np.percentile(hop_ms, [50, 99]).tolist()
+        out["stages"] = {
+            "out_hop": {
+                "count": len(hop_ms),
+                "mean_ms": float(hop_ms.mean()),
+                "p50_ms": hop50,
+                "p99_ms": hop99,
+                "p99_bucket_ms": None,  # exact: per event, from the reader
+            }
         }
     return out
 
