@@ -235,8 +235,9 @@ def running_broker(engine: str, raw_dir: Path, info: dict[str, Any]) -> Iterator
     from stream_infer.apache_kafka import KafkaCluster
 
     with tempfile.TemporaryDirectory(prefix="stream-infer-bench-kafka-") as tmp:
-        # Kafka's default 3 s: the scale part's workers, started together, join one
-        # generation (the launcher's 0 s let the first run alone, then rebalance).
+        # Kafka's default 3 s, not the launcher's 0 s: the scale part's workers, started
+        # together, join one generation when their start-ups end within 3 s of each other (on
+        # a loaded machine they may not: the assignments column of RESULTS.md shows it).
         delay = {"group.initial.rebalance.delay.ms": "3000"}
         cluster = KafkaCluster(1, workdir=Path(tmp), config=delay)
         info |= {"name": "Apache Kafka", "version": cluster.version, "nodes": 1}
