@@ -63,6 +63,16 @@ def _free_ports(n: int, host: str) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: a UUID in URL-safe base64, as Kafka's ``Uuid.randomUuid()``
+    makes them, never starting with "-" (the storage tool would read ``-t -x...`` as an option
+    and refuse to format: 1 start in 64)."""
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
+
+
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -220,7 +230,7 @@ class KafkaCluster:
         self.heap_mb = heap_mb
         self.client_port = client_port  # the first node's plaintext port; 0 picks a free one
         self.start_timeout_s = start_timeout_s
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.cluster_id = new_cluster_id()
         self.nodes: dict[int, KafkaNode] = {}
         self.started_in_s: float | None = None
 
