@@ -298,6 +298,11 @@ def _run_parts(
                 f"{broker_info['name']} {broker_info.get('version') or ''} on "
                 f"{broker.bootstrap_servers}"
             )
+            try:
+                runner.warm_up_broker(ctx)
+            except Exception as exc:  # the parts may still run: say it, keep going
+                runner.say(f"broker warm-up FAILED: {exc}")
+                run_info["errors"]["warm-up"] = f"{type(exc).__name__}: {exc}"
             steps = _steps(ctx, plan, parts, results)
             try:
                 for name, step in steps:

@@ -89,9 +89,35 @@ class PredictionReader:
         self._thread = threading.Thread(target=self._run, name="prediction-reader", daemon=True)
 
     def start(self) -> PredictionReader:
+        self._wait_for_leaders()
         assign_all(self._consumer, self.topics, from_beginning=True)
         self._thread.start()
         return self
+
+    def _wait_for_leaders(self, timeout_s: float = 30.0) -> None:
+        """Wait until the broker's metadata has every partition of the topics, with a leader.
+
+        Apache Kafka (KRaft) answers CreateTopics once the controller has the topic; the broker
+        that answers metadata may learn of it a moment later, and a topic missing from the
+        metadata would not be assigned at all (seen: a floor run that read nothing)."""
+        deadline = time.monotonic() + timeout_s
+        missing = list(self.topics)
+        while True:
+            meta = self._consumer.list_topics(timeout=5.0).topics
+            missing = [
+                t
+                for t in self.topics
+                if t not in meta
+                or meta[t].error is not None
+                or not meta[t].partitions
+                or any(p.leader < 0 for p in meta[t].partitions.values())
+            ]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                msg = f"reader: no leader for every partition of {missing} after {timeout_s:g} s"
+                raise RuntimeError(msg)
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self._stop.set()
