@@ -133,7 +133,9 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             "stream_infer_consumer_lag",
-            "Records behind the end of the input partitions",
+            "Records of the input partitions not yet served and delivered: end offset minus the "
+            "offset stored for commit, as Kafka counts a group's lag (end minus committed, up to "
+            "one 500 ms auto-commit); measured every 5 s",
             ["partition"],
             registry=r,
         )

@@ -78,6 +78,7 @@ class BatchSource:
         drain_timeout_s: float = 30.0,
         on_assignment: Callable[[list[tuple[str, int]]], None] | None = None,
         on_backpressure: Callable[[float], None] | None = None,
+        on_partition_counts: Callable[[dict[str, int]], None] | None = None,
         on_fetch_delay: Callable[[float], None] | None = None,
         access: AccessRefusals | None = None,
     ) -> None:
@@ -101,11 +102,16 @@ class BatchSource:
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
         self.assignment: list[tuple[str, int]] = []
         self.error: BaseException | None = None
-        # Records behind the end of each owned partition, refreshed every lag_interval_s.
+        # Records behind the end of each owned partition, refreshed every lag_interval_s: the
+        # end offset minus the offset stored for commit, so what Kafka's admin API reports for
+        # the group (end minus committed), up to one auto-commit interval.
         self.lag: dict[tuple[str, int], int] = {}
         self.lag_interval_s = 5.0
         self._positions: dict[tuple[str, int], int] = {}
         self._lag_due = 0.0
+        # Partitions of each subscribed topic, as the cluster reports them (same refresh).
+        self.partition_counts: dict[str, int] = {}
+        self._on_partition_counts = on_partition_counts
 
     def start(self) -> None:
         self._consumer = Consumer(self._conf)
@@ -130,13 +136,16 @@ class BatchSource:
 
     def _store_done(self, consumer: Consumer) -> None:
         while self._to_store:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in self._to_store.popleft().items()]
+            stored = self._to_store.popleft()
+            offsets = [TopicPartition(t, p, o) for (t, p), o in stored.items()]
             try:
                 consumer.store_offsets(offsets=offsets)
             except KafkaException as exc:
                 # The partition was revoked meanwhile: its new owner re-reads from the last
                 # committed offset, so nothing is lost (the batch may be served twice).
                 log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
+                continue
+            self._positions.update(stored)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -224,12 +233,18 @@ class BatchSource:
                 since = self._paused(since)
                 if self._stopping.is_set():
                     return  # not handed off, not stored: re-read after restart
+                self._while_paused()
             self._paused(since)
         with self._idle:
             self._in_flight += 1
         offsets = next_offsets(records)
-        self._positions.update(offsets)
         self._hand_off(SourceBatch(records, offsets, opened_at=opened_at))
+
+    def _while_paused(self) -> None:
+        """Keep measuring the lag while consumption is paused: that is when the lag matters
+        most (it used to freeze at its last value until a slot was free)."""
+        if self._consumer is not None and time.monotonic() >= self._lag_due:
+            self._measure_lag(self._consumer)
 
     def _paused(self, since: float) -> float:
         now = time.monotonic()
@@ -239,6 +254,7 @@ class BatchSource:
 
     def _measure_lag(self, consumer: Consumer) -> None:
         self._lag_due = time.monotonic() + self.lag_interval_s
+        self._count_partitions(consumer)
         lag = {}
         for topic, partition in self.assignment:
             try:
@@ -258,6 +274,25 @@ class BatchSource:
                 position = max(committed[0].offset, 0) if committed else 0
             lag[(topic, partition)] = max(0, high - position)
         self.lag = lag
+
+    def _count_partitions(self, consumer: Consumer) -> None:
+        counts = dict(self.partition_counts)
+        for topic in self.topics:
+            try:
+                meta = consumer.list_topics(topic, timeout=1.0).topics.get(topic)
+            except KafkaException:
+                continue
+            if meta is not None and meta.error is None and meta.partitions:
+                counts[topic] = len(meta.partitions)
+        if counts == self.partition_counts:
+            return
+        for topic, n in counts.items():
+            was = self.partition_counts.get(topic)
+            if was is not None and was != n:
+                log.warning("topic %s now has %d partitions (had %d)", topic, n, was)
+        self.partition_counts = counts
+        if self._on_partition_counts is not None:
+            self._on_partition_counts(counts)
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.access.allowed("group", str(self._conf.get("group.id")))

@@ -102,8 +102,6 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         events = rt.totals["events"]
         rate = (events - last["events"]) / max(1e-9, now - last["t"])
         last.update(t=now, events=events)
-        if rt.source is not None:
-            rt.metrics.set_consumer_lag(rt.source.lag, topology.topics.input)
         log.info(
             "events %d (%.0f/s), predictions %d, dead letters %d, batches %d, in flight %d",
             events,
@@ -116,12 +114,14 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
+        if rt.source is not None:  # the lag as last measured (every lag_interval_s)
+            rt.metrics.set_consumer_lag(rt.source.lag, topology.topics.input)
         return web.bytes(rt.metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        problems = rt.health_problems()
-        return web.json({"ok": not problems, "problems": problems}, status=500 if problems else 200)
+        status, body = rt.health()
+        return web.json(body, status=status)
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from confluent_kafka import Message
@@ -32,7 +33,12 @@ from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import Predictor, TorchPredictor
 from stream_infer.inference.watchdog import Watchdog
 from stream_infer.io.access import AccessRefusals
-from stream_infer.io.clients import consumer_config, ensure_topology_topics, producer_config
+from stream_infer.io.clients import (
+    consumer_config,
+    copartition_problem,
+    ensure_topology_topics,
+    producer_config,
+)
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
@@ -86,6 +92,9 @@ class InferenceRuntime:
                 routes=lambda: self.serving.routes,
             )
         self._labels_topic = topology.topics.labels if topology.online.enabled else None
+        # Set when the input and labels topics stop being partitioned alike (a partition added
+        # to one of them while the worker runs): the label join breaks, serving does not.
+        self.copartition_problem: str | None = None
         # Topics and groups Kafka refuses this worker (missing ACLs): health problems.
         self.access = AccessRefusals()
         self.metrics.access_refused.set_function(lambda: len(self.access))
@@ -113,6 +122,26 @@ class InferenceRuntime:
             )
         problems.extend(self.access.problems())
         return problems
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """/healthz: 500 and the problems a restart mends; ``warnings`` (only when there are
+        some) for what is wrong but would not be mended by a restart (the status stays 200)."""
+        problems = self.health_problems()
+        body: dict[str, Any] = {"ok": not problems, "problems": problems}
+        if self.copartition_problem:
+            body["warnings"] = [self.copartition_problem]
+        return (500 if problems else 200), body
+
+    def _partitions_changed(self, counts: dict[str, int]) -> None:
+        """The consumer thread saw new partition counts: is the label join still possible?"""
+        if self._labels_topic is None:
+            return
+        problem = copartition_problem(counts, self.topology.topics.input, self._labels_topic)
+        if problem and problem != self.copartition_problem:
+            log.error("labels cannot be joined any more: %s", problem)
+        elif self.copartition_problem and not problem:
+            log.warning("the input and labels topics are partitioned alike again")
+        self.copartition_problem = problem
 
     # --- start and stop ----------------------------------------------------------------
 
@@ -144,6 +173,7 @@ class InferenceRuntime:
                 sum(1 for topic, _ in parts if topic == topo.topics.input)
             ),
             on_backpressure=self.metrics.source_backpressure_seconds.inc,
+            on_partition_counts=self._partitions_changed,
             on_fetch_delay=self.metrics.fetch_delay_seconds.observe,
             access=self.access,
         )

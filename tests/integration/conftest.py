@@ -216,7 +216,12 @@ class Setup:
             "device": "cpu",
         }
         for key, value in overrides.items():
-            self.doc[key] = self.doc.get(key, {}) | value if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                # None removes a default (kafka.session_timeout_ms under the consumer protocol).
+                merged = self.doc.get(key, {}) | value
+                self.doc[key] = {k: v for k, v in merged.items() if v is not None}
+            else:
+                self.doc[key] = value
         self.path = tmp / f"{self.doc['name']}.yaml"
         self.path.write_text(yaml.safe_dump(self.doc))
         self.topology: Topology = load_topology(self.path, env={})

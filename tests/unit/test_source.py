@@ -106,3 +106,72 @@ def test_lag_is_skipped_not_fatal_while_the_coordinator_does_not_answer() -> Non
     consumer.answers = True
     source._measure_lag(cast(Any, consumer))
     assert source.lag == {("in", 0): 6}
+
+
+class _Partition0:
+    """A consumer whose partition ("in", 0) ends at offset 100 with 40 committed."""
+
+    def __init__(self) -> None:
+        self.stored: list[TopicPartition] = []
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        return 0, 100
+
+    def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, 40) for p in parts]
+
+    def store_offsets(self, offsets: list[TopicPartition]) -> None:
+        self.stored.extend(offsets)
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        meta = type("Topic", (), {"error": None, "partitions": {0: None, 1: None}})()
+        return type("Metadata", (), {"topics": {topic: meta}})()
+
+
+def test_lag_counts_from_the_stored_offset_like_kafkas_admin_api() -> None:
+    """Handed over is not served: the lag is end minus stored (what will be committed), as
+    Kafka's admin API and KEDA count it (end minus committed), not end minus handed over."""
+    handed: list[SourceBatch] = []
+    counts: list[dict[str, int]] = []
+    source = BatchSource(
+        {},
+        ["in"],
+        max_batch_size=1,
+        max_wait_ms=1,
+        max_in_flight=2,
+        hand_off=handed.append,
+        on_partition_counts=counts.append,
+    )
+    consumer = _Partition0()
+    source.assignment = [("in", 0)]
+    source._measure_lag(cast(Any, consumer))
+    assert source.lag == {("in", 0): 60}  # from the committed offset
+    assert counts == [{"in": 2}] and source.partition_counts == {"in": 2}
+    source._send(_records(69))
+    source._measure_lag(cast(Any, consumer))
+    assert source.lag == {("in", 0): 60}  # handed over, not delivered
+    source.done(handed[0])
+    source._store_done(cast(Any, consumer))
+    source._measure_lag(cast(Any, consumer))
+    assert source.lag == {("in", 0): 30}
+    assert [(tp.partition, tp.offset) for tp in consumer.stored] == [(0, 70)]
+    assert counts == [{"in": 2}]  # told once, when the counts change
+
+
+def test_lag_is_measured_while_the_source_is_paused() -> None:
+    """Every slot taken (a model hangs, or cannot keep up): the lag must not freeze."""
+    handed: list[SourceBatch] = []
+    source = BatchSource(
+        {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=1, hand_off=handed.append
+    )
+    source._consumer = cast(Any, _Partition0())
+    source.assignment = [("in", 0)]
+    source._send(_records(0))
+    waiting = threading.Thread(target=source._send, args=(_records(1),))
+    waiting.start()
+    time.sleep(0.3)
+    assert len(handed) == 1  # paused
+    assert source.lag == {("in", 0): 60}  # measured meanwhile
+    source._stopping.set()
+    waiting.join(2.0)
+    assert not waiting.is_alive()
