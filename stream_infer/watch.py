@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
+from stream_infer.errors import BrokerError
 from stream_infer.io.clients import consume_ready
 from stream_infer.settings import KafkaSettings
 
@@ -23,16 +24,32 @@ from stream_infer.settings import KafkaSettings
 def assign_all(
     consumer: Consumer, topics: list[str], *, from_beginning: bool, timeout_s: float = 10.0
 ) -> None:
-    """Assign every partition of the topics, from the beginning or from the end."""
-    meta = consumer.list_topics(timeout=timeout_s)
+    """Assign every partition of the topics, from the beginning or from the end.
+
+    Waits up to ``timeout_s`` for each topic to appear in the metadata with a leader on every
+    partition (a topic created a moment ago may not be there yet); then a topic still missing
+    is an error naming it, never a silent gap in what is read."""
     start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-    parts = [
-        TopicPartition(topic, p, start)
-        for topic in topics
-        if topic in meta.topics
-        for p in meta.topics[topic].partitions
-    ]
-    consumer.assign(parts)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = consumer.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        missing = [
+            t
+            for t in topics
+            if t not in meta.topics
+            or meta.topics[t].error is not None
+            or not meta.topics[t].partitions
+            or any(p.leader < 0 for p in meta.topics[t].partitions.values())
+        ]
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            msg = f"topics {missing} have no partitions with a leader after {timeout_s:g} s"
+            raise BrokerError(msg)
+        time.sleep(0.1)
+    consumer.assign(
+        [TopicPartition(t, p, start) for t in topics for p in meta.topics[t].partitions]
+    )
 
 
 class OutputWatcher:
