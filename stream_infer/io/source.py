@@ -19,7 +19,21 @@ for the in-flight batches to finish, so the next owner starts after them.
 A topic or group the worker's principal may not read (TOPIC_AUTHORIZATION_FAILED,
 GROUP_AUTHORIZATION_FAILED) is noted once in :class:`AccessRefusals` (an ERROR line naming it
 and the permission, a health problem) while librdkafka keeps retrying; records from the topic,
-or an assignment, clear it.
+or an assignment, clear it. With ``group.protocol=consumer`` on Kafka >= 4.0 a subscribed topic
+without Describe fails the whole heartbeat (KAFKA-18813): the error names no topic, so the
+subscription is noted as refused, naming every subscribed topic.
+
+A fatal consumer error (``err.fatal()``: e.g. a fenced static member, or a group refusal on
+the KIP-848 heartbeat, which librdkafka makes fatal) ends the consumer thread with it as
+:attr:`BatchSource.error` (``/healthz`` answers 500 naming it): the consumer is unusable. A
+group the broker will not let us join because of our configuration (INVALID_SESSION_TIMEOUT)
+is logged once at ERROR and kept in :attr:`BatchSource.group_problem` until an assignment.
+
+The lag measurement (every ``lag_interval_s``, counted from the end of the last one) has a
+time budget, ``lag_budget_s``, over all its blocking calls: high watermarks come from
+librdkafka's cache (updated by every fetch) while records are consumed, from the brokers only
+while consumption is paused or the cache knows none; committed offsets are asked once for all
+the partitions that need them. A partition not measured this time keeps its last figure.
 """
 
 from __future__ import annotations
@@ -39,6 +53,11 @@ from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
+
+# The kind of resource a KIP-848 heartbeat's TOPIC_AUTHORIZATION_FAILED refuses: it names no
+# topic (one of them lacks Describe, which Read includes), so the whole subscription: "Read on
+# one of the subscribed topics 'in, labels'".
+SUBSCRIPTION = "one of the subscribed topics"
 
 
 @dataclass(slots=True)
@@ -102,11 +121,14 @@ class BatchSource:
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
         self.assignment: list[tuple[str, int]] = []
         self.error: BaseException | None = None
+        # Why the group will not take this consumer in (our configuration), until assigned.
+        self.group_problem: str | None = None
         # Records behind the end of each owned partition, refreshed every lag_interval_s: the
         # end offset minus the offset stored for commit, so what Kafka's admin API reports for
         # the group (end minus committed), up to one auto-commit interval.
         self.lag: dict[tuple[str, int], int] = {}
         self.lag_interval_s = 5.0
+        self.lag_budget_s = 1.0  # most time one lag measurement may block the consumer thread
         self._positions: dict[tuple[str, int], int] = {}
         self._lag_due = 0.0
         # Partitions of each subscribed topic, as the cluster reports them (same refresh).
@@ -145,7 +167,10 @@ class BatchSource:
                 # committed offset, so nothing is lost (the batch may be served twice).
                 log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
                 continue
-            self._positions.update(stored)
+            # store_offsets ignores partitions not assigned any more (no error): a batch done
+            # after its partition was revoked must not bring the partition back into the lag.
+            owned = set(self.assignment)
+            self._positions.update((tp, o) for tp, o in stored.items() if tp in owned)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -204,17 +229,41 @@ class BatchSource:
             self._send(closed, self._opened_at)
 
     def _errors(self, records: list[Message]) -> None:
-        """Consumer errors: refusals noted once (librdkafka keeps retrying), others logged."""
+        """Consumer errors: fatal ones end the thread (raised); refusals and configuration the
+        group refuses noted once (librdkafka keeps retrying); others logged."""
         for r in records:
             err = r.error()
             if err is None or err.code() == KafkaError._PARTITION_EOF:
                 continue
+            if err.fatal():
+                raise KafkaException(err)
             if err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
                 self.access.refused("group", str(self._conf.get("group.id")), "Read", err.name())
             elif is_refusal(err) and r.topic():
                 self.access.refused("topic", r.topic() or "", "Read", err.name())
+            elif err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                # KIP-848 heartbeat (Kafka >= 4.0): some subscribed topic lacks Describe.
+                self.access.refused(SUBSCRIPTION, self._subscription, "Read", err.name())
+            elif err.code() == KafkaError.INVALID_SESSION_TIMEOUT:
+                self._session_timeout_refused(err)
             else:
                 log.warning("consumer error: %s", err.str())
+
+    @property
+    def _subscription(self) -> str:
+        return ", ".join(self.topics)
+
+    def _session_timeout_refused(self, err: KafkaError) -> None:
+        if self.group_problem is not None:
+            return  # librdkafka retries the join: reported once
+        self.group_problem = (
+            f"the broker refuses to let this worker join group "
+            f"{self._conf.get('group.id')!r} ({err.name()}: {err.str()}): "
+            f"kafka.session_timeout_ms={self._conf.get('session.timeout.ms')} is outside the "
+            "broker's group.min.session.timeout.ms..group.max.session.timeout.ms (Apache "
+            "Kafka's defaults: 6000..1800000); nothing is consumed until they agree"
+        )
+        log.error("%s", self.group_problem)
 
     def _report_fetch_delay(self, records: list[Message], received: float) -> None:
         """Arrival (wall clock) minus the chunk's oldest record timestamp. The timestamps are
@@ -242,9 +291,10 @@ class BatchSource:
 
     def _while_paused(self) -> None:
         """Keep measuring the lag while consumption is paused: that is when the lag matters
-        most (it used to freeze at its last value until a slot was free)."""
+        most (it used to freeze at its last value until a slot was free). Nothing is fetched
+        meanwhile, so librdkafka's cached end offsets go stale: ask the brokers."""
         if self._consumer is not None and time.monotonic() >= self._lag_due:
-            self._measure_lag(self._consumer)
+            self._measure_lag(self._consumer, paused=True)
 
     def _paused(self, since: float) -> float:
         now = time.monotonic()
@@ -252,34 +302,72 @@ class BatchSource:
             self._on_backpressure(now - since)
         return now
 
-    def _measure_lag(self, consumer: Consumer) -> None:
-        self._lag_due = time.monotonic() + self.lag_interval_s
-        self._count_partitions(consumer)
-        lag = {}
-        for topic, partition in self.assignment:
-            try:
-                _low, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=1.0
-                )
-            except KafkaException:
-                continue
-            position = self._positions.get((topic, partition))
-            if position is None:
+    def _measure_lag(self, consumer: Consumer, *, paused: bool = False) -> None:
+        """Refresh :attr:`lag` and the partition counts within ``lag_budget_s``; the next
+        measurement is due ``lag_interval_s`` after this one ends (not starts)."""
+        deadline = time.monotonic() + self.lag_budget_s
+        try:
+            self._count_partitions(consumer, deadline)
+            self._lag_within(consumer, deadline, paused)
+        finally:
+            self._lag_due = time.monotonic() + self.lag_interval_s
+
+    def _lag_within(self, consumer: Consumer, deadline: float, paused: bool) -> None:
+        owned = list(self.assignment)
+        mine = set(owned)
+        lag = {tp: n for tp, n in self.lag.items() if tp in mine}  # kept if not measured
+        marks: dict[tuple[str, int], tuple[int, int]] = {}
+        for topic, partition in owned:
+            tp = TopicPartition(topic, partition)
+            known = (topic, partition) in self._positions
+            found = None
+            if not paused:
                 try:
-                    committed = consumer.committed([TopicPartition(topic, partition)], timeout=1.0)
+                    found = consumer.get_watermark_offsets(tp, cached=True)
                 except KafkaException:
-                    # The group coordinator is slow or moving (a broker died): measured again
-                    # next time. Raising here would stop the consumer thread for good.
+                    found = None
+            # Without a stored position the low watermark is needed too, which the cache only
+            # has with statistics.interval.ms: ask.
+            if not found or found[1] < 0 or (not known and found[0] < 0):
+                left = deadline - time.monotonic()
+                if left <= 0:
                     continue
-                position = max(committed[0].offset, 0) if committed else 0
-            lag[(topic, partition)] = max(0, high - position)
+                try:
+                    found = consumer.get_watermark_offsets(tp, timeout=min(1.0, left))
+                except KafkaException:
+                    found = None
+            if found and found[1] >= 0:
+                marks[(topic, partition)] = (found[0], found[1])
+        asked = [TopicPartition(t, p) for t, p in marks if (t, p) not in self._positions]
+        committed: dict[tuple[str, int], int] = {}
+        left = deadline - time.monotonic()
+        if asked and left > 0:
+            try:
+                for tp in consumer.committed(asked, timeout=min(1.0, left)):
+                    if tp.error is None:
+                        committed[(tp.topic, tp.partition)] = tp.offset
+            except KafkaException:
+                # The group coordinator is slow or moving (a broker died): measured again
+                # next time. Raising here would stop the consumer thread for good.
+                pass
+        for key, (low, high) in marks.items():
+            position = self._positions.get(key, committed.get(key))
+            if position is None:
+                continue  # not measured: its last figure stays
+            # No commit yet (negative), or one behind what retention deleted: the consumer
+            # starts at the low watermark (auto.offset.reset=earliest).
+            position = max(position, low, 0)
+            lag[key] = max(0, high - position)
         self.lag = lag
 
-    def _count_partitions(self, consumer: Consumer) -> None:
+    def _count_partitions(self, consumer: Consumer, deadline: float) -> None:
         counts = dict(self.partition_counts)
         for topic in self.topics:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                meta = consumer.list_topics(topic, timeout=1.0).topics.get(topic)
+                meta = consumer.list_topics(topic, timeout=min(1.0, left)).topics.get(topic)
             except KafkaException:
                 continue
             if meta is not None and meta.error is None and meta.partitions:
@@ -296,6 +384,10 @@ class BatchSource:
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.access.allowed("group", str(self._conf.get("group.id")))
+        self.access.allowed(SUBSCRIPTION, self._subscription)
+        if self.group_problem is not None:
+            log.info("the group took this worker in: %s", self.group_problem)
+            self.group_problem = None
         self.assignment = sorted({*self.assignment, *((p.topic, p.partition) for p in partitions)})
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
         if self._on_assignment:
@@ -315,6 +407,7 @@ class BatchSource:
         self.assignment = sorted(set(self.assignment) - gone)
         for tp in gone:
             self._positions.pop(tp, None)
+        self.lag = {tp: n for tp, n in self.lag.items() if tp not in gone}
         log.info("revoked %s (%d waiting records dropped, to be re-read)", sorted(gone), dropped)
         if self._on_assignment:
             self._on_assignment(self.assignment)

@@ -81,7 +81,9 @@ class _SlowCoordinator:
     def __init__(self) -> None:
         self.answers = False
 
-    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float = 0, cached: bool = False
+    ) -> tuple[int, int]:
         return 0, 10
 
     def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
@@ -114,7 +116,9 @@ class _Partition0:
     def __init__(self) -> None:
         self.stored: list[TopicPartition] = []
 
-    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float = 0, cached: bool = False
+    ) -> tuple[int, int]:
         return 0, 100
 
     def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
