@@ -3,7 +3,8 @@
 An authorization error is not transient the way a lost connection is: librdkafka keeps
 retrying, but nothing changes until someone grants the permission. So the first refusal of a
 resource is logged once, at ERROR, naming the resource, the broker's error and the permission
-to grant; it stays a health problem (``/healthz``) until the resource is used successfully
+to grant; it stays a ``/healthz`` warning (not a failure: a restart never grants a permission)
+and counts in ``stream_infer_kafka_access_refused`` until the resource is used successfully
 again, which is logged too. Retries stay silent in between: a refused topic must not flood the
 log with one warning per record and retry.
 """
@@ -58,7 +59,8 @@ class AccessRefusals:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._refused: dict[tuple[str, str], Refusal] = {}
+        # By permission too: a topic may refuse Write and Read apart (each granted apart).
+        self._refused: dict[tuple[str, str, str], Refusal] = {}
 
     @property
     def active(self) -> bool:
@@ -71,29 +73,30 @@ class AccessRefusals:
     def refused(self, kind: str, name: str, permission: str, error: str) -> Refusal | None:
         """Note a refusal; the first of a resource is logged and returned, repeats are not."""
         with self._lock:
-            if (kind, name) in self._refused:
+            if (kind, name, permission) in self._refused:
                 return None
             refusal = Refusal(kind, name, permission, error, self._clock())
-            self._refused[(kind, name)] = refusal
+            self._refused[(kind, name, permission)] = refusal
         log.error(
             "%s: grant it (docs/production.md, Kafka ACLs); retrying until then",
             refusal.describe(),
         )
         return refusal
 
-    def allowed(self, kind: str, name: str) -> Refusal | None:
-        """The resource worked: forget its refusal (logged and returned, when there was one)."""
+    def allowed(self, kind: str, name: str, permission: str = "Read") -> Refusal | None:
+        """``permission`` on the resource worked: forget its refusal (logged and returned, when
+        there was one)."""
         if not self._refused:
             return None
         with self._lock:
-            refusal = self._refused.pop((kind, name), None)
+            refusal = self._refused.pop((kind, name, permission), None)
         if refusal is not None:
             log.info("Kafka now grants %s on %s %r", refusal.permission, refusal.kind, refusal.name)
         return refusal
 
     def problems(self) -> list[str]:
-        """One line per refused resource, for ``/healthz``."""
+        """One line per refused resource and permission, for ``/healthz``'s warnings."""
         now = self._clock()
         with self._lock:
-            refused = sorted(self._refused.values(), key=lambda r: (r.kind, r.name))
+            refused = sorted(self._refused.values(), key=lambda r: (r.kind, r.name, r.permission))
         return [f"{r.describe(now)}: grant it" for r in refused]

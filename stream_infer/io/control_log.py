@@ -38,6 +38,7 @@ class ControlLog:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.error: Exception | None = None  # what killed the follow thread
 
     def replay(self, timeout_s: float = 30.0) -> list[Message]:
         """Every command already in the log, in order (blocking; call before serving)."""
@@ -74,13 +75,22 @@ class ControlLog:
         """Hand every later command over, from a thread, until :meth:`close`."""
 
         def run() -> None:
-            while not self._stop.is_set():
-                for msg in consume_ready(self._consumer, 100, 0.2):
-                    if msg.error() is None:
-                        hand_off(msg)
+            try:
+                while not self._stop.is_set():
+                    for msg in consume_ready(self._consumer, 100, 0.2):
+                        if msg.error() is None:
+                            hand_off(msg)
+            except Exception as exc:  # reported by alive/error (/healthz), not lost
+                self.error = exc
+                log.critical("the control-log thread died", exc_info=True)
 
         self._thread = threading.Thread(target=run, name="control-log", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread :meth:`follow` started still hands commands over."""
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()

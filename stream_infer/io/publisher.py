@@ -15,8 +15,15 @@ new producer.)
 
 A topic the worker's principal may not write to (TOPIC_AUTHORIZATION_FAILED, from the broker
 or, once librdkafka's metadata knows it, from ``produce()`` itself) is noted once in
-:class:`AccessRefusals` (an ERROR line, a health problem) and its records are retried every
+:class:`AccessRefusals` (an ERROR line, a /healthz warning) and its records are retried every
 ``refused_backoff_s`` until the permission is granted.
+
+``produce()`` may refuse a record for other reasons. A missing topic or partition, or a broken
+producer, is retried like a failed delivery. Anything else (a record over
+``message.max.bytes``: MSG_SIZE_TOO_LARGE) would fail the same way at every retry: the record
+is set aside, its ticket never completes (no offset is committed past it), and
+:attr:`Publisher.problem` says why, for ``/healthz``. So does a poll thread that died: every
+ticket would wait on it forever.
 """
 
 from __future__ import annotations
@@ -46,6 +53,16 @@ _BROKEN_PRODUCER = frozenset(
         KafkaError.UNKNOWN_PRODUCER_ID,
         KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
         KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
+# What produce() itself may raise that a later attempt can get past: the topic or partition is
+# not (yet) in librdkafka's metadata, or the producer must be replaced. A refusal (an ACL) is
+# retried too, slowly (is_refusal).
+_RETRIABLE_AT_PRODUCE = frozenset(
+    {
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
     }
 )
 
@@ -132,6 +149,11 @@ class Publisher:
         # (a refused record waiting 5 s must not hold up the others behind it).
         self._retries: deque[tuple[float, OutRecord, Ticket]] = deque()
         self._refused_retries: deque[tuple[float, OutRecord, Ticket]] = deque()
+        # Records produce() refused for good (their tickets stay pending), and why.
+        self._undeliverable: list[tuple[OutRecord, Ticket, str]] = []
+        # Topics delivered to since the last poll while something was refused (poll thread).
+        self._delivered_topics: set[str] = set()
+        self._failure: str | None = None  # why the poll thread died
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._poll_loop, name="publisher-poll", daemon=True)
         self._thread.start()
@@ -146,8 +168,8 @@ class Publisher:
     def _callback(self, ticket: Ticket) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is None:
-                if self.access.active:
-                    self.access.allowed("topic", msg.topic() or "")
+                if self.access.active:  # noted per poll, not per record (a lock each)
+                    self._delivered_topics.add(msg.topic() or "")
                 ticket._acked()
                 return
             self._failed(OutRecord(msg.topic() or "", msg.key(), msg.value() or b""), ticket, err)
@@ -185,29 +207,88 @@ class Publisher:
             except BufferError:  # the local queue is full: let the poll thread drain it
                 time.sleep(0.005)
             except KafkaException as exc:
-                # Refused before it left: librdkafka already knows the topic is unauthorized
-                # (or unknown). A failed delivery like any other; raising here would kill the
-                # caller's thread (the poll thread: every later delivery would stall).
-                self._failed(record, ticket, exc.args[0])
+                # Refused before it left. Raising here would kill the caller's thread (the
+                # poll thread, for a retry: every later delivery would stall).
+                err: KafkaError = exc.args[0]
+                if (
+                    is_refusal(err)
+                    or err.code() in _RETRIABLE_AT_PRODUCE
+                    or err.code() in _BROKEN_PRODUCER
+                    or err.fatal()
+                ):
+                    self._failed(record, ticket, err)
+                else:
+                    self._set_aside(record, ticket, err)
                 return
 
+    def _set_aside(self, record: OutRecord, ticket: Ticket, err: KafkaError) -> None:
+        """produce() refused a record for a reason no retry gets past: keep it (its ticket
+        pending) and say so, once, instead of retrying it forever."""
+        ticket.failures += 1
+        if self._on_retry:
+            self._on_retry(record.topic, err.name())
+        why = (
+            f"produce() refused a {len(record.value)}-byte record for topic {record.topic!r} "
+            f"({err.name()}: {err.str()}); it is not retried and its batch is never committed"
+        )
+        if not self._undeliverable:
+            log.error("%s (fix the cause and restart)", why)
+        self._undeliverable.append((record, ticket, why))
+
+    @property
+    def problem(self) -> str | None:
+        """Why this publisher cannot deliver what it was given (None while it can)."""
+        if self._failure is not None:
+            return self._failure
+        if self._undeliverable:
+            n = len(self._undeliverable)
+            return f"{self._undeliverable[0][2]} ({n} record{'s' if n > 1 else ''} set aside)"
+        if not self._thread.is_alive() and not self._stopping.is_set():
+            return "the publisher's poll thread is not running"
+        return None
+
     def _poll_loop(self) -> None:
+        try:
+            self._poll_until_stopped()
+        except Exception as exc:
+            # Every ticket would wait forever: say so (/healthz fails), do not die silently.
+            self._failure = f"the publisher's poll thread died: {exc!r}"
+            log.critical(
+                "the publisher's poll thread died; nothing more is delivered", exc_info=True
+            )
+
+    def _poll_until_stopped(self) -> None:
+        last_try = False
         while not self._stopping.is_set() or len(self):
             self._producer.poll(0.05)
             self._poll_retired()
+            self._note_delivered()
             now = time.monotonic()
             if self._broken.is_set() and now - self._rebuilt_at >= self.rebuild_interval_s:
                 self._rebuild(now)
+            if self._stopping.is_set() and not last_try:
+                # Closing: a permission granted since the last attempt delivers them now.
+                last_try = True
+                refused = self._refused_retries
+                for _ in range(len(refused)):
+                    _, record, ticket = refused.popleft()
+                    refused.append((now, record, ticket))
             for retries in (self._retries, self._refused_retries):
                 while retries and retries[0][0] <= now:
                     _, record, ticket = retries.popleft()
                     self._produce(record, ticket, self._callback(ticket))
-            if self._stopping.is_set() and (
-                self._stop_deadline < now or len(self) == len(self._refused_retries)
-            ):
-                break  # out of time, or all that is left waits for a permission: not coming
+            stuck = len(self._refused_retries) + len(self._undeliverable)
+            if self._stopping.is_set() and (self._stop_deadline < now or len(self) == stuck):
+                break  # out of time, or all that is left waits for a permission or a fix
 
     _stop_deadline = 0.0
+
+    def _note_delivered(self) -> None:
+        """Topics delivered to again are granted Write (one lock per topic and poll)."""
+        if self._delivered_topics:
+            topics, self._delivered_topics = self._delivered_topics, set()
+            for topic in topics:
+                self.access.allowed("topic", topic, "Write")
 
     def _rebuild(self, now: float) -> None:
         """Replace a producer that can no longer deliver (poll thread only)."""
@@ -248,4 +329,4 @@ class Publisher:
         """Records queued in the producers or waiting for a retry."""
         retired = sum(len(old) for _, old in self._retired)
         retries = len(self._retries) + len(self._refused_retries)
-        return len(self._producer) + retired + retries
+        return len(self._producer) + retired + retries + len(self._undeliverable)

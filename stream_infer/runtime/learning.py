@@ -146,6 +146,11 @@ class LearningService:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the learning thread runs (it outlives any one item's failure)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)

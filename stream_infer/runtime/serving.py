@@ -120,16 +120,32 @@ class InferenceRuntime:
                 f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
                 "only a restart reclaims their threads"
             )
-        problems.extend(self.access.problems())
+        if self.publisher is not None and (problem := self.publisher.problem):
+            problems.append(problem)
+        if self.ready:  # started and not stopping: every background thread must be running
+            if self.control_log is not None and not self.control_log.alive:
+                problems.append(
+                    f"the control-log thread stopped ({self.control_log.error!r}): "
+                    "later control commands are not applied"
+                )
+            if self.learning is not None and not self.learning.alive:
+                problems.append("the online learning thread stopped: nothing more is learned")
         return problems
+
+    def health_warnings(self) -> list[str]:
+        """What is wrong but no restart mends: a missing ACL (a restart never grants one; the
+        worker retries and reports the grant), topics no longer partitioned alike."""
+        warnings = [self.copartition_problem] if self.copartition_problem else []
+        return warnings + self.access.problems()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 500 and the problems a restart mends; ``warnings`` (only when there are
-        some) for what is wrong but would not be mended by a restart (the status stays 200)."""
+        some) for what is wrong but would not be mended by a restart (the status stays 200:
+        a liveness probe must not restart the pod in a loop over them)."""
         problems = self.health_problems()
         body: dict[str, Any] = {"ok": not problems, "problems": problems}
-        if self.copartition_problem:
-            body["warnings"] = [self.copartition_problem]
+        if warnings := self.health_warnings():
+            body["warnings"] = warnings
         return (500 if problems else 200), body
 
     def _partitions_changed(self, counts: dict[str, int]) -> None:
@@ -345,9 +361,10 @@ class InferenceRuntime:
             error=error,
             now=time.time(),
         )
-        ticket = Ticket(loop)
-        self.publisher.publish([OutRecord(acks, self.worker_id.encode(), value)], ticket)
-        await ticket.delivered()
+        # Not awaited: an ack gates no offset (the control log is replayed, not committed), and
+        # waiting on it would hold every later command (a rollback) while the acks topic
+        # refuses Write. It is still delivered with retries, in order.
+        self._publish_untracked([OutRecord(acks, self.worker_id.encode(), value)])
 
     async def stop(self) -> None:
         self.ready = False

@@ -1,4 +1,4 @@
-"""Refusals (missing ACLs): each refused topic or group reported once, a health problem until
+"""Refusals (missing ACLs): each refused topic or group reported once, a /healthz warning until
 it works again; the publisher and the batch source keep going meanwhile."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from stream_infer.io import publisher as publisher_module
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource
-from tests.unit.test_publisher import Delivery, FakeProducer, _wait_for
+from tests.unit.test_publisher import Delivery, FakeMessage, FakeProducer, _wait_for
 
 REFUSED = KafkaError.TOPIC_AUTHORIZATION_FAILED
 
@@ -44,7 +44,7 @@ def test_authorization_errors_are_refusals_and_others_are_not() -> None:
         assert not is_refusal(KafkaError(code))
 
 
-def test_a_refusal_is_logged_once_and_is_a_health_problem_until_allowed(
+def test_a_refusal_is_logged_once_and_reported_until_allowed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
@@ -70,15 +70,27 @@ def test_a_refusal_is_logged_once_and_is_a_health_problem_until_allowed(
         "Kafka has refused this worker's principal Write on topic 't.acks' "
         "(TOPIC_AUTHORIZATION_FAILED) for 12 s: grant it",
     ]
-    assert access.allowed("topic", "t.other") is None
-    assert access.allowed("topic", "t.acks") == first
-    assert access.allowed("topic", "t.acks") is None
+    assert access.allowed("topic", "t.other", "Write") is None
+    assert access.allowed("topic", "t.acks") is None  # Read worked: says nothing of Write
+    assert access.allowed("topic", "t.acks", "Write") == first
+    assert access.allowed("topic", "t.acks", "Write") is None
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
         "Kafka now grants Write on topic 't.acks'"
     ]
     assert len(access) == 1 and access.problems()[0].startswith(
         "Kafka has refused this worker's principal Read on group 'g'"
     )
+
+
+def test_read_and_write_refusals_of_one_topic_are_reported_and_granted_apart() -> None:
+    access = AccessRefusals()
+    access.refused("topic", "t", "Read", "TOPIC_AUTHORIZATION_FAILED")
+    assert access.refused("topic", "t", "Write", "TOPIC_AUTHORIZATION_FAILED") is not None
+    assert len(access) == 2
+    assert access.allowed("topic", "t", "Write") is not None  # Write granted, Read still not
+    assert [p.split(" for ")[0] for p in access.problems()] == [
+        "Kafka has refused this worker's principal Read on topic 't' (TOPIC_AUTHORIZATION_FAILED)"
+    ]
 
 
 class RefusingProducer(FakeProducer):
@@ -207,3 +219,59 @@ def test_the_source_reports_a_refused_input_topic_or_group_once(
     assert [p.split(" for ")[0] for p in source.access.problems()] == [
         "Kafka has refused this worker's principal Read on topic 'in' (TOPIC_AUTHORIZATION_FAILED)"
     ]
+
+
+def test_closing_tries_refused_records_once_more_a_grant_since_delivers_them(
+    refusing: type[RefusingProducer],
+) -> None:
+    pub = Publisher({}, refused_backoff_s=60.0)  # no scheduled retry before close
+    producer = cast(RefusingProducer, refusing.last)
+    producer.refused.add("acks")
+    ticket = Ticket()
+    pub.publish([OutRecord("acks", None, b"ack")], ticket)
+    _wait_for(lambda: pub.access.active, 2.0)
+    producer.refused.clear()  # granted, and the worker is told to stop
+    assert pub.close(timeout_s=5.0) == 0
+    assert ticket.done and producer.acked == Counter({b"ack": 1})
+    assert producer.attempts["acks"] == 2
+
+
+def test_while_a_topic_is_refused_deliveries_elsewhere_take_the_lock_once_per_poll(
+    refusing: type[RefusingProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    access = AccessRefusals()
+    calls: list[tuple[str, str]] = []
+    allowed = access.allowed
+
+    def counted(kind: str, name: str, permission: str = "Read") -> Any:
+        calls.append((name, permission))
+        return allowed(kind, name, permission)
+
+    monkeypatch.setattr(access, "allowed", counted)
+    access.refused("topic", "acks", "Write", "TOPIC_AUTHORIZATION_FAILED")
+    pub = Publisher({}, access=access)
+    producer = cast(RefusingProducer, refusing.last)
+    producer.refused.add("acks")
+    ticket = Ticket()
+    try:
+        with producer._lock:  # queued together: delivered in one poll
+            for i in range(200):
+                producer._queue.append(
+                    (FakeMessage("preds", None, b"%d" % i), pub._callback(ticket))
+                )
+            ticket._expect(200)
+        assert ticket.wait(2.0)
+        assert calls == [("preds", "Write")], calls
+    finally:
+        pub.close(timeout_s=0.5)
+
+
+def test_the_producer_refreshes_topic_metadata_as_often_as_the_consumers() -> None:
+    """librdkafka keeps a topic that refused Write errored until its metadata is refreshed:
+    with its 300 s default, a granted ACL would take up to 5 min to work."""
+    from stream_infer.io.clients import producer_config
+    from stream_infer.settings import parse_topology
+    from tests.unit.test_settings import minimal
+
+    topo = parse_topology(minimal(kafka={"metadata_refresh_ms": 7000}), env={})
+    assert producer_config(topo.kafka)["topic.metadata.refresh.interval.ms"] == 7000

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from stream_infer.broker import free_port
 from stream_infer.events import OutRecord
@@ -202,3 +202,106 @@ def test_a_producer_that_can_no_longer_deliver_is_replaced_and_its_records_deliv
         assert ("preds", "PRODUCER_FENCED") in retries
     finally:
         assert pub.close(timeout_s=1.0) == 0
+
+
+class RaisingProducer(FakeProducer):
+    """produce() raises KafkaException(code) for topics in ``raising``, as librdkafka's
+    producev does for an error it knows before the record leaves (a record over
+    message.max.bytes, a topic its metadata says does not exist)."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        super().__init__(conf)
+        self.raising: dict[str, int] = {}
+        self.attempts: Counter[str] = Counter()
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Delivery) -> None:
+        self.attempts[topic] += 1
+        if topic in self.raising:
+            raise KafkaException(KafkaError(self.raising[topic]))
+        super().produce(topic, value, key, on_delivery)
+
+
+@pytest.fixture
+def raising(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[RaisingProducer]]:
+    monkeypatch.setattr(publisher_module, "Producer", RaisingProducer)
+    yield RaisingProducer
+    FakeProducer.last = None
+
+
+def test_a_record_produce_refuses_for_good_is_set_aside_and_reported_not_retried_forever(
+    raising: type[RaisingProducer], caplog: pytest.LogCaptureFixture
+) -> None:
+    retries: list[tuple[str, str]] = []
+    pub = Publisher(
+        {},
+        retry_backoff_s=0.01,
+        refused_backoff_s=0.01,
+        on_retry=lambda t, e: retries.append((t, e)),
+    )
+    producer = raising.last
+    assert isinstance(producer, RaisingProducer)
+    producer.raising["dlq"] = KafkaError.MSG_SIZE_TOO_LARGE
+    big, small = Ticket(), Ticket()
+    try:
+        pub.publish([OutRecord("dlq", None, b"x" * 2000)], big)
+        pub.publish([OutRecord("preds", None, b"p")], small)
+        assert small.wait(2.0), "a record set aside held up the others"
+        time.sleep(0.3)  # 30 back-offs: a retry loop would have produced it ~30 times
+        assert producer.attempts["dlq"] == 1, producer.attempts
+        assert not big.done and big.pending == 1  # its batch is never committed
+        assert retries == [("dlq", "MSG_SIZE_TOO_LARGE")]
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "2000-byte record for topic 'dlq'" in errors[0], errors
+        assert pub.problem is not None and "MSG_SIZE_TOO_LARGE" in pub.problem
+        assert pub.access.problems() == []  # not a missing permission
+        assert pub._thread.is_alive()
+    finally:
+        started = time.monotonic()
+        assert pub.close(timeout_s=10.0) == 1  # said undelivered, at once
+        assert time.monotonic() - started < 2.0
+
+
+def test_a_topic_produce_does_not_know_yet_is_retried_until_it_exists(
+    raising: type[RaisingProducer],
+) -> None:
+    pub = Publisher({}, retry_backoff_s=0.01)
+    producer = raising.last
+    assert isinstance(producer, RaisingProducer)
+    producer.raising["preds"] = KafkaError._UNKNOWN_TOPIC
+    ticket = Ticket()
+    try:
+        pub.publish([OutRecord("preds", None, b"p")], ticket)
+        _wait_for(lambda: producer.attempts["preds"] >= 3, 2.0)
+        assert not ticket.done and pub.problem is None
+        del producer.raising["preds"]  # created
+        assert ticket.wait(2.0)
+        assert producer.acked == Counter({b"p": 1})
+    finally:
+        assert pub.close(timeout_s=1.0) == 0
+
+
+def test_a_poll_thread_that_dies_is_a_problem_not_a_silent_stall(
+    fake: type[FakeProducer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pub = Publisher({}, retry_backoff_s=0.01, rebuild_interval_s=0.01)
+    first = fake.last
+    assert first is not None
+    assert pub.problem is None
+
+    def no_producer(_conf: dict[str, Any]) -> FakeProducer:
+        raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "ssl.ca.location unreadable"))
+
+    monkeypatch.setattr(publisher_module, "Producer", no_producer)
+    first.fenced = True  # the poll thread must replace it, and cannot
+    ticket = Ticket()
+    pub.publish([OutRecord("preds", None, b"p")], ticket)
+    _wait_for(lambda: not pub._thread.is_alive(), 2.0)
+    assert not ticket.done
+    problem = pub.problem
+    assert problem is not None and problem.startswith("the publisher's poll thread died: ")
+    assert "ssl.ca.location unreadable" in problem
+    assert [r.levelname for r in caplog.records if "poll thread died" in r.getMessage()] == [
+        "CRITICAL"
+    ]
+    pub.close(timeout_s=0.1)
