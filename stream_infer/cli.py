@@ -104,8 +104,10 @@ def worker(ctx: click.Context, topology: Path) -> None:
 
     topo = _load(topology)
     check_reachable(topo.kafka)
-    # Topics it cannot run on (a control topic that loses commands, input and labels topics
-    # partitioned differently) are refused here, before anything starts: exit code 2.
+    # Topics it cannot run on (a control topic that loses commands) are refused here, before
+    # anything starts: exit code 2. Input and labels partitioned differently are an ERROR line
+    # and a /healthz warning, as when a running worker sees them: not an exit (a scale-out of
+    # the input topic alone would otherwise make every restarted worker exit).
     ensure_topology_topics(topo)
     sys.exit(run_worker(topo, loglevel=ctx.obj["log_level"]))
 
@@ -118,7 +120,7 @@ def topics(topology: Path) -> None:
     retention) and input and labels topics partitioned differently are refused (exit code 2)."""
     from stream_infer.io.clients import ensure_topology_topics
 
-    created = ensure_topology_topics(_load(topology))
+    created = ensure_topology_topics(_load(topology), refuse_copartition=True)
     click.echo(f"created {created}" if created else "all topics exist")
 
 

@@ -76,9 +76,6 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
         "batch.num.messages": 10_000,
         "queue.buffering.max.messages": 1_000_000,
         "compression.type": "none",
-        # A topic that refused Write stays errored in librdkafka until its metadata is
-        # refreshed: a granted ACL then works within this long (the default is 300 s).
-        "topic.metadata.refresh.interval.ms": kafka.metadata_refresh_ms,
     }
     return conf | kafka.extra | kafka.producer_extra | overrides
 
@@ -101,7 +98,9 @@ def consume_ready(consumer: Consumer, max_records: int, timeout_s: float) -> lis
     return consumer.consume(max_records, 0) or consumer.consume(1, timeout_s)
 
 
-def ensure_topology_topics(topology: Topology, timeout_s: float = 15.0) -> list[str]:
+def ensure_topology_topics(
+    topology: Topology, timeout_s: float = 15.0, *, refuse_copartition: bool = False
+) -> list[str]:
     """Create a topology's topics (the control log with one partition and infinite retention,
     the rest with N), then check the ones that existed: see :func:`check_topology_topics`."""
     single = topology.topics.single_partition()
@@ -120,21 +119,35 @@ def ensure_topology_topics(topology: Topology, timeout_s: float = 15.0) -> list[
     created += ensure_topics(
         topology.kafka, rest, partitions=partitions, replication_factor=rf, timeout_s=timeout_s
     )
-    for warning in check_topology_topics(topology, _admin(topology.kafka), timeout_s):
+    admin = _admin(topology.kafka)
+    checked = check_topology_topics(
+        topology, admin, timeout_s, refuse_copartition=refuse_copartition
+    )
+    for warning in checked:
         log.warning("%s", warning)
     return created
 
+
+# How much longer than its request an admin future is waited for (librdkafka fails the future
+# at the request timeout; this is only for one it never answers).
+FUTURE_GRACE_S = 5.0
 
 # What the control topic is created with: the log is the routing's only memory.
 CONTROL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
-def check_topology_topics(topology: Topology, admin: Any, timeout_s: float = 15.0) -> list[str]:
+def check_topology_topics(
+    topology: Topology, admin: Any, timeout_s: float = 15.0, *, refuse_copartition: bool = False
+) -> list[str]:
     """Refuse topics a worker of ``topology`` cannot run on; return warnings about the rest.
 
     Raises :class:`ConfigError` when the control topic would lose commands (more than one
-    partition, or a finite retention under ``cleanup.policy=delete``), or when the input and
-    labels topics of a topology that joins labels have different partition counts. Warns
+    partition, or a finite retention under ``cleanup.policy=delete``). Input and labels topics
+    of a topology that joins labels with different partition counts are refused only with
+    ``refuse_copartition`` (``stream-infer topics``, where the operator makes the topics);
+    otherwise (a worker starting) they are logged at ERROR: the worker serves, as a running
+    one does when it sees them, and ``/healthz`` warns (after a scale-out of the input topic
+    alone every restarted worker exiting would turn the next rollout into an outage). Warns
     when the control topic is compacted (only the last command per key survives) or when its
     configuration cannot be read. ``admin`` is an :class:`AdminClient` (or a fake of one).
     """
@@ -143,8 +156,10 @@ def check_topology_topics(topology: Topology, admin: Any, timeout_s: float = 15.
     topics = topology.topics
     if topology.online.enabled and topics.labels:
         problem = copartition_problem(counts, topics.input, topics.labels)
-        if problem:
+        if problem and refuse_copartition:
             raise ConfigError(problem)
+        if problem:
+            log.error("labels cannot be joined: %s", problem)
     control = topics.control
     if control not in counts:
         return []
@@ -171,7 +186,10 @@ def copartition_problem(counts: Mapping[str, int], input_topic: str, labels: str
         f"{labels!r} has {n_labels}: the label join needs both partitioned alike (the same key "
         f"in the same partition number of both, owned by one worker). Add partitions to "
         f"{fewer!r} to match {more!r} (kafka-topics.sh --alter --topic {fewer} --partitions "
-        f"{max(n_input, n_labels)}), or give the topology a new labels topic"
+        f"{max(n_input, n_labels)}), or give the topology a new labels topic. Until then "
+        f"events are served, but a label whose key lands in another partition number than its "
+        f"event's reaches another worker and is never joined (the event counts in "
+        f"stream_infer_labels_missed_total): the learners learn from the rest only"
     )
 
 
@@ -179,8 +197,10 @@ def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
         future = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
-        entries = future.result(timeout=timeout_s)
-    except KafkaException as exc:
+        # Longer than the request: librdkafka answers the future by its own timeout. A future
+        # still unanswered raises TimeoutError (Python >= 3.11), not KafkaException.
+        entries = future.result(timeout=timeout_s + FUTURE_GRACE_S)
+    except (KafkaException, TimeoutError) as exc:
         return [
             f"cannot read the configuration of control topic {topic!r} ({exc}): check "
             "that it has retention.ms=-1 and retention.bytes=-1"
@@ -198,7 +218,7 @@ def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]
                 f"control topic {topic!r}: the broker did not report {', '.join(missing)}; "
                 f"check that its retention is infinite ({fix})"
             ]
-        finite = {k: config[k] for k in CONTROL_TOPIC_CONFIG if config[k] != "-1"}
+        finite = {k: config[k] for k in CONTROL_TOPIC_CONFIG if not _infinite(config[k])}
         if finite:
             said = ", ".join(f"{k}={v}" for k, v in finite.items())
             msg = (
@@ -215,6 +235,16 @@ def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]
             "producer reuses a key; cleanup.policy=delete with infinite retention is safer"
         ]
     return []
+
+
+def _infinite(value: str | None) -> bool:
+    """-1, or a limit no topic reaches: 9223372036854775807 (Long.MAX_VALUE) is a common
+    "infinite" retention; anything from 2**62 (146 million years in ms, 4 EiB) counts."""
+    try:
+        n = int(value or "")
+    except ValueError:
+        return False
+    return n == -1 or n >= 2**62
 
 
 def check_reachable(kafka: KafkaSettings, timeout_s: float | None = None) -> None:

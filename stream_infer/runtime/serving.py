@@ -115,6 +115,8 @@ class InferenceRuntime:
         problems = []
         if self.source is not None and self.source.error is not None:
             problems.append(f"the batch source failed: {self.source.error!r}")
+        if self.source is not None and self.source.group_problem is not None:
+            problems.append(self.source.group_problem)
         for model, version in self.watchdog.saturated():
             problems.append(
                 f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "

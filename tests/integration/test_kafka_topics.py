@@ -178,8 +178,9 @@ def test_input_and_labels_partitioned_differently_are_reported_then_refused(
     make_setup: Any,
 ) -> None:
     """At runtime: /healthz (still 200: a restart cannot mend it) and an ERROR line name both
-    topics and counts, and clear once the counts match again. At start: the worker refuses,
-    with the same message and exit code 2, like any invalid configuration."""
+    topics and counts, and clear once the counts match again. A worker (re)started meanwhile
+    serves with the same ERROR and warning: after a scale-out of the input topic alone, exiting
+    would make the next rollout an outage. Only `stream-infer topics` refuses (exit code 2)."""
     setup = make_setup(topics={"partitions": 2}, online=ONLINE)
     (port,) = _start(setup, 1, partitions=2)
     added_at = time.monotonic()
@@ -198,18 +199,27 @@ def test_input_and_labels_partitioned_differently_are_reported_then_refused(
     assert body["warnings"][0].startswith(expected)
     assert "labels cannot be joined any more: " + expected in setup.worker_logs()
 
-    refused = setup.start_worker(web_port=free_port())
-    code = refused.wait(120)
-    setup.workers.remove(refused)  # died on purpose: not a failure for collect()
+    second = free_port()
+    restarted = setup.start_worker(web_port=second)
+    _owned(setup, [port, second], 3)  # it joined the group and serves
+    status, body = _health(second)
+    assert restarted.poll() is None
+    assert status == 200 and body["ok"] and len(body["warnings"]) == 1, body
+    assert body["warnings"][0].startswith(expected)
     log = (setup.tmp / "worker-1.log").read_text()
-    assert code == 2, log
-    assert expected in log
+    assert "labels cannot be joined: " + expected in log  # at start, before serving
+
+    refused = _topics_cli(setup.path)
+    assert refused.returncode == 2, refused.stderr
+    assert expected in refused.stderr
 
     _add_partitions(setup, {setup.topics.labels: 3})
     deadline = time.monotonic() + 30
-    while "warnings" in _health(port)[1] and time.monotonic() < deadline:
+    while any("warnings" in _health(p)[1] for p in (port, second)):
+        assert time.monotonic() < deadline, setup.worker_logs()
         time.sleep(0.2)
-    assert _health(port) == (200, {"ok": True, "problems": []})
+    for p in (port, second):
+        assert _health(p) == (200, {"ok": True, "problems": []})
     assert "the input and labels topics are partitioned alike again" in setup.worker_logs()
     print(f"\nmismatch reported by /healthz {seen_s:.1f} s after the partition was added")
 

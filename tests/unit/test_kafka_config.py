@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_infer.errors import ConfigError
+from stream_infer.io import clients
 from stream_infer.io.clients import (
     check_topology_topics,
     consumer_config,
@@ -109,6 +111,7 @@ class FakeAdmin:
     partitions: dict[str, int]
     configs: dict[str, dict[str, str]] = field(default_factory=dict)
     describe_error: KafkaException | None = None
+    describe_hangs: bool = False  # the future is never answered
 
     def list_topics(self, timeout: float) -> Any:
         topics = {n: _Topic(dict.fromkeys(range(k))) for n, k in self.partitions.items()}
@@ -116,7 +119,9 @@ class FakeAdmin:
 
     def describe_configs(self, resources: list[Any], request_timeout: float) -> Any:
         fut: Future[dict[str, _Entry]] = Future()
-        if self.describe_error is not None:
+        if self.describe_hangs:
+            pass
+        elif self.describe_error is not None:
             fut.set_exception(self.describe_error)
         else:
             config = self.configs.get(resources[0].name, {})
@@ -205,10 +210,11 @@ def test_a_broker_that_reports_no_retention_is_a_warning() -> None:
 
 
 def test_input_and_labels_partitioned_differently_are_refused_when_labels_are_joined() -> None:
+    """Refused by `stream-infer topics` (refuse_copartition), where the operator makes them."""
     topo = topology()
     admin = admin_for(topo, partitions={topo.topics.labels: 6})
     with pytest.raises(ConfigError) as info:
-        check_topology_topics(topo, admin)
+        check_topology_topics(topo, admin, refuse_copartition=True)
     assert str(info.value).startswith(
         f"the input topic {topo.topics.input!r} has 4 partitions and the labels topic "
         f"{topo.topics.labels!r} has 6: the label join needs both partitioned alike"
@@ -216,7 +222,51 @@ def test_input_and_labels_partitioned_differently_are_refused_when_labels_are_jo
     assert f"--alter --topic {topo.topics.input} --partitions 6" in str(info.value)
     # Without online learning the labels topic is not read: nothing to refuse.
     plain = topology(online=False)
-    assert check_topology_topics(plain, admin_for(plain, partitions={plain.topics.labels: 6})) == []
+    plain_admin = admin_for(plain, partitions={plain.topics.labels: 6})
+    assert check_topology_topics(plain, plain_admin, refuse_copartition=True) == []
+
+
+def test_a_worker_starting_on_input_and_labels_partitioned_differently_logs_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A scale-out of the input topic alone must not make every restarted worker exit 2 (the
+    next rollout an outage): an ERROR naming both topics and counts and what becomes of the
+    labels; the running worker's /healthz warns as it does for a mismatch seen at runtime."""
+    topo = topology()
+    admin = admin_for(topo, partitions={topo.topics.input: 6})
+    with caplog.at_level(logging.ERROR):
+        assert check_topology_topics(topo, admin) == []
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.startswith(
+        f"labels cannot be joined: the input topic {topo.topics.input!r} has 6 partitions and "
+        f"the labels topic {topo.topics.labels!r} has 4"
+    )
+    assert "is never joined (the event counts in stream_infer_labels_missed_total)" in line
+
+
+def test_a_control_topic_retained_for_long_max_counts_as_infinite() -> None:
+    """9223372036854775807 (Long.MAX_VALUE) is a common "infinite" retention.ms."""
+    topo = topology()
+    admin = admin_for(topo, control={"retention.ms": str(2**63 - 1)})
+    assert check_topology_topics(topo, admin) == []
+    admin = admin_for(topo, control={"retention.ms": str(2**61)})  # 73 million years: finite
+    with pytest.raises(ConfigError):
+        check_topology_topics(topo, admin)
+
+
+def test_a_control_topic_configuration_that_never_comes_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The future unanswered within its timeout raises TimeoutError (Python >= 3.11), not
+    KafkaException: it crashed the start-up."""
+    topo = topology()
+    admin = admin_for(topo)
+    admin.describe_hangs = True
+    monkeypatch.setattr(clients, "FUTURE_GRACE_S", 0.0)
+    (warning,) = check_topology_topics(topo, admin, timeout_s=0.05)
+    assert warning.startswith(
+        f"cannot read the configuration of control topic {topo.topics.control!r}"
+    )
 
 
 def test_copartition_problem_needs_both_counts() -> None:
