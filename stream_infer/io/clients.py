@@ -76,6 +76,9 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
         "batch.num.messages": 10_000,
         "queue.buffering.max.messages": 1_000_000,
         "compression.type": "none",
+        # A topic that refused Write stays errored in librdkafka until its metadata is
+        # refreshed: a granted ACL then works within this long (the default is 300 s).
+        "topic.metadata.refresh.interval.ms": kafka.metadata_refresh_ms,
     }
     return conf | kafka.extra | kafka.producer_extra | overrides
 
