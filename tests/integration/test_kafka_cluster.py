@@ -84,6 +84,8 @@ class Flow:
         self.consumer = _reader(setup, setup.topics.predictions)
         self.seen: Counter[str] = Counter()
         self.arrivals: list[Arrival] = []
+        self._offsets: set[tuple[int, int]] = set()
+        self.read_twice = 0  # one record handed to this reader twice (not a duplicate)
 
     def read(self, seconds: float) -> int:
         got = 0
@@ -92,6 +94,11 @@ class Flow:
             for msg in consume_ready(self.consumer, 1000, min(left, 0.1)):
                 value = msg.value()
                 if msg.error() is None and value is not None:
+                    where = (msg.partition() or 0, msg.offset() or 0)
+                    if where in self._offsets:
+                        self.read_twice += 1
+                        continue
+                    self._offsets.add(where)
                     doc = orjson.loads(value)
                     self.seen[doc["id"]] += 1
                     appended = msg.timestamp()[1] / 1000.0
@@ -155,17 +162,21 @@ def _reader(setup: Setup, topic: str) -> Consumer:
 
 
 def read_inputs(setup: Setup, count: int, timeout_s: float = 60.0) -> dict[str, list[float]]:
-    """Each event id of the input topic (``count`` of them) and when each copy was appended
-    (an idempotent producer can still write one twice, e.g. after its epoch was bumped)."""
+    """Each event id of the input topic (``count`` of them) and when each copy (a distinct
+    offset) was appended. Copies are counted, not assumed away: runs before records were told
+    apart by offset found 1 and 3 input events twice across leader kills."""
     consumer = _reader(setup, setup.topics.input)
     out: dict[str, list[float]] = {}
+    offsets: set[tuple[int, int]] = set()
     deadline = time.monotonic() + timeout_s
     quiet_until = float("inf")
     try:
         while time.monotonic() < min(deadline, quiet_until):
             for msg in consume_ready(consumer, 1000, 0.2):
                 value = msg.value()
-                if msg.error() is None and value is not None:
+                where = (msg.partition() or 0, msg.offset() or 0)
+                if msg.error() is None and value is not None and where not in offsets:
+                    offsets.add(where)
                     event_id = orjson.loads(value)["id"]
                     out.setdefault(event_id, []).append(msg.timestamp()[1] / 1000.0)
                     quiet_until = time.monotonic() + 1.0 if len(out) >= count else quiet_until
@@ -258,10 +269,12 @@ def duplicate_bound(rate: float, commit_outage_s: float) -> int:
 
     The worker's producer is idempotent with acks=all: a produce retried after a leader change
     is deduplicated by the new leader, which holds the producer's sequence state replicated
-    with the log. A record is served twice only when the worker re-reads input it had served
-    but whose offset was not committed: after its group session was lost (the coordinator was
-    unreachable for longer than the session timeout: librdkafka revokes, the final commit fails
-    with "assignment lost", and the rejoined member starts from the committed offsets).
+    with the log (a duplicate from it is allowed all the same, up to the records in flight:
+    see read_inputs). Otherwise a record is served twice only when the worker re-reads input
+    it had served but whose offset was not committed: after its group session was lost (the
+    coordinator was unreachable for longer than the session timeout: librdkafka revokes, the
+    final commit fails with "assignment lost", and the rejoined member starts from the
+    committed offsets).
 
     Served-but-uncommitted is at most the batches in flight, plus what was stored since the
     last successful commit: one auto-commit interval (and slack) in steady state, plus the time
@@ -439,7 +452,8 @@ def _leaders_and_controller_killed(
             f"\n3 nodes started in {start_s:.1f} s, the worker's first prediction {first_s:.1f} s "
             f"later; worker producer {producer}; "
             f"{load.sent} events at {rate:.0f}/s, {twice} written twice by the load "
-            f"generator; {duplicates} duplicates in all; "
+            f"generator; {duplicates} duplicates in all ({flow.read_twice} records handed to "
+            f"the reader twice, not counted); "
             f"worker log: {worker_events(setup)}; {time.monotonic() - started:.1f} s"
         )
         for f, bound in zip(faults, bounds, strict=True):
@@ -454,8 +468,11 @@ def _leaders_and_controller_killed(
         if keeps_session:
             assert seen["rejoined"] == 0, "the worker's group session did not outlast a fault"
         if not seen["rejoined"] and not seen["producers replaced"]:
-            # Nothing re-read, and the idempotent producer's retries were deduplicated.
-            assert duplicates == 0
+            # Nothing re-read: a duplicate could only come from the worker's producer, whose
+            # retries the broker deduplicates (0 in every run so far); allowed, as at-least-once
+            # does, up to what it had in flight (see read_inputs).
+            for f in faults:
+                assert f.duplicates <= IN_FLIGHT, f"without a re-read: {f.line()}"
         for f, bound in zip(faults, bounds, strict=True):
             assert f.duplicates <= bound, f.line()
     finally:
@@ -607,7 +624,7 @@ def test_a_broker_restarted_on_its_data_loses_nothing(tmp_path: Path, how: str) 
         assert duplicates == fault.duplicates
         seen = worker_events(setup)
         if not seen["rejoined"] and not seen["producers replaced"]:
-            assert duplicates == 0
+            assert duplicates <= IN_FLIGHT, "duplicates without a re-read"
         assert duplicates <= bound
     finally:
         cluster.stop()
