@@ -68,6 +68,16 @@ def stamped_events(prefix: str = "e") -> Iterator[tuple[bytes, bytes]]:
 APPEND_TIME = {"log.message.timestamp.type": "LogAppendTime"}
 
 
+def steady_load(cluster: KafkaCluster, setup: Setup, rate: float) -> OpenLoopProducer:
+    """An idempotent open-loop producer of stamped events to the input topic, started."""
+    conf = {
+        "bootstrap.servers": cluster.bootstrap_servers,
+        "enable.idempotence": True,
+        "message.timeout.ms": 120_000,
+    }
+    return OpenLoopProducer(conf, setup.topics.input, stamped_events(), rate=rate).start()
+
+
 @dataclass(frozen=True, slots=True)
 class Arrival:
     appended: float  # when the prediction was appended (the leader's clock, epoch seconds)
@@ -371,16 +381,7 @@ def _leaders_and_controller_killed(
         topics = [setup.topics.input, setup.topics.predictions]
         port = free_port()
         setup.start_worker(web_port=port)
-        load = OpenLoopProducer(
-            {
-                "bootstrap.servers": cluster.bootstrap_servers,
-                "enable.idempotence": True,
-                "message.timeout.ms": 120_000,
-            },
-            setup.topics.input,
-            stamped_events(),
-            rate=rate,
-        ).start()
+        load = steady_load(cluster, setup, rate)
         flow = Flow(setup)
         faults: list[Fault] = []
         try:
@@ -569,16 +570,7 @@ def test_a_broker_restarted_on_its_data_loses_nothing(tmp_path: Path, how: str) 
         )
         port = free_port()
         setup.start_worker(web_port=port)
-        load = OpenLoopProducer(
-            {
-                "bootstrap.servers": cluster.bootstrap_servers,
-                "enable.idempotence": True,
-                "message.timeout.ms": 120_000,
-            },
-            setup.topics.input,
-            stamped_events(),
-            rate=rate,
-        ).start()
+        load = steady_load(cluster, setup, rate)
         flow = Flow(setup)
         try:
             flow.read_until(lambda: len(flow.seen) > 0, 90, "first prediction")
