@@ -11,7 +11,6 @@ group.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import subprocess
@@ -21,7 +20,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_infer.apache_kafka import KafkaCluster, kafka_version, missing_tools
+from stream_infer.apache_kafka import KafkaCluster
 from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, ensure_topology_topics
@@ -39,11 +37,13 @@ from stream_infer.settings import (
     ENV_PREFIX,
     Topology,
     bootstrap_for_tests,
-    docker_requested,
     load_topology,
-    test_broker_engine,
 )
 from stream_infer.watch import assign_all
+from tests.brokers import (
+    broker_choice,
+    started,
+)
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,64 +54,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-
-
-@dataclass(frozen=True)
-class BrokerChoice:
-    """The broker the integration suite runs on, and one line saying why."""
-
-    engine: str  # external | docker | kafka | tansu
-    why: str
-
-    @property
-    def is_apache_kafka(self) -> bool:
-        return self.engine in {"external", "docker", "kafka"}
-
-
-@functools.cache
-def broker_choice() -> BrokerChoice:
-    if bootstrap_for_tests():
-        return BrokerChoice("external", f"the external cluster {bootstrap_for_tests()}")
-    if docker_requested():
-        return BrokerChoice("docker", "a Kafka testcontainer (STREAM_INFER_TEST_DOCKER=1)")
-    wanted = test_broker_engine()
-    if wanted == "tansu":
-        return BrokerChoice("tansu", "tansu, the embedded broker (STREAM_INFER_TEST_BROKER=tansu)")
-    why_not = missing_tools()
-    if why_not is None:
-        return BrokerChoice("kafka", f"Apache Kafka {kafka_version()} (KRaft), started here")
-    if wanted == "kafka":
-        raise pytest.UsageError(f"STREAM_INFER_TEST_BROKER=kafka, but {why_not}")
-    return BrokerChoice("tansu", f"tansu, the embedded broker: Apache Kafka cannot run, {why_not}")
-
-
-def local_kafka_missing() -> str | None:
-    """Why a test cannot start Apache Kafka clusters of its own here (None when it can)."""
-    if broker_choice().engine == "tansu" and test_broker_engine() == "tansu":
-        return "STREAM_INFER_TEST_BROKER=tansu"
-    return missing_tools()
-
-
-def require_local_kafka() -> None:
-    """Skip, saying why, a test that starts Apache Kafka nodes of its own."""
-    why = local_kafka_missing()
-    if why:
-        pytest.skip(f"needs Apache Kafka started by the tests: {why}")
-
-
-_started: dict[str, float] = {}
-
-
-def pytest_report_header() -> str:
-    return f"integration broker: {broker_choice().why}"
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if "kafka" in _started:
-        terminalreporter.write_line(
-            f"integration broker: Apache Kafka {kafka_version()} started in "
-            f"{_started['kafka']:.1f} s"
-        )
 
 
 def _docker_kafka(stack: ExitStack) -> str | None:
@@ -141,7 +83,7 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if choice.engine == "kafka":
             workdir = tmp_path_factory.mktemp("kafka")
             cluster = stack.enter_context(KafkaCluster(1, workdir=workdir))
-            _started["kafka"] = cluster.started_in_s or 0.0
+            started["kafka"] = cluster.started_in_s or 0.0
             yield cluster.bootstrap_servers
             return
         log_path = tmp_path_factory.mktemp("broker") / "tansu.log"

@@ -28,7 +28,8 @@ from stream_infer.io.clients import consume_ready, ensure_topics, producer_confi
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.loadgen import OpenLoopProducer
 from stream_infer.settings import KafkaSettings
-from tests.integration.conftest import Setup, broker_choice, good_events, metric, scrape
+from tests.brokers import broker_choice
+from tests.integration.conftest import Setup, good_events, metric, scrape
 
 FREEZE_S = 20.0
 

@@ -39,7 +39,8 @@ from stream_infer.broker import free_port
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, producer_config
 from stream_infer.loadgen import OpenLoopProducer
-from tests.integration.conftest import Setup, require_local_kafka
+from tests.brokers import require_local_kafka
+from tests.integration.conftest import Setup
 
 BATCHING = {"max_batch_size": 64, "max_wait_ms": 5, "max_batches_in_flight": 4}
 IN_FLIGHT = BATCHING["max_batch_size"] * BATCHING["max_batches_in_flight"]

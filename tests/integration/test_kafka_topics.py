@@ -33,7 +33,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from stream_infer.broker import free_port
 from stream_infer.loadgen import OpenLoopProducer
 from stream_infer.settings import ENV_PREFIX
-from tests.integration.conftest import Setup, broker_choice, good_events, scrape
+from tests.brokers import broker_choice
+from tests.integration.conftest import Setup, good_events, scrape
 from tests.integration.faulty_models import HANGS
 from tests.integration.test_model_faults import _events, _faulty_model
 

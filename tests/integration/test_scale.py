@@ -23,7 +23,8 @@ import pytest
 
 from stream_infer.broker import free_port
 from stream_infer.loadgen import OpenLoopProducer
-from tests.integration.conftest import Setup, broker_choice, good_events, scrape
+from tests.brokers import broker_choice
+from tests.integration.conftest import Setup, good_events, scrape
 
 PARTITIONS = 8
 RATE = 400.0

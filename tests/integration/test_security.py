@@ -60,13 +60,8 @@ from stream_infer.apache_kafka import KafkaCluster
 from stream_infer.apache_kafka.cluster import Listener
 from stream_infer.broker import free_port
 from stream_infer.controller import Controller, new_command
-from tests.integration.conftest import (
-    Setup,
-    good_events,
-    metric,
-    require_local_kafka,
-    wait_ready,
-)
+from tests.brokers import require_local_kafka
+from tests.integration.conftest import Setup, good_events, metric, wait_ready
 
 N = 300
 JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from stream_infer.broker import EmbeddedBroker
-from tests.integration.conftest import broker_choice
+from tests.brokers import broker_choice
 from tests.integration.test_control import test_swap_under_load_loses_nothing_and_switches
 from tests.integration.test_serving import (
     test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow,
