@@ -58,7 +58,9 @@ def group_protocol_config(kafka: KafkaSettings) -> dict[str, Any]:
     return {
         "partition.assignment.strategy": "range",
         "session.timeout.ms": kafka.session_timeout_ms,
-        "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 5),
+        # A fifth of the session, at most librdkafka's 3 s: members learn of a rebalance
+        # from a heartbeat, so a longer interval would lengthen every rebalance.
+        "heartbeat.interval.ms": max(500, min(3_000, kafka.session_timeout_ms // 5)),
     }
 
 
