@@ -275,6 +275,18 @@ def worker_events(setup: Setup) -> dict[str, int]:
     }
 
 
+def serve_the_rest(flow: Flow, load: OpenLoopProducer, setup: Setup, port: int) -> set[str]:
+    """Stop the load, read until every id sent has a prediction, check the worker is sound;
+    the ids sent."""
+    load.stop()
+    assert load.errors == 0
+    expected = {f"e-{i}" for i in range(load.sent)}
+    flow.read_until(lambda: expected <= flow.seen.keys(), 60, "every id served")
+    flow.drain(quiet_s=1.5)
+    worker_sound(setup, port)
+    return expected
+
+
 def duplicate_bound(rate: float, commit_outage_s: float) -> int:
     """What one fault can make the worker serve twice.
 
@@ -428,12 +440,7 @@ def _leaders_and_controller_killed(
                 flow.read_until(lambda: in_sync(cluster, topics, 3), 60, "replicas back in sync")
                 fault.restart_s = time.monotonic() - t0
             flow.read_until(flow.caught_up(load), 60, "catch-up after the last restart")
-            load.stop()
-            assert load.errors == 0
-            expected = {f"e-{i}" for i in range(load.sent)}
-            flow.read_until(lambda: expected <= flow.seen.keys(), 60, "every id served")
-            flow.drain(quiet_s=1.5)
-            worker_sound(setup, port)
+            expected = serve_the_rest(flow, load, setup, port)
         finally:
             load.stop()
             flow.close()
@@ -589,12 +596,7 @@ def test_a_broker_restarted_on_its_data_loses_nothing(tmp_path: Path, how: str) 
             fault.restart_s = time.monotonic() - t0
             fault.extra["caught_up_s"] = flow.read_until(flow.caught_up(load), 90, "catch-up")
             fault.recovered_at = time.time()
-            load.stop()
-            assert load.errors == 0
-            expected = {f"e-{i}" for i in range(load.sent)}
-            flow.read_until(lambda: expected <= flow.seen.keys(), 60, "every id served")
-            flow.drain(quiet_s=1.5)
-            worker_sound(setup, port)
+            expected = serve_the_rest(flow, load, setup, port)
         finally:
             load.stop()
             flow.close()
