@@ -12,13 +12,22 @@ Commands (JSON, one per message on the control topic; schemas/control-command.sc
 Only what is declared changeable changes: a command names a declared model and declared
 versions, or it is rejected with a reason and nothing changes. When the topology sets an HMAC
 key, a command must carry ``"signature"``: hex HMAC-SHA256 of the command's canonical JSON
-(keys sorted, no whitespace, without the signature field).
+(keys sorted, no whitespace, without the signature field; :func:`canonical_forms` lists the
+writers accepted).
+
+The :class:`RoutingTable` is a pure function of the control log and the topology: whether a
+command is applied depends only on the commands before it (its id not seen before, the model
+and versions declared, the weights valid, something to roll back, the record's own time
+against ``issued_at``), never on this machine (its artifacts, its clock, its memory). So every
+worker that has read the same log holds the same table. Whether this worker can *load* what
+the table routes is the runtime's affair, reported apart (an ack's ``applied_not_loaded``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +54,13 @@ INVALID_WEIGHTS = "invalid_weights"
 NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"
 NOT_A_LEARNER = "not_a_learner"
 ARTIFACT_INVALID = "artifact_invalid"
+DUPLICATE = "duplicate_command"
+SHADOW_SERVES = "shadow_serves"
+EXPIRED = "expired"
+
+# Ack statuses: applied; rejected (nothing changed); applied to the routing table, as on every
+# worker, but this worker cannot load what it routes.
+STATUSES = ("applied", "rejected", "applied_not_loaded")
 
 
 @dataclass(frozen=True)
@@ -54,16 +70,53 @@ class Command:
     model: str | None = None
     version: str | None = None
     weights: Mapping[str, float] | None = None
+    issued_at: float | None = None
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: the command without its signature, keys sorted."""
+    """The bytes a signature covers: the command without its signature, keys sorted.
+
+    This is the form :func:`sign` writes (orjson's); :func:`canonical_forms` lists every form
+    a signature is checked against.
+    """
     body = {k: v for k, v in doc.items() if k != "signature"}
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
+def canonical_forms(doc: Mapping[str, Any]) -> list[bytes]:
+    """Every serialization of the command (without ``signature``) a signature may cover.
+
+    1. ``orjson.dumps(body, option=OPT_SORT_KEYS)``: UTF-8, non-ASCII characters as they are,
+       floats in their shortest round-trip form with no padding (``1e-7``);
+    2. ``json.dumps(body, sort_keys=True, separators=(",", ":"))`` (Python's standard
+       library, ``ensure_ascii`` true): non-ASCII characters as ``\\uXXXX``, floats as
+       ``repr`` (``1e-07``);
+    3. the same with ``ensure_ascii=False``, UTF-8.
+
+    Each is a JSON text that parses back to the same body, so two different bodies never
+    share a form, and accepting several grants nothing a key does not.
+    """
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    forms = [orjson.dumps(body, option=orjson.OPT_SORT_KEYS)]
+    for ascii_only in (True, False):
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only)
+        form = text.encode("utf-8", "surrogatepass")
+        if form not in forms:
+            forms.append(form)
+    return forms
+
+
 def sign(doc: Mapping[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical(doc), hashlib.sha256).hexdigest()
+
+
+def _signature_matches(doc: Mapping[str, Any], signature: str, key: bytes) -> bool:
+    given = signature.encode()  # as bytes: compare_digest raises TypeError on non-ASCII str
+    found = False
+    for form in canonical_forms(doc):  # every form compared: the time does not say which
+        expected = hmac.new(key, form, hashlib.sha256).hexdigest().encode()
+        found |= hmac.compare_digest(given, expected)
+    return found
 
 
 def _str_field(doc: Mapping[str, Any], name: str, command_id: str) -> str:
@@ -74,8 +127,45 @@ def _str_field(doc: Mapping[str, Any], name: str, command_id: str) -> str:
     return value
 
 
-def parse_command(raw: bytes | None, *, hmac_key: bytes | None = None) -> Command:
-    """Decode, authenticate and check the shape of one command. Raises ControlError."""
+def _issued_at(
+    doc: Mapping[str, Any], command_id: str, max_age_s: float | None, record_ts: float | None
+) -> float | None:
+    """The command's ``issued_at``; with ``max_age_s``, checked against the record's log time."""
+    value = doc.get("issued_at")
+    if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+        msg = f"'issued_at' must be seconds since the Unix epoch, got {value!r}"
+        raise ControlError(MALFORMED, msg, command_id=command_id)
+    if max_age_s is None:
+        return None if value is None else float(value)
+    if value is None:
+        msg = f"this topology accepts commands at most {max_age_s:g} s old: 'issued_at' is missing"
+        raise ControlError(EXPIRED, msg, command_id=command_id)
+    if record_ts is None:
+        msg = "the control record carries no timestamp to check 'issued_at' against"
+        raise ControlError(EXPIRED, msg, command_id=command_id)
+    if abs(record_ts - value) > max_age_s:
+        msg = (
+            f"issued at {value:.3f}, written to the control log at {record_ts:.3f}: "
+            f"more than {max_age_s:g} s apart"
+        )
+        raise ControlError(EXPIRED, msg, command_id=command_id)
+    return float(value)
+
+
+def parse_command(
+    raw: bytes | None,
+    *,
+    hmac_key: bytes | None = None,
+    max_age_s: float | None = None,
+    record_ts: float | None = None,
+) -> Command:
+    """Decode, authenticate and check the shape of one command. Raises ControlError.
+
+    ``max_age_s``: the command must carry ``issued_at`` within that many seconds of
+    ``record_ts``, the time its record was written to the control log (Kafka's record
+    timestamp). Both are in the log, so the answer is the same live, at every replay and on
+    every worker.
+    """
     if not raw or len(raw) > MAX_COMMAND_BYTES:
         size = len(raw) if raw else 0
         raise ControlError(MALFORMED, f"a command is 1..{MAX_COMMAND_BYTES} bytes, got {size}")
@@ -94,14 +184,24 @@ def parse_command(raw: bytes | None, *, hmac_key: bytes | None = None) -> Comman
             msg = "this topology requires signed commands; 'signature' is missing"
             raise ControlError(UNSIGNED, msg, command_id=command_id)
         try:
-            expected = sign(doc, hmac_key)
-        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes
+            matches = _signature_matches(doc, signature, hmac_key)
+        except (orjson.JSONEncodeError, ValueError, RecursionError) as exc:  # e.g. too deep
             msg = f"cannot write the command's canonical JSON to check its signature: {exc}"
             raise ControlError(MALFORMED, msg, command_id=command_id) from None
-        # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
-        if not hmac.compare_digest(signature.encode(), expected.encode()):
+        if not matches:
             msg = "the signature does not match the command"
             raise ControlError(BAD_SIGNATURE, msg, command_id=command_id)
+    issued_at = _issued_at(doc, command_id, max_age_s, record_ts)
+    return _shape(doc, command_id, issued_at)
+
+
+def _shape(doc: Mapping[str, Any], command_id: str, issued_at: float | None) -> Command:
+    """The command of an authenticated document; ControlError if a field is wrong."""
+    cmd = _fields(doc, command_id)
+    return Command(cmd.id, cmd.command, cmd.model, cmd.version, cmd.weights, issued_at)
+
+
+def _fields(doc: Mapping[str, Any], command_id: str) -> Command:
     name = doc.get("command")
     if name not in COMMANDS:
         msg = f"unknown command {name!r}; known: {', '.join(COMMANDS)}"
@@ -131,23 +231,63 @@ def parse_command(raw: bytes | None, *, hmac_key: bytes | None = None) -> Comman
 
 @dataclass
 class RoutingTable:
-    """The routing of every model, its history (for rollback), and when it last changed."""
+    """The routing of every model, its history (for rollback), and when it last changed.
+
+    ``seen``: the id of every command that passed authentication: a command id is applied
+    once (a second copy, or a replay of a signed command, is rejected ``duplicate_command``),
+    whatever became of the first. ``generation`` counts the commands that changed something
+    (a route, or a learner reset): a pure function of the log, the same on every worker that
+    has read as far (drift policies derive their command ids from it).
+    """
 
     declared: Mapping[str, tuple[str, ...]]
     routes: dict[str, Route]
     history: dict[str, list[Route]] = field(default_factory=dict)
     changed_at: float = 0.0
     applied: int = 0
+    learners: frozenset[tuple[str, str]] | None = None
+    seen: set[str] = field(default_factory=set)
+    generation: int = 0
 
     @classmethod
     def initial(
-        cls, declared: Mapping[str, tuple[str, ...]], serving: Mapping[str, str], now: float
+        cls,
+        declared: Mapping[str, tuple[str, ...]],
+        serving: Mapping[str, str],
+        now: float,
+        *,
+        learners: set[tuple[str, str]] | frozenset[tuple[str, str]] | None = None,
     ) -> RoutingTable:
+        """``learners``: the (model, version) pairs that are online learners (None: not
+        checked, any declared version may be reset)."""
         routes = {model: Route.single(version) for model, version in serving.items()}
-        return cls(declared=dict(declared), routes=routes, changed_at=now)
+        return cls(
+            declared=dict(declared),
+            routes=routes,
+            changed_at=now,
+            learners=None if learners is None else frozenset(learners),
+        )
+
+    def apply(self, cmd: Command, now: float) -> bool:
+        """Check ``cmd`` and make it the routing in force; whether it changed anything.
+
+        Raises ControlError, and then nothing changes but that ``cmd.id`` is now seen.
+        """
+        if cmd.id in self.seen:
+            msg = f"a command with id {cmd.id!r} was already in the control log"
+            raise ControlError(DUPLICATE, msg, command_id=cmd.id)
+        self.seen.add(cmd.id)
+        routes = self._plan(cmd)
+        return self.commit(cmd, routes, now)
 
     def plan(self, cmd: Command) -> dict[str, Route]:
         """The routes after ``cmd``, without applying it. Raises ControlError if invalid."""
+        if cmd.id in self.seen:
+            msg = f"a command with id {cmd.id!r} was already in the control log"
+            raise ControlError(DUPLICATE, msg, command_id=cmd.id)
+        return self._plan(cmd)
+
+    def _plan(self, cmd: Command) -> dict[str, Route]:
         if cmd.command == "status":
             return dict(self.routes)
         model = cmd.model or ""
@@ -164,7 +304,10 @@ class RoutingTable:
             return version
 
         if cmd.command == "reset_learner":
-            known(cmd.version or "")
+            version = known(cmd.version or "")
+            if self.learners is not None and (model, version) not in self.learners:
+                msg = f"{model}:{version} is not an online learner"
+                raise ControlError(NOT_A_LEARNER, msg, command_id=cmd.id)
             return dict(self.routes)
         if cmd.command == "swap":
             version = known(cmd.version or "")
@@ -176,11 +319,18 @@ class RoutingTable:
             for version in cmd.weights or {}:
                 known(version)
             try:
-                new = Route.split(cmd.weights or {}, versions).with_shadow(current.shadow)
+                new = Route.split(cmd.weights or {}, versions)
             except ValueError as exc:
                 raise ControlError(INVALID_WEIGHTS, str(exc), command_id=cmd.id) from None
+            new = new.with_shadow(None if current.shadow in new.versions else current.shadow)
         elif cmd.command == "shadow":
-            new = current.with_shadow(known(cmd.version) if cmd.version else None)
+            if cmd.version and known(cmd.version) in current.versions:
+                msg = (
+                    f"{model}:{cmd.version} serves already ({dict(current.weights)}): "
+                    "a shadow of it would only score it twice"
+                )
+                raise ControlError(SHADOW_SERVES, msg, command_id=cmd.id)
+            new = current.with_shadow(cmd.version or None)
         elif cmd.command == "unshadow":
             new = current.with_shadow(None)
         else:  # rollback
@@ -190,11 +340,20 @@ class RoutingTable:
             new = self.history[model][-1]
         return {**self.routes, model: new}
 
-    def commit(self, cmd: Command, routes: dict[str, Route], now: float) -> None:
-        """Make ``routes`` (from :meth:`plan`) the routing in force."""
+    def commit(self, cmd: Command, routes: dict[str, Route], now: float) -> bool:
+        """Make ``routes`` (from :meth:`plan`) the routing in force; whether anything changed.
+
+        A command that changes no route pushes no history and is not counted in ``applied``.
+        """
+        self.seen.add(cmd.id)
         if cmd.command in NO_ROUTING_CHANGE:
-            return
+            if cmd.command == "reset_learner":
+                self.generation += 1
+                return True
+            return False
         model = cmd.model or ""
+        if routes[model] == self.routes[model]:
+            return False
         if cmd.command == "rollback":
             self.history[model].pop()
         else:
@@ -202,6 +361,8 @@ class RoutingTable:
         self.routes = routes
         self.changed_at = now
         self.applied += 1
+        self.generation += 1
+        return True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -229,16 +390,27 @@ def encode_ack(
     table: RoutingTable,
     error: ControlError | None,
     now: float,
+    not_loaded: str | None = None,
+    serving: Mapping[str, Route] | None = None,
 ) -> bytes:
+    """One worker's answer. ``not_loaded``: the command is applied to the routing table (as
+    on every worker) but this worker cannot load what it routes; ``serving`` is then the
+    routing it still serves (the last it could load, if any)."""
+    applied, rejected, not_loaded_status = STATUSES
+    status = rejected if error else not_loaded_status if not_loaded else applied
     doc: dict[str, Any] = {
         "command_id": command_id,
         "command": command,
         "worker": worker,
-        "status": "rejected" if error else "applied",
+        "status": status,
         "routing": table.as_dict(),
         "ts": now,
     }
     if error is not None:
         doc["reason"] = error.reason
         doc["detail"] = error.detail
+    elif not_loaded:
+        doc["reason"] = ARTIFACT_INVALID
+        doc["detail"] = not_loaded
+        doc["serving"] = {m: r.as_dict() for m, r in sorted((serving or {}).items())}
     return orjson.dumps(doc)

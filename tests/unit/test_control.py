@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import itertools
 import json
 import re
 from pathlib import Path
@@ -78,20 +79,30 @@ def snapshot(table: RoutingTable) -> tuple[Any, ...]:
     )
 
 
+_IDS = itertools.count()
+
+
 def swap(version: str, model: str = "risk") -> Command:
-    return Command("c-swap", "swap", model, version)
+    return Command(f"c-swap-{next(_IDS)}", "swap", model, version)
 
 
 def split(weights: dict[str, float], model: str = "risk") -> Command:
-    return Command("c-split", "split", model, weights=weights)
+    return Command(f"c-split-{next(_IDS)}", "split", model, weights=weights)
 
 
 def shadow(version: str | None, model: str = "risk") -> Command:
-    return Command("c-shadow", "shadow", model, version)
+    return Command(f"c-shadow-{next(_IDS)}", "shadow", model, version)
 
 
 UNSHADOW = Command("c-unshadow", "unshadow", "risk")
 ROLLBACK = Command("c-rollback", "rollback", "risk")
+
+
+def rollback() -> Command:
+    """A rollback with an id of its own (an id is applied once)."""
+    return Command(f"c-rollback-{next(_IDS)}", "rollback", "risk")
+
+
 STATUS = Command("c-status", "status")
 RESET = Command("c-reset", "reset_learner", "risk", "v2")
 
@@ -565,7 +576,8 @@ def test_swap_to_an_undeclared_version_is_rejected() -> None:
     table = fresh_table()
     with pytest.raises(ControlError) as info:
         table.plan(swap("v9"))
-    assert (info.value.reason, info.value.command_id) == (control.UNKNOWN_VERSION, "c-swap")
+    assert info.value.reason == control.UNKNOWN_VERSION
+    assert info.value.command_id.startswith("c-swap")
     assert "'v9'" in info.value.detail
     with pytest.raises(ControlError) as info:
         table.plan(swap("b"))  # a version of another model
@@ -612,7 +624,8 @@ def test_a_bad_split_is_rejected(weights: dict[str, float], reason: str) -> None
     table = fresh_table()
     with pytest.raises(ControlError) as info:
         table.plan(split(weights))
-    assert (info.value.reason, info.value.command_id) == (reason, "c-split")
+    assert info.value.reason == reason
+    assert info.value.command_id.startswith("c-split")
 
 
 def test_shadow_sets_and_clears_the_shadow() -> None:
@@ -622,8 +635,8 @@ def test_shadow_sets_and_clears_the_shadow() -> None:
     assert table.routes["risk"] == Route(weights=(("v1", 0.5), ("v2", 0.5)), shadow="v3")
     apply(table, shadow(None), T0 + 3)
     assert table.routes["risk"] == Route(weights=(("v1", 0.5), ("v2", 0.5)), shadow=None)
-    apply(table, shadow("v2"), T0 + 4)
-    assert table.routes["risk"].shadow == "v2"
+    apply(table, shadow("v3"), T0 + 4)
+    assert table.routes["risk"].shadow == "v3"
     apply(table, UNSHADOW, T0 + 5)
     assert table.routes["risk"] == Route(weights=(("v1", 0.5), ("v2", 0.5)), shadow=None)
     assert table.applied == 5
@@ -643,7 +656,7 @@ def test_rollback_walks_the_history_back_one_step_at_a_time() -> None:
     now = T0 + 10
     for expected in reversed(seen[:-1]):
         now += 1
-        apply(table, ROLLBACK, now)
+        apply(table, rollback(), now)
         assert table.routes["risk"] == expected
         assert table.changed_at == now
     assert table.routes == {"risk": Route.single("v1"), "spam": Route.single("a")}
@@ -673,9 +686,9 @@ def test_rollback_is_per_model() -> None:
 def test_a_change_after_a_rollback_is_rolled_back_to_where_it_came_from() -> None:
     table = fresh_table()
     apply(table, swap("v2"), T0 + 1)
-    apply(table, ROLLBACK, T0 + 2)
+    apply(table, rollback(), T0 + 2)
     apply(table, swap("v3"), T0 + 3)
-    apply(table, ROLLBACK, T0 + 4)
+    apply(table, rollback(), T0 + 4)
     assert table.routes["risk"] == Route.single("v1")
     with pytest.raises(ControlError):
         table.plan(ROLLBACK)
@@ -751,7 +764,7 @@ def test_a_rejected_plan_leaves_the_table_untouched(cmd: Command) -> None:
 
 @pytest.mark.parametrize(
     "cmd",
-    [swap("v2"), split({"v1": 0.5, "v2": 0.5}), shadow("v3"), UNSHADOW, ROLLBACK, STATUS, RESET],
+    [swap("v2"), split({"v1": 0.5, "v2": 0.5}), shadow("v2"), UNSHADOW, ROLLBACK, STATUS, RESET],
     ids=lambda c: c.command,
 )
 def test_a_plan_is_not_applied_until_committed(cmd: Command) -> None:
@@ -991,3 +1004,151 @@ def test_control_usage_errors_exit_2_before_any_connection(
     assert result.exit_code == 2, (result.output, result.exception)
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# --- issue 13: the routing is a pure function of the log (items 8, 9, 12, 18) -----------------
+
+
+def run_log(table: RoutingTable, docs: list[dict[str, Any]]) -> list[str | None]:
+    """Apply each document as a worker would; the rejection reason of each (None: applied)."""
+    out: list[str | None] = []
+    for doc in docs:
+        try:
+            table.apply(parse_command(raw(doc)), T0)
+        except ControlError as exc:
+            out.append(exc.reason)
+        else:
+            out.append(None)
+    return out
+
+
+def test_policy_swaps_from_several_workers_and_a_rollback_walk_back_one_step() -> None:
+    table = RoutingTable.initial({"risk": ("v1", "v2", "online")}, {"risk": "v1"}, now=T0)
+    split_doc = {"id": "c1", "command": "split", "model": "risk", "weights": {"v1": 0.9, "v2": 0.1}}
+    copies = [{"id": "drift-x", "command": "swap", "model": "risk", "version": "v1"}] * 3
+    undo = {"id": "op", "command": "rollback", "model": "risk"}
+    reasons = run_log(table, [split_doc, *copies, undo])
+    assert reasons == [None, None, control.DUPLICATE, control.DUPLICATE, None]
+    assert table.routes["risk"] == Route.split({"v1": 0.9, "v2": 0.1}, ("v1", "v2", "online"))
+
+
+def test_a_command_that_changes_nothing_pushes_no_history() -> None:
+    table = RoutingTable.initial({"risk": ("v1", "v2")}, {"risk": "v1"}, now=T0)
+    docs = [
+        {"id": "a", "command": "swap", "model": "risk", "version": "v2"},
+        {"id": "b", "command": "swap", "model": "risk", "version": "v2"},
+        {"id": "c", "command": "rollback", "model": "risk"},
+    ]
+    assert run_log(table, docs) == [None, None, None]
+    assert table.routes["risk"] == Route.single("v1")
+    assert table.applied == 2  # the no-op swap is not counted
+
+
+def test_a_rollback_delivered_twice_walks_back_once() -> None:
+    table = RoutingTable.initial({"risk": ("v1", "v2", "online")}, {"risk": "v1"}, now=T0)
+    docs = [
+        {"id": "c1", "command": "swap", "model": "risk", "version": "v2"},
+        {"id": "c2", "command": "split", "model": "risk", "weights": {"v2": 0.5, "online": 0.5}},
+        {"id": "rb", "command": "rollback", "model": "risk"},
+        {"id": "rb", "command": "rollback", "model": "risk"},
+    ]
+    assert run_log(table, docs) == [None, None, None, control.DUPLICATE]
+    assert table.routes["risk"] == Route.single("v2")
+
+
+def test_an_id_is_burned_even_when_its_command_is_rejected() -> None:
+    # A signed rollback rejected today must not roll back when replayed tomorrow.
+    table = RoutingTable.initial({"risk": ("v1", "v2")}, {"risk": "v1"}, now=T0)
+    docs = [
+        {"id": "rb", "command": "rollback", "model": "risk"},
+        {"id": "s", "command": "swap", "model": "risk", "version": "v2"},
+        {"id": "rb", "command": "rollback", "model": "risk"},
+    ]
+    assert run_log(table, docs) == [control.NOTHING_TO_ROLL_BACK, None, control.DUPLICATE]
+    assert table.routes["risk"] == Route.single("v2")
+
+
+def test_shadow_of_a_serving_version_is_rejected() -> None:
+    table = fresh_table()
+    with pytest.raises(ControlError) as info:
+        table.plan(shadow("v1"))
+    assert info.value.reason == control.SHADOW_SERVES
+    apply(table, split({"v1": 0.5, "v2": 0.5}), T0)
+    with pytest.raises(ControlError):
+        table.plan(shadow("v2"))
+    assert table.plan(shadow("v3"))["risk"].shadow == "v3"
+
+
+def test_a_split_onto_the_shadow_drops_the_shadow() -> None:
+    table = fresh_table()
+    apply(table, shadow("v2"), T0)
+    apply(table, split({"v1": 0.5, "v2": 0.5}), T0)
+    assert table.routes["risk"].shadow is None
+
+
+def test_reset_learner_of_a_version_that_is_no_learner_is_rejected_by_the_table() -> None:
+    table = RoutingTable.initial(DECLARED, SERVING, now=T0, learners={("risk", "v3")})
+    with pytest.raises(ControlError) as info:
+        table.plan(Command("r", "reset_learner", "risk", "v2"))
+    assert info.value.reason == control.NOT_A_LEARNER
+    before = table.generation
+    table.apply(Command("r2", "reset_learner", "risk", "v3"), T0)
+    assert table.generation == before + 1 and table.applied == 0
+
+
+def test_the_generation_counts_changes_only() -> None:
+    table = fresh_table()
+    assert table.generation == 0
+    apply(table, swap("v2"), T0)
+    apply(table, Command("s", "status"), T0)
+    apply(table, Command("again", "swap", "risk", "v2"), T0)
+    assert table.generation == 1
+
+
+def stdlib_signed(doc: dict[str, Any], **dumps: Any) -> dict[str, Any]:
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), **dumps).encode()
+    return doc | {"signature": hmac.new(KEY, body, hashlib.sha256).hexdigest()}
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_stdlib_json_signer_is_accepted_with_non_ascii_text_and_small_floats(
+    ensure_ascii: bool,
+) -> None:
+    doc = {
+        "id": "c-é-☃",
+        "command": "split",
+        "model": "risk",
+        "weights": {"v1": 1 - 1e-7, "v2": 1e-7},
+        "note": "Zürich 🚀",
+    }
+    assert json.dumps(1e-7) == "1e-07" and orjson.dumps(1e-7) == b"1e-7"  # the two differ
+    sent = stdlib_signed(doc, ensure_ascii=ensure_ascii)
+    cmd = parse_command(json.dumps(sent, ensure_ascii=ensure_ascii).encode(), hmac_key=KEY)
+    assert cmd.id == "c-é-☃"
+    forged = sent | {"note": "Zurich"}
+    with pytest.raises(ControlError) as info:
+        parse_command(json.dumps(forged).encode(), hmac_key=KEY)
+    assert info.value.reason == control.BAD_SIGNATURE
+
+
+def test_the_command_schema_states_the_canonical_forms() -> None:
+    text = (ROOT / "schemas" / "control-command.schema.json").read_text()
+    assert 'json.dumps(body, sort_keys=True, separators=(\\",\\", \\":\\"))' in text
+    assert "ensure_ascii" in text
+
+
+def test_a_command_older_than_the_max_age_at_its_log_time_is_expired() -> None:
+    doc = {"id": "c", "command": "swap", "model": "risk", "version": "v2", "issued_at": T0}
+    data = raw(signed(doc))
+    ok = parse_command(data, hmac_key=KEY, max_age_s=60.0, record_ts=T0 + 59)
+    assert ok.issued_at == T0
+    for record_ts in (T0 + 61, T0 - 61, None):
+        with pytest.raises(ControlError) as info:
+            parse_command(data, hmac_key=KEY, max_age_s=60.0, record_ts=record_ts)
+        assert info.value.reason == control.EXPIRED
+    undated = raw(signed({k: v for k, v in doc.items() if k != "issued_at"}))
+    with pytest.raises(ControlError) as info:
+        parse_command(undated, hmac_key=KEY, max_age_s=60.0, record_ts=T0)
+    assert info.value.reason == control.EXPIRED
+    # Without a max age, issued_at is carried (and signed) but not checked.
+    assert parse_command(data, hmac_key=KEY, record_ts=T0 + 10**6).issued_at == T0
