@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from stream_infer.errors import BrokerError
 from stream_infer.io.clients import consume_ready
@@ -34,6 +34,8 @@ class ControlLog:
                 "group.id": f"stream-infer-control-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
+                # The replay's end: an event when a partition is read to its end.
+                "enable.partition.eof": True,
             }
         )
         self._stop = threading.Event()
@@ -54,21 +56,36 @@ class ControlLog:
             )
         parts = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
         self._consumer.assign(parts)
-        ends = {
-            p.partition: self._consumer.get_watermark_offsets(p, timeout=timeout_s)[1]
-            for p in parts
-        }
+        # The end is the high watermark when the replay begins. A partition is read to it when
+        # the consumer's position (the offset after the last record or transaction marker it
+        # went past) reaches it, or librdkafka says the partition is at its end. Not from the
+        # offsets of the records returned: a transaction marker takes an offset and is never
+        # returned, and with every record deleted (low = high > 0) none is returned at all.
+        ends: dict[int, int] = {}
+        for p in parts:
+            low, high = self._consumer.get_watermark_offsets(p, timeout=timeout_s)
+            if high > max(low, 0):
+                ends[p.partition] = high
         out: list[Message] = []
-        positions = dict.fromkeys(ends, 0)
         deadline = time.monotonic() + timeout_s
-        while any(positions[p] < end for p, end in ends.items()):
+        while ends:
             if time.monotonic() > deadline:
                 msg = f"could not read the control log {self.topic!r} within {timeout_s}s"
                 raise BrokerError(msg)
             for msg_ in consume_ready(self._consumer, 500, 0.2):
-                if msg_.error() is None:
+                error = msg_.error()
+                if error is None:
                     out.append(msg_)
-                    positions[msg_.partition() or 0] = (msg_.offset() or 0) + 1
+                elif error.code() == KafkaError._PARTITION_EOF and (
+                    (msg_.offset() or 0) >= ends.get(msg_.partition() or 0, 0)
+                ):
+                    ends.pop(msg_.partition() or 0, None)
+            positions = self._consumer.position(
+                [TopicPartition(self.topic, p) for p in sorted(ends)]
+            )
+            for tp in positions:
+                if tp.offset >= ends[tp.partition]:
+                    del ends[tp.partition]
         return out
 
     def follow(self, hand_off: Callable[[Message], None]) -> None:

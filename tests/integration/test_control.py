@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream_infer.broker import free_port
 from stream_infer.controller import Controller, new_command
+from stream_infer.io.control_log import ControlLog
 from stream_infer.loadgen import OpenLoopProducer
+from tests.brokers import broker_choice
 from tests.integration.conftest import MODELS, Setup, good_events, scrape
 
 
@@ -220,3 +226,49 @@ def test_a_restarted_worker_rebuilds_the_same_routing(make_setup: Any) -> None:
     acks = command(ctl, "status")
     ctl.close()
     assert routes_of(acks) == [expected, expected]
+
+
+def test_replay_ends_at_a_transaction_marker_and_on_a_log_whose_records_all_expired(
+    bootstrap: str,
+) -> None:
+    """Issue 13 item 15, on a real broker: a log whose last offset is a transaction marker,
+    then the same log with every record deleted (low = high > 0)."""
+    if not broker_choice().is_apache_kafka:
+        pytest.skip("needs a broker with transactions and DeleteRecords (Apache Kafka)")
+    topic = f"ctl-replay-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    plain = Producer({"bootstrap.servers": bootstrap})
+    plain.produce(topic, b"a")
+    assert plain.flush(30) == 0
+    tx = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"tx-{topic}"})
+    tx.init_transactions(30)
+    tx.begin_transaction()
+    tx.produce(topic, b"b")
+    tx.commit_transaction(30)  # the commit marker is the log's last offset
+    conf = {"bootstrap.servers": bootstrap}
+    probe = ControlLog(conf, topic)
+    try:
+        low, high = probe._consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        assert (low, high) == (0, 3), "a, b and the commit marker"
+    finally:
+        probe.close()
+    started = time.monotonic()
+    log = ControlLog(conf, topic)
+    try:
+        assert [m.value() for m in log.replay(timeout_s=10)] == [b"a", b"b"]
+    finally:
+        log.close()
+    print(f"replay to a marker: {time.monotonic() - started:.2f} s")
+    deleted = admin.delete_records([TopicPartition(topic, 0, 3)])
+    deleted[TopicPartition(topic, 0, 3)].result(30)
+    started = time.monotonic()
+    log = ControlLog(conf, topic)
+    try:
+        low, high = log._consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        assert low == high == 3
+        assert log.replay(timeout_s=10) == []
+    finally:
+        log.close()
+    print(f"replay of an all-deleted log: {time.monotonic() - started:.2f} s")
+    admin.delete_topics([topic])

@@ -1,0 +1,134 @@
+"""Replaying the control log ends where the log ended when the replay began, whatever the log
+holds there: records, nothing (every record deleted by retention: low = high > 0), or a
+transaction marker (an offset no record is ever returned for). The fake consumer behaves as
+librdkafka does: markers take an offset but are never returned; position() is the offset after
+the last record or marker consumed; a partition at its end yields a _PARTITION_EOF event (when
+enable.partition.eof is set) carrying the end offset."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+
+from stream_infer.io import control_log as control_log_module
+from stream_infer.io.control_log import ControlLog
+
+
+class FakeMessage:
+    def __init__(self, offset: int, value: bytes | None, error: KafkaError | None = None) -> None:
+        self._offset, self._value, self._error = offset, value, error
+
+    def error(self) -> KafkaError | None:
+        return self._error
+
+    def offset(self) -> int:
+        return self._offset
+
+    def partition(self) -> int:
+        return 0
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+class _Meta:
+    def __init__(self) -> None:
+        self.error = None
+        self.partitions = {0: object()}
+
+
+class _Topics:
+    def __init__(self, topic: str) -> None:
+        self.topics = {topic: _Meta()}
+
+
+class FakeLogConsumer:
+    """One partition: ``records`` maps offset -> value (None: a transaction marker);
+    offsets below ``low`` are deleted."""
+
+    records: ClassVar[dict[int, bytes | None]] = {}
+    low: ClassVar[int] = 0
+    high: ClassVar[int] = 0
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+        self._pos = -1
+        self._eof_sent = False
+
+    def list_topics(self, topic: str, timeout: float) -> _Topics:
+        return _Topics(topic)
+
+    def assign(self, parts: list[TopicPartition]) -> None:
+        self._pos = self.low  # OFFSET_BEGINNING: the first offset still there
+
+    def get_watermark_offsets(self, part: TopicPartition, timeout: float) -> tuple[int, int]:
+        return self.low, self.high
+
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self._pos) for p in parts]
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        out: list[FakeMessage] = []
+        while len(out) < num_messages and self._pos < self.high:
+            value = self.records.get(self._pos)
+            self._pos += 1
+            if value is not None:  # a marker is skipped, but the position moves past it
+                out.append(FakeMessage(self._pos - 1, value))
+        if self._pos >= self.high and not self._eof_sent and self.conf.get("enable.partition.eof"):
+            self._eof_sent = True
+            eof = KafkaError(KafkaError._PARTITION_EOF)
+            out.append(FakeMessage(self._pos, None, eof))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_log(monkeypatch: pytest.MonkeyPatch) -> type[FakeLogConsumer]:
+    monkeypatch.setattr(control_log_module, "Consumer", FakeLogConsumer)
+    return FakeLogConsumer
+
+
+def values(fake: type[FakeLogConsumer], timeout_s: float = 2.0) -> list[bytes | None]:
+    log = ControlLog({}, "ctl")
+    try:
+        return [m.value() for m in log.replay(timeout_s=timeout_s)]
+    finally:
+        log.close()
+
+
+def test_a_log_of_records_is_replayed_in_full(fake_log: type[FakeLogConsumer]) -> None:
+    fake_log.records, fake_log.low, fake_log.high = {0: b"a", 1: b"b", 2: b"c"}, 0, 3
+    assert values(fake_log) == [b"a", b"b", b"c"]
+
+
+def test_an_empty_log_is_replayed_at_once(fake_log: type[FakeLogConsumer]) -> None:
+    fake_log.records, fake_log.low, fake_log.high = {}, 0, 0
+    assert values(fake_log) == []
+
+
+def test_a_log_whose_every_record_expired_is_replayed_at_once(
+    fake_log: type[FakeLogConsumer],
+) -> None:
+    fake_log.records, fake_log.low, fake_log.high = {}, 5, 5
+    assert values(fake_log) == []
+
+
+def test_a_log_that_ends_with_a_transaction_marker_is_replayed(
+    fake_log: type[FakeLogConsumer],
+) -> None:
+    # a, then a transactional b and its commit marker at offset 2.
+    fake_log.records, fake_log.low, fake_log.high = {0: b"a", 1: b"b", 2: None}, 0, 3
+    assert values(fake_log) == [b"a", b"b"]
+
+
+def test_a_log_with_markers_and_expired_records(fake_log: type[FakeLogConsumer]) -> None:
+    fake_log.records = {3: b"c", 4: None, 5: b"d", 6: None}
+    fake_log.low, fake_log.high = 3, 7
+    assert values(fake_log) == [b"c", b"d"]
