@@ -58,8 +58,10 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         track_scores: bool = False,
         watchdog: Watchdog | None = None,
+        max_dead_letter_bytes: int = serde.MAX_DEAD_LETTER_BYTES,
     ) -> None:
         self.decoder = decoder
+        self.max_dead_letter_bytes = max_dead_letter_bytes
         self.outputs = tuple(outputs)
         self.dead_letter_topic = dead_letter_topic
         self.shadow_topic = shadow_topic
@@ -89,7 +91,7 @@ class Pipeline:
         result.dead_letters.extend(failed.values())
         now = self.clock()
         for letter in result.dead_letters:
-            value = serde.encode_dead_letter(letter, now=now)
+            value = serde.encode_dead_letter(letter, now=now, max_bytes=self.max_dead_letter_bytes)
             result.records.append(OutRecord(self.dead_letter_topic, letter.record.key(), value))
         return result
 

@@ -154,25 +154,69 @@ class FeatureDecoder:
         return batch, dead
 
 
-def encode_dead_letter(letter: DeadLetter, *, now: float | None = None) -> bytes:
-    """The dead-letter JSON: reason, detail, the original payload, and where it came from."""
+# What a dead letter's key and value may take, unless the topology says otherwise
+# (limits.max_dead_letter_bytes): under librdkafka's message.max.bytes (1,000,000) and
+# Apache Kafka's max.message.bytes (1,048,588) with room to spare, and enough for a whole
+# 64 KiB event even if every byte of it is escaped (\u00XX, 6 bytes).
+MAX_DEAD_LETTER_BYTES = 512 * 1024
+# The most of an `oversized` record's value a dead letter keeps.
+OVERSIZED_PREFIX_BYTES = 4096
+# The most of a key (characters) and of a detail that the document repeats.
+MAX_KEY_CHARS = 1024
+MAX_DETAIL_CHARS = 2048
+# What a dead letter's value gets at least, whatever the length of its Kafka key.
+MIN_DEAD_LETTER_VALUE_BYTES = 8 * 1024
+
+
+def encode_dead_letter(
+    letter: DeadLetter, *, now: float | None = None, max_bytes: int = MAX_DEAD_LETTER_BYTES
+) -> bytes:
+    """The dead-letter JSON: reason, detail, the original payload, and where it came from.
+
+    The record (its Kafka key, the original key, plus this value) takes at most ``max_bytes``:
+    the payload is kept whole when that fits, else its longest prefix that does, with
+    ``raw_truncated: true`` (escaping can make JSON text six times its bytes, and base64 adds
+    a third, so a record within limits.max_event_bytes may not fit whole). An ``oversized``
+    record keeps at most its first 4096 bytes. Only a Kafka key longer than
+    ``max_bytes - 8 KiB`` makes the record larger (the key is kept: it places the record).
+    """
     record = letter.record
     raw = record.value() or b""
+    key = record.key()
     doc: dict[str, Any] = {
         "error": letter.reason,
-        "detail": letter.detail,
+        "detail": letter.detail[:MAX_DETAIL_CHARS],
         "topic": record.topic(),
         "partition": record.partition(),
         "offset": record.offset(),
         "ts": time.time() if now is None else now,
         "raw_bytes": len(raw),
     }
-    key = record.key()
     if key is not None:
-        doc["key"] = key.decode("utf-8", "backslashreplace")
-    # Keep the payload whole unless it is the reason it was refused: then keep a 4 KiB prefix.
-    kept = raw[:4096] if letter.reason == OVERSIZED else raw
-    doc["raw_truncated"] = len(kept) < len(raw)
+        text = key.decode("utf-8", "backslashreplace")
+        doc["key"] = text[:MAX_KEY_CHARS]
+        if len(text) > MAX_KEY_CHARS:
+            doc["key_truncated"] = True
+    budget = max(MIN_DEAD_LETTER_VALUE_BYTES, max_bytes - len(key or b""))
+    keep = min(len(raw), OVERSIZED_PREFIX_BYTES) if letter.reason == OVERSIZED else len(raw)
+    value = _with_raw(doc, raw, keep)
+    if len(value) <= budget:
+        return value
+    # The longest prefix that fits (the size grows with the prefix): a binary search, on
+    # this rare path only. 0 bytes always fits: the rest of the document is bounded.
+    low, high = 0, keep
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(_with_raw(doc, raw, mid)) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return _with_raw(doc, raw, low)
+
+
+def _with_raw(doc: dict[str, Any], raw: bytes, keep: int) -> bytes:
+    kept = raw[:keep]
+    doc["raw_truncated"] = keep < len(raw)
     try:
         doc["raw"] = kept.decode("utf-8")
         doc["raw_encoding"] = "utf-8"

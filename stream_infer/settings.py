@@ -40,6 +40,16 @@ class _Frozen(BaseModel):
 # those librdkafka refuses with group.protocol=consumer (the broker owns them there).
 _GROUP_OWNED = ("group.protocol", "group.remote.assignor", "partition.assignment.strategy")
 _CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "group.protocol.type")
+# librdkafka partitioners that send every record of a key to the same partition ("random" does
+# not; the *_random ones randomise only records without a key).
+KEYED_PARTITIONERS = (
+    "consistent_random",
+    "consistent",
+    "murmur2_random",
+    "murmur2",
+    "fnv1a_random",
+    "fnv1a",
+)
 
 
 class KafkaSettings(_Frozen):
@@ -101,6 +111,21 @@ class KafkaSettings(_Frozen):
                 "sasl_username and sasl_password"
             )
             raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _partitioner_keeps_keys(self) -> KafkaSettings:
+        """A keyed record must land on the partition its key names, always: the label join
+        (labels keyed like their events) and per-key order depend on it."""
+        for where, conf in (("extra", self.extra), ("producer_extra", self.producer_extra)):
+            value = conf.get("partitioner")
+            if value is not None and value not in KEYED_PARTITIONERS:
+                msg = (
+                    f"kafka.{where}.partitioner={value!r} does not map a key to one partition "
+                    f"every time; use one of {', '.join(KEYED_PARTITIONERS)} (murmur2_random is "
+                    "the Java client's partitioner)"
+                )
+                raise ValueError(msg)
         return self
 
     @model_validator(mode="after")
@@ -223,6 +248,16 @@ class BatchingSettings(_Frozen):
 
 class LimitSettings(_Frozen):
     max_event_bytes: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
+    max_dead_letter_bytes: int = Field(
+        default=512 * 1024,
+        ge=16 * 1024,
+        le=16 * 1024 * 1024,
+        description=(
+            "most bytes a dead letter's key and value take: a payload that would not fit is "
+            "cut (raw_truncated). At most the producer's message.max.bytes (librdkafka's "
+            "default 1000000) and the dead-letter topic's max.message.bytes"
+        ),
+    )
     inference_timeout_s: float = Field(
         default=30.0,
         gt=0.0,
@@ -235,12 +270,35 @@ class LimitSettings(_Frozen):
         le=1000,
         description="hung calls per version after which its calls are refused and /healthz fails",
     )
+    max_unacked_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        le=86_400.0,
+        description=(
+            "/healthz fails once the oldest batch (or ack) the broker has not acknowledged has "
+            "waited this long (deliveries stuck: brokers unreachable, records retried without "
+            "end), except while Kafka refuses a permission (a warning: a restart grants none)"
+        ),
+    )
 
 
 class WorkerSettings(_Frozen):
     web_port: int = Field(default=6066, ge=1, le=65535, description="metrics and health")
     web_host: str = "127.0.0.1"
     inference_threads: int = Field(default=1, ge=1, le=256, description="torch intra-op threads")
+    id: str | None = Field(
+        default=None,
+        description="this worker's stable identity (e.g. the pod name, from the downward API: "
+        "STREAM_INFER_WORKER__ID); names its learner snapshot files; default: the host name",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _worker_id(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            msg = f"{value!r} is not a valid worker id (1 to 64 letters, digits, '.', '_', '-')"
+            raise ValueError(msg)
+        return value
 
 
 class ControlSettings(_Frozen):
@@ -302,6 +360,10 @@ class OnlineSettings(_Frozen):
         return bool(self.learners or self.monitors)
 
 
+# What a record's framing may add to its key and value (record headers, batch header).
+PRODUCE_MARGIN_BYTES = 1024
+
+
 class Topology(_Frozen):
     """A validated topology: everything a worker needs to run."""
 
@@ -346,6 +408,28 @@ class Topology(_Frozen):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             msg = f"model names must be unique, got {names}"
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> Topology:
+        """A dead letter must fit in what the producer may send, or it could never leave."""
+        name = "message.max.bytes"
+        limit = self.kafka.producer_extra.get(name, self.kafka.extra.get(name, 1_000_000))
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            msg = f"kafka {name} must be a number of bytes, got {limit!r}"
+            raise ValueError(msg) from None
+        # librdkafka refuses a record whose key plus value exceeds message.max.bytes; the
+        # record's framing comes on top: keep a margin for it.
+        if self.limits.max_dead_letter_bytes > limit - PRODUCE_MARGIN_BYTES:
+            msg = (
+                f"limits.max_dead_letter_bytes={self.limits.max_dead_letter_bytes} does not "
+                f"fit in the producer's {name}={limit} (minus {PRODUCE_MARGIN_BYTES} bytes of "
+                f"framing): lower it, or raise {name} in kafka.producer_extra (and the "
+                "dead-letter topic's max.message.bytes with it)"
+            )
             raise ValueError(msg)
         return self
 

@@ -15,7 +15,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from stream_infer.errors import BrokerError, ConfigError
-from stream_infer.settings import KafkaSettings, Topology
+from stream_infer.settings import PRODUCE_MARGIN_BYTES, KafkaSettings, Topology
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,23 @@ def group_protocol_config(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
-    """The workers' producer: every record acknowledged by all in-sync replicas.
+    """The workers' producer: every record acknowledged by all in-sync replicas, in order.
+
+    ``message.timeout.ms`` is 0 (no limit): librdkafka's idempotent producer retries a
+    transient error itself, in order and without duplicates, for as long as it takes. With a
+    finite timeout a record that timed out comes back to the publisher, which produces it
+    again; but librdkafka goes on with the records after it meanwhile, so it may land behind
+    newer records of its key. A delivery stuck for long is a /healthz problem
+    (``limits.max_unacked_s``), not a silent wait.
 
     ``kafka.producer_extra`` applies to this producer only (after ``kafka.extra``), e.g. a
-    shorter ``message.timeout.ms`` without touching the consumers.
+    finite ``message.timeout.ms`` without touching the consumers.
     """
     conf = kafka.librdkafka() | {
         "logger": _RDKAFKA_LOG,
         "acks": "all",
         "enable.idempotence": True,
+        "message.timeout.ms": 0,
         "linger.ms": 5,
         "batch.num.messages": 10_000,
         "queue.buffering.max.messages": 1_000_000,
@@ -121,6 +129,18 @@ def ensure_topology_topics(
     )
     rest = [t for t in topology.all_topics() if t not in single]
     partitions = topology.topics.partitions
+    dead_letter = topology.topics.dead_letter
+    needed = dead_letter_max_message_bytes(topology)
+    if needed > KAFKA_MAX_MESSAGE_BYTES:  # Apache Kafka's default would refuse the largest
+        created += ensure_topics(
+            topology.kafka,
+            [dead_letter],
+            partitions=partitions,
+            replication_factor=rf,
+            config={"max.message.bytes": str(needed)},
+            timeout_s=timeout_s,
+        )
+        rest.remove(dead_letter)
     created += ensure_topics(
         topology.kafka, rest, partitions=partitions, replication_factor=rf, timeout_s=timeout_s
     )
@@ -165,9 +185,13 @@ def check_topology_topics(
             raise ConfigError(problem)
         if problem:
             log.error("labels cannot be joined: %s", problem)
+    if topics.dead_letter in counts:
+        warnings = _check_dead_letter_config(admin, topology, timeout_s)
+    else:
+        warnings = []
     control = topics.control
     if control not in counts:
-        return []
+        return warnings
     if counts[control] != 1:
         msg = (
             f"control topic {control!r} has {counts[control]} partitions, expected 1: commands "
@@ -176,7 +200,52 @@ def check_topology_topics(
             "one partition (`stream-infer topics` does) and set topics.control to it"
         )
         raise ConfigError(msg)
-    return _check_control_config(admin, control, timeout_s)
+    return warnings + _check_control_config(admin, control, timeout_s)
+
+
+# Apache Kafka's default max.message.bytes (the largest record batch a topic accepts).
+KAFKA_MAX_MESSAGE_BYTES = 1_048_588
+
+
+def dead_letter_max_message_bytes(topology: Topology) -> int:
+    """The max.message.bytes the dead-letter topic needs for the largest dead letter."""
+    return topology.limits.max_dead_letter_bytes + PRODUCE_MARGIN_BYTES
+
+
+def _topic_config(admin: Any, topic: str, timeout_s: float) -> dict[str, str | None]:
+    """A topic's configuration as the broker reports it. Raises KafkaException/TimeoutError."""
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    future = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+    # Longer than the request: librdkafka answers the future by its own timeout. A future
+    # still unanswered raises TimeoutError (Python >= 3.11), not KafkaException.
+    entries = future.result(timeout=timeout_s + FUTURE_GRACE_S)
+    return {name: entry.value for name, entry in entries.items()}
+
+
+def _check_dead_letter_config(admin: Any, topology: Topology, timeout_s: float) -> list[str]:
+    """Refuse a dead-letter topic whose max.message.bytes is below the largest dead letter:
+    its dead letters would be refused (MSG_SIZE_TOO_LARGE) and their batches never done."""
+    topic = topology.topics.dead_letter
+    needed = dead_letter_max_message_bytes(topology)
+    try:
+        config = _topic_config(admin, topic, timeout_s)
+    except (KafkaException, TimeoutError) as exc:
+        return [
+            f"cannot read the configuration of dead-letter topic {topic!r} ({exc}): check "
+            f"that its max.message.bytes is at least {needed}"
+        ]
+    value = config.get("max.message.bytes")
+    if value is None or not value.isdigit() or int(value) >= needed:
+        return []
+    msg = (
+        f"dead-letter topic {topic!r} has max.message.bytes={value}, below the {needed} bytes "
+        f"a dead letter may take (limits.max_dead_letter_bytes="
+        f"{topology.limits.max_dead_letter_bytes}, plus {PRODUCE_MARGIN_BYTES} of framing): "
+        "the broker would refuse the largest dead letters. Raise it (kafka-configs.sh "
+        f"--bootstrap-server ... --alter --entity-type topics --entity-name {topic} "
+        f"--add-config max.message.bytes={needed}) or lower limits.max_dead_letter_bytes"
+    )
+    raise ConfigError(msg)
 
 
 def copartition_problem(counts: Mapping[str, int], input_topic: str, labels: str) -> str | None:
@@ -199,18 +268,13 @@ def copartition_problem(counts: Mapping[str, int], input_topic: str, labels: str
 
 
 def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]:
-    resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
-        future = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
-        # Longer than the request: librdkafka answers the future by its own timeout. A future
-        # still unanswered raises TimeoutError (Python >= 3.11), not KafkaException.
-        entries = future.result(timeout=timeout_s + FUTURE_GRACE_S)
+        config = _topic_config(admin, topic, timeout_s)
     except (KafkaException, TimeoutError) as exc:
         return [
             f"cannot read the configuration of control topic {topic!r} ({exc}): check "
             "that it has retention.ms=-1 and retention.bytes=-1"
         ]
-    config = {name: entry.value for name, entry in entries.items()}
     policy = {p.strip() for p in (config.get("cleanup.policy") or "delete").split(",")}
     fix = (
         f"kafka-configs.sh --bootstrap-server ... --alter --entity-type topics --entity-name "

@@ -382,3 +382,36 @@ def test_ten_thousand_bad_records_mixed_into_good_traffic(make_setup: Any) -> No
         f"{N_GOOD} good ({len(EDGE_GOOD)} valid edge kinds, {sum(kinds[k.name] for k in EDGE_GOOD)}"
         f" records); all accounted for in {time.monotonic() - started:.1f} s"
     )
+
+
+def test_dead_letters_of_records_that_escape_badly_still_fit(make_setup: Any) -> None:
+    """Hardening item 6: a 200 kB record of control bytes is 1.2 MB of JSON once escaped, and a
+    900 kB binary record 1.2 MB of base64: over librdkafka's message.max.bytes, so produce()
+    refused the dead letter and the batch was never committed. Capped, both are delivered
+    (a prefix of the payload, raw_truncated) and the input is committed to its end."""
+    setup: Setup = make_setup(
+        limits={"max_event_bytes": 1024 * 1024, "max_dead_letter_bytes": 64 * 1024}
+    )
+    port = setup.doc["worker"]["web_port"]
+    control_bytes = b"\x01" * 200_000
+    binary = bytes(range(256)) * 3500
+    good = [
+        (f"k{i}".encode(), orjson.dumps({"id": f"g-{i}", "features": [0.0] * len(FEATURES)}))
+        for i in range(50)
+    ]
+    setup.start_worker(web_port=port)
+    setup.produce([(b"bad-1", control_bytes), (b"bad-2", binary), *good])
+
+    dead = setup.collect(setup.topics.dead_letter, until=2, timeout_s=60)
+    preds = setup.collect(setup.topics.predictions, until=len(good), timeout_s=60)
+    assert sorted(d["key"] for d in dead) == ["bad-1", "bad-2"]
+    for letter in dead:
+        original = control_bytes if letter["key"] == "bad-1" else binary
+        assert letter["raw_truncated"] is True
+        assert letter["raw_bytes"] == len(original)
+        assert original.startswith(_raw(letter))
+    assert {p["id"] for p in preds} == {f"g-{i}" for i in range(50)}
+    deadline = time.monotonic() + 30
+    while setup.committed(setup.topics.input) < len(good) + 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert setup.committed(setup.topics.input) == len(good) + 2

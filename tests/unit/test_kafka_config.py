@@ -195,8 +195,11 @@ def test_a_compacted_control_topic_is_a_warning() -> None:
 def test_an_unreadable_control_topic_configuration_is_a_warning() -> None:
     topo = topology()
     refused = KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
-    (warning,) = check_topology_topics(topo, admin_for(topo, describe_error=refused))
-    assert warning.startswith(
+    dead_letter, control = check_topology_topics(topo, admin_for(topo, describe_error=refused))
+    assert dead_letter.startswith(
+        f"cannot read the configuration of dead-letter topic {topo.topics.dead_letter!r}"
+    )
+    assert control.startswith(
         f"cannot read the configuration of control topic {topo.topics.control!r}"
     )
 
@@ -263,8 +266,8 @@ def test_a_control_topic_configuration_that_never_comes_is_a_warning(
     admin = admin_for(topo)
     admin.describe_hangs = True
     monkeypatch.setattr(clients, "FUTURE_GRACE_S", 0.0)
-    (warning,) = check_topology_topics(topo, admin, timeout_s=0.05)
-    assert warning.startswith(
+    _dead_letter, control = check_topology_topics(topo, admin, timeout_s=0.05)
+    assert control.startswith(
         f"cannot read the configuration of control topic {topo.topics.control!r}"
     )
 
@@ -275,3 +278,35 @@ def test_copartition_problem_needs_both_counts() -> None:
     problem = copartition_problem({"in": 8, "lab": 4}, "in", "lab")
     assert problem is not None
     assert "Add partitions to 'lab' to match 'in'" in problem
+
+
+# --- dead letters fit (hardening item 6) ----------------------------------------------------
+
+
+def test_a_dead_letter_topic_too_small_for_the_largest_dead_letter_is_refused() -> None:
+    topo = topology()
+    dead_letter = topo.topics.dead_letter
+    admin = admin_for(topo)
+    admin.configs[dead_letter] = {"max.message.bytes": "100000"}
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin)
+    message = str(info.value)
+    assert f"dead-letter topic {dead_letter!r} has max.message.bytes=100000" in message
+    assert f"--add-config max.message.bytes={512 * 1024 + 1024}" in message
+
+
+def test_a_dead_letter_topic_large_enough_passes() -> None:
+    topo = topology()
+    admin = admin_for(topo)
+    admin.configs[topo.topics.dead_letter] = {"max.message.bytes": "1048588"}
+    assert check_topology_topics(topo, admin) == []
+
+
+def test_a_dead_letter_cap_over_the_producers_limit_is_refused() -> None:
+    data = minimal()
+    data["limits"] = {"max_dead_letter_bytes": 2 * 1024 * 1024}
+    with pytest.raises(ConfigError) as info:
+        parse_topology(data, env={})
+    assert "limits.max_dead_letter_bytes=2097152 does not fit in the producer's " in str(info.value)
+    data["kafka"] = {"producer_extra": {"message.max.bytes": 4 * 1024 * 1024}}
+    assert parse_topology(data, env={}).limits.max_dead_letter_bytes == 2 * 1024 * 1024

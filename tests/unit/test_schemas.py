@@ -281,7 +281,8 @@ def good_dead_letter(**change: Any) -> dict[str, Any]:
         {"error": "exploded"},
         {"raw_encoding": "hex"},
         {"raw": "not base64!"},
-        {"raw_truncated": True},  # only oversized records are truncated
+        {"raw_truncated": "yes"},
+        {"key_truncated": 1},
         {"raw_bytes": -1},
         {"partition": "0"},
         {"offset": 1.5},

@@ -388,3 +388,63 @@ def test_predictions_with_several_outputs_and_extra_fields() -> None:
 def test_predictions_must_match_the_batch() -> None:
     with pytest.raises(ValueError, match="zip"):
         encode_predictions(small_batch(), [0.5], model="m", version="v1", served_at=1.0)
+
+
+# --- dead letters always fit (hardening item 6) ----------------------------------------------
+
+
+def test_a_dead_letter_of_control_bytes_stays_under_its_cap(
+    make_record: Any, validators: dict[str, Any]
+) -> None:
+    # Each control byte is escaped as \u00XX (6 bytes): 200 kB of them used to become a 1.2 MB
+    # dead letter, over librdkafka's message.max.bytes (produce() raised MSG_SIZE_TOO_LARGE).
+    decoder = FeatureDecoder(["a"], max_event_bytes=1024 * 1024)
+    raw = b"\x01" * 200_000
+    _, dead = decoder.decode_batch([make_record(raw, b"k")])
+    cap = 64 * 1024
+    value = encode_dead_letter(dead[0], now=0.0, max_bytes=cap)
+    assert len(value) + len(b"k") <= cap
+    doc = orjson.loads(value)
+    validators["dead-letter"].validate(doc)
+    assert doc["error"] == "invalid_json"
+    assert doc["raw_truncated"] is True
+    assert doc["raw_bytes"] == len(raw)
+    kept = doc["raw"].encode()
+    assert len(kept) > 0 and raw.startswith(kept)
+    # It keeps as much as fits: at most one character's escape (6 bytes) more would overflow.
+    assert len(value) > cap - len(b"k") - 7
+
+
+@pytest.mark.parametrize("reason", [serde.INVALID_JSON, serde.OVERSIZED])
+def test_a_binary_dead_letter_stays_under_its_cap(make_record: Any, reason: str) -> None:
+    raw = bytes(range(256)) * 4000  # ~1 MB, not UTF-8: base64 adds a third
+    key = b"user-1"
+    value = encode_dead_letter(
+        DeadLetter(reason, "x", make_record(raw, key)), now=0.0, max_bytes=100_000
+    )
+    assert len(value) + len(key) <= 100_000
+    doc = orjson.loads(value)
+    assert doc["raw_encoding"] == "base64"
+    assert raw.startswith(base64.b64decode(doc["raw"], validate=True))
+    assert doc["raw_truncated"] is True
+
+
+def test_a_huge_key_is_cut_in_the_document(make_record: Any) -> None:
+    key = b"k" * 100_000
+    value = encode_dead_letter(
+        DeadLetter(serde.INVALID_JSON, "x", make_record(b"{", key)), now=0.0, max_bytes=256_000
+    )
+    doc = orjson.loads(value)
+    assert doc["key"] == "k" * serde.MAX_KEY_CHARS
+    assert doc["key_truncated"] is True
+    assert len(value) + len(key) <= 256_000
+
+
+def test_a_dead_letter_that_fits_is_whole(make_record: Any) -> None:
+    raw = b"\x01" * 1000
+    value = encode_dead_letter(
+        DeadLetter(serde.INVALID_JSON, "x", make_record(raw)), now=0.0, max_bytes=64 * 1024
+    )
+    doc = orjson.loads(value)
+    assert doc["raw"].encode() == raw
+    assert doc["raw_truncated"] is False
