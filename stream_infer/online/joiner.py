@@ -12,6 +12,15 @@ Each of the three stores holds at most ``max_entries`` ids; when one is full its
 evicted. :meth:`LabelJoiner.expire` drops entries older than ``ttl_s``. Every operation is O(1)
 amortised per item (insertion-ordered ``OrderedDict`` stores, oldest first).
 
+Each event and early label may carry the input partition it came from: :meth:`expire`, given
+the partitions the worker owns now, counts the events that expired while their partition
+belongs to another worker (``expired_moved``: their labels went to the new owner).
+
+Memory: about 0.5 KiB per pending event with 8 features and one serving version, plus 32 bytes
+per further feature (Python floats in a tuple) and about 100 bytes per further version that
+scored it (measured with tracemalloc in ``tests/unit/online/test_joiner.py``); an early label or
+a joined id's memory takes about 200 bytes.
+
 The joiner is not thread-safe: it is owned by one thread (the learning side of the runtime).
 """
 
@@ -20,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +62,7 @@ class _Pending:
     features: tuple[float, ...]
     served: list[Served]
     at: float
+    partition: int = -1  # the input partition it came from; -1: not known
 
 
 class LabelJoiner:
@@ -74,8 +84,9 @@ class LabelJoiner:
     ``duplicate_events`` events ignored because their id was already joined; ``expired`` events
     dropped by :meth:`expire` without a label; ``expired_labels`` early labels dropped by
     :meth:`expire` without their event; ``evicted`` events and early labels pushed out by the
-    capacity bound. Gauges: ``pending`` events waiting for a label now, ``early`` early labels
-    waiting for their event now.
+    capacity bound; ``expired_moved`` the expired events whose partition was owned by another
+    worker then (a subset of ``expired``). Gauges: ``pending`` events waiting for a label now,
+    ``early`` early labels waiting for their event now.
 
     All the versions that scored an event should be given in one :meth:`add_event_many` call (a
     pipeline batch's serving and shadow predictions together): an event that was already joined
@@ -102,6 +113,7 @@ class LabelJoiner:
         self._duplicate_events = 0
         self._expired = 0
         self._expired_labels = 0
+        self._expired_moved = 0
         self._evicted = 0
 
     # -- counters ---------------------------------------------------------------------------
@@ -134,6 +146,11 @@ class LabelJoiner:
         return self._expired_labels
 
     @property
+    def expired_moved(self) -> int:
+        """Expired events whose partition was not owned here when they expired (total)."""
+        return self._expired_moved
+
+    @property
     def evicted(self) -> int:
         """Events and early labels pushed out by the capacity bound (total)."""
         return self._evicted
@@ -150,9 +167,11 @@ class LabelJoiner:
         ids: Sequence[str],
         features: npt.NDArray[Any],
         served: Sequence[Served],
+        partitions: Sequence[int] | None = None,
     ) -> list[Joined]:
-        """Record events (``features[i]`` is the row of ``ids[i]``) and the versions that served
-        them. Returns the joins completed now by labels that had arrived early.
+        """Record events (``features[i]`` is the row of ``ids[i]``, ``partitions[i]`` its input
+        partition, when given) and the versions that served them. Returns the joins completed
+        now by labels that had arrived early.
 
         An id already waiting gets the new versions added to it; an id already joined is ignored
         (``duplicate_events``). Every ``Served`` must name one of ``ids``.
@@ -164,6 +183,13 @@ class LabelJoiner:
                 f"({n} ids), got shape {tuple(features.shape)}"
             )
             raise ValueError(msg)
+        if partitions is not None and len(partitions) != n:
+            msg = (
+                f"LabelJoiner.add_event_many: {len(partitions)} partitions for {n} ids "
+                "(one per id expected)"
+            )
+            raise ValueError(msg)
+        parts = list(partitions) if partitions is not None else [-1] * n
         by_id: dict[str, list[Served]] = {event_id: [] for event_id in ids}
         for s in served:
             versions = by_id.get(s.id)
@@ -175,7 +201,7 @@ class LabelJoiner:
         now = self.clock()
         joins: list[Joined] = []
         events, early, done = self._events, self._early, self._done
-        for event_id, row in zip(ids, rows, strict=True):
+        for event_id, row, partition in zip(ids, rows, parts, strict=True):
             versions = by_id[event_id]
             if event_id in done:
                 self._duplicate_events += 1
@@ -190,7 +216,7 @@ class LabelJoiner:
                 joins.append(Joined(event_id, label[0], tuple(row), tuple(versions)))
                 self._mark_done(event_id, now)
                 continue
-            events[event_id] = _Pending(tuple(row), list(versions), now)
+            events[event_id] = _Pending(tuple(row), list(versions), now, partition)
             by_id[event_id] = []  # a repeated id in this call merges into the stored list
             if len(events) > self.max_entries:
                 events.popitem(last=False)
@@ -220,10 +246,12 @@ class LabelJoiner:
         self._mark_done(event_id, now)
         return Joined(event_id, value, waiting.features, tuple(waiting.served))
 
-    def expire(self) -> int:
+    def expire(self, owned: Container[int] | None = None) -> int:
         """Drop events, early labels and joined-id memories older than ``ttl_s``.
 
-        Returns how many events expired unlabelled (also added to ``expired``).
+        ``owned``: the input partitions this worker owns now; an expired event of a known
+        partition not among them is also counted in ``expired_moved``. Returns how many events
+        expired unlabelled (also added to ``expired``).
         """
         cutoff = self.clock() - self.ttl_s
         n = 0
@@ -234,6 +262,8 @@ class LabelJoiner:
                 break
             events.popitem(last=False)
             n += 1
+            if owned is not None and oldest.partition >= 0 and oldest.partition not in owned:
+                self._expired_moved += 1
         self._expired += n
         early = self._early
         while early and next(iter(early.values()))[1] <= cutoff:

@@ -118,6 +118,7 @@ class OnlineLearner:
         self._lock = threading.Lock()
         self._river = _build(kind, scale, seed)
         self._n_learned = 0
+        self._control_offset = -1
 
     def __repr__(self) -> str:
         return (
@@ -129,6 +130,13 @@ class OnlineLearner:
     def n_learned(self) -> int:
         """How many labelled rows the current model has learned (0 after :meth:`reset`)."""
         return self._n_learned
+
+    @property
+    def control_offset(self) -> int:
+        """The control-log offset of the last ``reset_learner`` applied to this learner (-1:
+        none). Kept in the snapshot: a replay of the control log skips the resets at or below
+        it, since the restored state already follows them."""
+        return self._control_offset
 
     # -- batches (the Predictor protocol and the runtime's learning side) --------------------
 
@@ -202,11 +210,17 @@ class OnlineLearner:
             raise ValueError(msg)
         return value == 1.0
 
-    def reset(self) -> None:
-        """Forget everything learned: a fresh river model with the same parameters."""
+    def reset(self, control_offset: int | None = None) -> None:
+        """Forget everything learned: a fresh river model with the same parameters.
+
+        ``control_offset``: the control-log offset of the ``reset_learner`` command that asked
+        for it, recorded (with the state, atomically) as :attr:`control_offset`.
+        """
         with self._lock:
             self._river = _build(self.kind, self.scale, self.seed)
             self._n_learned = 0
+            if control_offset is not None:
+                self._control_offset = max(self._control_offset, control_offset)
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -228,6 +242,7 @@ class OnlineLearner:
                 "scale": self.scale,
                 "seed": self.seed,
                 "n_learned": self._n_learned,
+                "control_offset": self._control_offset,
                 "river": self._river,
             }
             payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -273,6 +288,7 @@ class OnlineLearner:
                 seed=state["seed"],
             )
             n_learned = int(state["n_learned"])
+            control_offset = int(state.get("control_offset", -1))  # absent before 2026-12
             river_model = state["river"]
         except Exception as exc:  # any failure to rebuild means the snapshot is unusable
             msg = f"snapshot cannot be read: {type(exc).__name__}: {exc}"
@@ -286,6 +302,7 @@ class OnlineLearner:
                 raise ModelError(msg, model=model, version=version)
         learner._river = river_model
         learner._n_learned = n_learned
+        learner._control_offset = control_offset
         return learner
 
 

@@ -65,7 +65,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     async def obey(stream: Any) -> None:
         """Control commands, one at a time, in log order; each is answered on the acks topic."""
         async for msg in stream:
-            await rt.handle_control(msg.value())
+            await rt.handle_control(msg.value(), msg.offset())
 
     @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:

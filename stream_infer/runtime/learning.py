@@ -3,9 +3,15 @@ River learners, ADWIN drift monitors and the policies that act on drift.
 
 Everything here runs on one learning thread fed by a bounded queue: the inference thread
 submits what each batch scored, the same thread submits the batch's label records. When
-learning falls behind, the queue fills and the inference thread waits (backpressure), so
-nothing is dropped. Drift events go to the drift topic; policy actions go to the control topic,
-so every action is in the audit log and every worker applies it.
+learning falls behind, the queue fills and the inference thread waits (backpressure), but for
+at most ``queue_wait_s`` per item: past that, or at once when the learning thread is not
+running, the item is dropped and counted (``stream_infer_learning_dropped_total``), so that
+learning never stalls serving. The learning thread survives any failure of one item, of its
+housekeeping or of a snapshot (logged and counted in ``stream_infer_learning_errors_total``);
+:attr:`LearningService.problem` reports it dead or stalled (``/healthz``).
+
+Drift events go to the drift topic; policy actions go to the control topic, so every action is
+in the audit log and every worker applies it.
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +37,9 @@ from stream_infer.online.joiner import Joined, LabelJoiner, Served
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.policy import Policy, commands_for
 from stream_infer.online.prequential import Prequential
+from stream_infer.online.snapshots import SnapshotStore
 from stream_infer.routing import Route
-from stream_infer.settings import Topology
+from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ INVALID_LABEL = "invalid_label"
 
 class LearningMetrics:
     def __init__(self, metrics: Metrics) -> None:
-        r = metrics.registry
+        r = self.registry = metrics.registry
         self.labels = Counter(
             "stream_infer_labels_total",
             "Labels by outcome: joined, duplicate, invalid",
@@ -79,6 +85,36 @@ class LearningMetrics:
             ["model", "version", "signal"],
             registry=r,
         )
+        self.lost = Counter(
+            "stream_infer_labels_lost_total",
+            "Joins lost, by cause: rebalance (an event expired unlabelled after its partition"
+            " moved to another worker), orphan (a label expired waiting for an event this worker"
+            " never saw: moved, lost in a restart, or keyed unlike it), dropped (labels dropped"
+            " from a full learning queue or with the learning thread stopped)",
+            ["cause"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "stream_infer_learning_dropped_total",
+            "Scored events and labels not handed to the learning thread (queue full for"
+            " queue_wait_s, or the thread not running)",
+            ["kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "stream_infer_learning_errors_total",
+            "Failures on the learning thread, by stage (scored, labels, housekeeping, snapshot);"
+            " the thread goes on",
+            ["stage"],
+            registry=r,
+        )
+        self.snapshots_refused = Counter(
+            "stream_infer_learner_snapshots_refused_total",
+            "Learner snapshots not restored at start (unreadable, corrupt, mismatch: made for"
+            " another topology); the learner started afresh",
+            ["model", "version", "reason"],
+            registry=r,
+        )
 
 
 def decode_label(raw: bytes | None) -> tuple[str, float]:
@@ -107,6 +143,9 @@ class LearningService:
         predictors: Callable[[], Mapping[tuple[str, str], Any]],
         routes: Callable[[], Mapping[str, Route]],
         queue_size: int = 256,
+        queue_wait_s: float = 10.0,
+        stall_s: float = 60.0,
+        worker: str = "worker",
     ) -> None:
         self.topology = topology
         self.online = topology.online
@@ -121,12 +160,21 @@ class LearningService:
             Policy(p.signal, p.action, p.model, p.online_version) for p in self.online.policies
         ]
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
+        self.queue_wait_s = queue_wait_s
+        self.stall_s = stall_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learning", daemon=True)
         self._last_export = 0.0
         self._last_snapshot = time.monotonic()
+        self._progress_at = time.monotonic()  # when the thread last took an item or idled
         self._expired_seen = 0
         self._dup_seen = 0
+        self._orphans_seen = 0
+        self._moved_seen = 0
+        # The input partitions this worker owns (set from the consumer thread; read here).
+        self._owned: frozenset[int] | None = None
+        folder = self.online.snapshot_dir
+        self.snapshots = SnapshotStore(folder, worker) if folder is not None else None
 
     # --- called from the inference thread ---------------------------------------------------
 
@@ -135,11 +183,35 @@ class LearningService:
         batch: FeatureBatch | None,
         scored: Sequence[tuple[str, str, list[str], Any]],
         labels: Sequence[Record],
+        partitions: Sequence[int] | None = None,
     ) -> None:
+        """Hand a batch's scores (``partitions[i]``: the input partition of ``batch`` row i)
+        and its label records to the learning thread. Waits at most ``queue_wait_s`` per item
+        for room; drops (and counts) what does not fit, or everything when the learning thread
+        is not running."""
         if batch is not None and len(batch):
-            self._queue.put(("scored", (batch, list(scored))))
+            self._put("scored", (batch, list(scored), partitions), len(batch))
         if labels:
-            self._queue.put(("labels", list(labels)))
+            self._put("labels", list(labels), len(labels))
+
+    def _put(self, kind: str, item: Any, n: int) -> None:
+        deadline = time.monotonic() + self.queue_wait_s
+        while self._thread.is_alive() and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            try:
+                self._queue.put((kind, item), timeout=max(0.0, min(0.1, left)))
+                return
+            except queue.Full:
+                if left <= 0:
+                    break
+        self.metrics.dropped.labels(kind).inc(n)
+        if kind == "labels":
+            self.metrics.lost.labels("dropped").inc(n)
+        log.debug("learning: %d %s dropped (queue full or thread stopped)", n, kind)
+
+    def assigned(self, partitions: Iterable[int]) -> None:
+        """The input partitions this worker owns now (called from the consumer thread)."""
+        self._owned = frozenset(partitions)
 
     # --- the learning thread --------------------------------------------------------------------
 
@@ -151,6 +223,21 @@ class LearningService:
         """Whether the learning thread runs (it outlives any one item's failure)."""
         return self._thread.is_alive()
 
+    @property
+    def problem(self) -> str | None:
+        """Why learning needs a restart: its thread stopped, or has taken no item for
+        ``stall_s`` while items wait (a learner call that hangs). None when it is healthy."""
+        if not self._thread.is_alive():
+            return "the online learning thread stopped: nothing more is learned"
+        idle = time.monotonic() - self._progress_at
+        waiting = self._queue.qsize()
+        if waiting and idle >= self.stall_s:
+            return (
+                f"the online learning thread has taken no item for {idle:.0f} s "
+                f"({waiting} waiting): scores and labels are being dropped"
+            )
+        return None
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
@@ -158,19 +245,29 @@ class LearningService:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._progress_at = time.monotonic()
             try:
                 kind, item = self._queue.get(timeout=0.2)
             except queue.Empty:
-                self._housekeeping()
+                self._housekeep_safely()
                 continue
+            self._progress_at = time.monotonic()
             try:
                 if kind == "scored":
                     self._on_scored(*item)
                 else:
                     self._on_labels(item)
             except Exception:  # learning must never take serving down; it is logged and counted
+                self.metrics.errors.labels(kind).inc()
                 log.exception("online learning failed on a %s item", kind)
+            self._housekeep_safely()
+
+    def _housekeep_safely(self) -> None:
+        try:
             self._housekeeping()
+        except Exception:  # a metric or expiry bug must not end learning: logged and counted
+            self.metrics.errors.labels("housekeeping").inc()
+            log.exception("online learning housekeeping failed")
 
     def _monitor(self, model: str, version: str, signal: str) -> list[DriftMonitor]:
         out = []
@@ -191,7 +288,10 @@ class LearningService:
         return out
 
     def _on_scored(
-        self, batch: FeatureBatch, scored: list[tuple[str, str, list[str], Any]]
+        self,
+        batch: FeatureBatch,
+        scored: list[tuple[str, str, list[str], Any]],
+        partitions: Sequence[int] | None = None,
     ) -> None:
         served: list[Served] = []
         now = time.time()
@@ -211,7 +311,7 @@ class LearningService:
                 for monitor in self._monitor("*", "*", signal):
                     events += monitor.update_many(column)
         if self.topology.topics.labels:
-            self._on_joined(self.joiner.add_event_many(batch.ids, batch.x, served))
+            self._on_joined(self.joiner.add_event_many(batch.ids, batch.x, served, partitions))
         self._drifted(events)
 
     def _on_labels(self, records: list[Record]) -> None:
@@ -306,10 +406,14 @@ class LearningService:
         if now - self._last_export < 1.0:
             return
         self._last_export = now
-        self.joiner.expire()
+        self.joiner.expire(self._owned)
         expired = self.joiner.expired + self.joiner.evicted
         self.metrics.expired.inc(expired - self._expired_seen)
         self._expired_seen = expired
+        moved, orphans = self.joiner.expired_moved, self.joiner.expired_labels
+        self.metrics.lost.labels("rebalance").inc(moved - self._moved_seen)
+        self.metrics.lost.labels("orphan").inc(orphans - self._orphans_seen)
+        self._moved_seen, self._orphans_seen = moved, orphans
         self.metrics.labels.labels("duplicate").inc(self.joiner.duplicate_labels - self._dup_seen)
         self._dup_seen = self.joiner.duplicate_labels
         self.metrics.waiting.labels("early").set(self.joiner.early)
@@ -321,18 +425,55 @@ class LearningService:
             self._last_snapshot = now
             self.snapshot()
 
-    def snapshot(self) -> None:
-        """Write every learner's state to the snapshot folder (atomically), if there is one."""
-        folder = self.online.snapshot_dir
-        if folder is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
+    def snapshot(self) -> int:
+        """Write every learner's state to this worker's snapshot files (atomically), if there
+        is a snapshot folder. Never raises: a failure (full disk, no permission) is logged and
+        counted, the previous snapshot stays whole, and learning goes on. Returns how many
+        snapshots failed."""
+        if self.snapshots is None:
+            return 0
+        failed = 0
         for learner in self._learners():
-            path = snapshot_path(folder, learner.model, learner.version)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(learner.snapshot())
-            tmp.replace(path)
+            try:
+                self.snapshots.write(learner)
+            except Exception as exc:
+                failed += 1
+                self.metrics.errors.labels("snapshot").inc()
+                log.error(
+                    "snapshot of learner %s:%s not written (%s: %s); the previous one stays",
+                    learner.model,
+                    learner.version,
+                    type(exc).__name__,
+                    exc,
+                )
+        return failed
 
-
-def snapshot_path(folder: Path, model: str, version: str) -> Path:
-    return folder / f"{model}--{version}.snapshot"
+    def learner_for(self, spec: LearnerSettings) -> OnlineLearner:
+        """A learner for ``spec``: restored from a snapshot when one fits the topology (see
+        :mod:`stream_infer.online.snapshots` for which), else a fresh one. A snapshot that
+        cannot be used is an ERROR line and a count, never a failed start."""
+        features = self.topology.features
+        if self.snapshots is not None:
+            found = self.snapshots.load(
+                spec.model, spec.version, features=features, kind=spec.kind, scale=spec.scale
+            )
+            if found.learner is not None:
+                log.info(
+                    "restored learner %s:%s from %s (%d learned)",
+                    spec.model,
+                    spec.version,
+                    found.path,
+                    found.learner.n_learned,
+                )
+                return found.learner
+            if found.refused is not None:
+                reason = found.reason or "corrupt"
+                self.metrics.snapshots_refused.labels(spec.model, spec.version, reason).inc()
+                log.error(
+                    "learner %s:%s starts afresh: snapshot %s refused: %s",
+                    spec.model,
+                    spec.version,
+                    found.path,
+                    found.refused,
+                )
+        return OnlineLearner(spec.model, spec.version, features, kind=spec.kind, scale=spec.scale)

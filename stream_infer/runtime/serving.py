@@ -8,6 +8,7 @@ broker to acknowledge all its records; only then are its input offsets stored fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -45,7 +46,7 @@ from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.pipeline import ModelOutput, Pipeline, Serving
-from stream_infer.runtime.learning import LearningService, snapshot_path
+from stream_infer.runtime.learning import LearningService
 from stream_infer.serde import FeatureDecoder
 from stream_infer.settings import LearnerSettings, Topology
 
@@ -90,6 +91,7 @@ class InferenceRuntime:
                 publish=self._publish_untracked,
                 predictors=lambda: self._predictors,
                 routes=lambda: self.serving.routes,
+                worker=topology.worker.id or socket.gethostname(),
             )
         self._labels_topic = topology.topics.labels if topology.online.enabled else None
         # Set when the input and labels topics stop being partitioned alike (a partition added
@@ -130,8 +132,8 @@ class InferenceRuntime:
                     f"the control-log thread stopped ({self.control_log.error!r}): "
                     "later control commands are not applied"
                 )
-            if self.learning is not None and not self.learning.alive:
-                problems.append("the online learning thread stopped: nothing more is learned")
+            if self.learning is not None and (problem := self.learning.problem):
+                problems.append(problem)
         return problems
 
     def health_warnings(self) -> list[str]:
@@ -149,6 +151,13 @@ class InferenceRuntime:
         if warnings := self.health_warnings():
             body["warnings"] = warnings
         return (500 if problems else 200), body
+
+    def _assigned(self, parts: list[tuple[str, int]]) -> None:
+        """The consumer thread's assignment changed (after a revocation or an assignment)."""
+        owned = [p for topic, p in parts if topic == self.topology.topics.input]
+        self.metrics.assigned_partitions.set(len(owned))
+        if self.learning is not None:
+            self.learning.assigned(owned)
 
     def _partitions_changed(self, counts: dict[str, int]) -> None:
         """The consumer thread saw new partition counts: is the label join still possible?"""
@@ -187,9 +196,7 @@ class InferenceRuntime:
             max_wait_ms=topo.batching.max_wait_ms,
             max_in_flight=topo.batching.max_batches_in_flight,
             hand_off=hand_off,
-            on_assignment=lambda parts: self.metrics.assigned_partitions.set(
-                sum(1 for topic, _ in parts if topic == topo.topics.input)
-            ),
+            on_assignment=self._assigned,
             on_backpressure=self.metrics.source_backpressure_seconds.inc,
             on_partition_counts=self._partitions_changed,
             on_fetch_delay=self.metrics.fetch_delay_seconds.observe,
@@ -223,7 +230,7 @@ class InferenceRuntime:
         self.control_log = ControlLog(consumer_config(topo.kafka, "unused"), topo.topics.control)
         replayed = self.control_log.replay()
         for msg in replayed:
-            self._apply(msg.value(), replay=True)
+            self._apply(msg.value(), replay=True, offset=msg.offset())
         # Online learners are always loaded: they learn whether they serve or not.
         learners = {(x.model, x.version) for x in topo.online.learners}
         self._load_required(required_versions(self.table.routes) | learners)
@@ -269,22 +276,10 @@ class InferenceRuntime:
             )
 
     def _make_learner(self, spec: LearnerSettings) -> OnlineLearner:
-        """A River learner; restored from its snapshot when there is one."""
-        folder = self.topology.online.snapshot_dir
-        path = snapshot_path(folder, spec.model, spec.version) if folder else None
-        if path is not None and path.exists():
-            learner = OnlineLearner.restore(path.read_bytes())
-            log.info(
-                "restored learner %s:%s from %s (%d learned)",
-                spec.model,
-                spec.version,
-                path,
-                learner.n_learned,
-            )
-            return learner
-        return OnlineLearner(
-            spec.model, spec.version, self.topology.features, kind=spec.kind, scale=spec.scale
-        )
+        """A River learner; restored from a snapshot that fits the topology when there is one
+        (a bad one is refused with an ERROR line and a count: the learner starts afresh)."""
+        assert self.learning is not None  # declared learners turn online learning on
+        return self.learning.learner_for(spec)
 
     def _install(self) -> None:
         """Make the routing table's routes the serving snapshot (atomic for the next batch)."""
@@ -299,7 +294,7 @@ class InferenceRuntime:
         self.metrics.routing_changed.set(self.table.changed_at)
 
     def _apply(
-        self, raw: bytes | None, *, replay: bool = False
+        self, raw: bytes | None, *, replay: bool = False, offset: int | None = None
     ) -> tuple[Command | None, ControlError | None]:
         """Parse, validate, load what is needed, then switch. Runs on the loader thread.
 
@@ -314,7 +309,7 @@ class InferenceRuntime:
             except ModelError as exc:
                 raise ControlError(control.ARTIFACT_INVALID, str(exc), command_id=cmd.id) from None
             if cmd.command == "reset_learner":
-                self._reset_learner(cmd)
+                self._reset_learner(cmd, offset)
             self.table.commit(cmd, routes, time.time())
             self._install()
         except ControlError as exc:
@@ -336,17 +331,33 @@ class InferenceRuntime:
         )
         return cmd, None
 
-    def _reset_learner(self, cmd: Command) -> None:
+    def _reset_learner(self, cmd: Command, offset: int | None = None) -> None:
+        """Reset a learner, unless its state already follows this command: a learner restored
+        from a snapshot records the control-log offset of the last reset it went through, and
+        the replay at start skips the resets at or below it (so a restart restores exactly
+        what was learned). ``offset``: the command's control-log offset (None: not known)."""
         learner = self._predictors.get((cmd.model or "", cmd.version or ""))
         if not isinstance(learner, OnlineLearner):
             msg = f"{cmd.model}:{cmd.version} is not an online learner"
             raise ControlError(control.NOT_A_LEARNER, msg, command_id=cmd.id)
-        learner.reset()
+        if offset is not None and offset <= learner.control_offset:
+            log.info(
+                "reset of %s:%s at control offset %d skipped: its snapshot already follows "
+                "the reset at offset %d",
+                cmd.model,
+                cmd.version,
+                offset,
+                learner.control_offset,
+            )
+            return
+        learner.reset(offset)
 
-    async def handle_control(self, raw: bytes | None) -> None:
-        """Apply one live command off the serving path, then acknowledge it on the acks topic."""
+    async def handle_control(self, raw: bytes | None, offset: int | None = None) -> None:
+        """Apply one live command (``offset``: its control-log offset) off the serving path,
+        then acknowledge it on the acks topic."""
         loop = asyncio.get_running_loop()
-        cmd, error = await loop.run_in_executor(self.loader, self._apply, raw)
+        apply = functools.partial(self._apply, raw, offset=offset)
+        cmd, error = await loop.run_in_executor(self.loader, apply)
         if error is None:
             # A batch that read the old snapshot may still be on the inference thread. That
             # thread runs batches in order, so once a no-op has run there, every batch served
@@ -411,7 +422,12 @@ class InferenceRuntime:
         result = self.pipeline.process(records, self.serving)
         self.publisher.publish(result.records, ticket)
         if self.learning is not None:
-            self.learning.submit(result.batch, result.scored, labels)
+            batch_rows = result.batch
+            # Each scored event's input partition: the join tells a label lost to a rebalance.
+            partitions = (
+                [records[i].partition() or 0 for i in batch_rows.positions] if batch_rows else None
+            )
+            self.learning.submit(batch_rows, result.scored, labels, partitions)
         return result
 
     def _publish_untracked(self, records: list[OutRecord]) -> None:
