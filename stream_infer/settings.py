@@ -306,6 +306,15 @@ class ControlSettings(_Frozen):
         default=None,
         description="when set, every control command must carry a valid HMAC-SHA256 signature",
     )
+    max_command_age_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "when set, a command must carry issued_at within this many seconds of its control "
+            "record's Kafka timestamp (reason expired); give the control topic "
+            "message.timestamp.type=LogAppendTime"
+        ),
+    )
 
 
 class LearnerSettings(_Frozen):

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 from faust.app.base import BootStrategy
 
 from stream_infer.io.source import SourceBatch
-from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.runtime.serving import InferenceRuntime, record_time_s
 from stream_infer.settings import Topology
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     async def obey(stream: Any) -> None:
         """Control commands, one at a time, in log order; each is answered on the acks topic."""
         async for msg in stream:
-            await rt.handle_control(msg.value(), msg.offset())
+            await rt.handle_control(msg.value(), msg.offset(), record_time_s(msg))
 
     @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:
@@ -125,7 +125,11 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        return web.json({"ready": rt.ready}, status=200 if rt.ready else 503)
+        # Not ready while starting, stopping, or the routing the control log names not loaded.
+        return web.json(
+            {"ready": rt.not_ready_reason is None, "reason": rt.not_ready_reason},
+            status=503 if rt.not_ready_reason else 200,
+        )
 
     async def _stop_serving(_app: faust.App, **_: Any) -> None:
         await rt.stop()

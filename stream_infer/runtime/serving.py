@@ -13,12 +13,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from stream_infer import control
 from stream_infer.control import (
@@ -78,7 +78,13 @@ class InferenceRuntime:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         declared = {m.name: topology.versions_of(m.name) for m in topology.models}
         serving = {m.name: m.serving for m in topology.models}
-        self.table = RoutingTable.initial(declared, serving, time.time())
+        learners = {(x.model, x.version) for x in topology.online.learners}
+        self.table = RoutingTable.initial(declared, serving, time.time(), learners=learners)
+        # Why this worker cannot serve the routing the control log names (None: it serves it).
+        self.load_problem: str | None = None
+        self.load_retry_s = 10.0
+        self._source_started = False
+        self._retry_task: asyncio.Task[None] | None = None
         self._predictors: dict[tuple[str, str], Predictor] = {}
         key = topology.control.hmac_key
         self._hmac_key = key.get_secret_value().encode() if key else None
@@ -207,11 +213,17 @@ class InferenceRuntime:
         self.metrics.in_flight.set_function(lambda: source.in_flight)
         if self.learning is not None:
             self.learning.start()
-        self.source.start()
+        # A worker that cannot load the routing the log names consumes nothing (it does not
+        # join the group: its peers serve every partition) until it can: never a routing the
+        # log does not say. It follows the log, and retries the load, meanwhile.
+        self._serve_once_loaded()
         assert self.control_log is not None  # _prepare made it
         self.control_log.follow(control_hand_off)
         self.ready = True
-        self.metrics.ready.set(1)
+        self.metrics.ready.set(1 if self.load_problem is None else 0)
+        self._retry_task = asyncio.create_task(self._retry_loads())
+        if not self.serves:
+            log.error("not consuming until the routing the control log names loads")
         log.info(
             "serving %s on %s: input %s, batches of <= %d within %g ms",
             ", ".join(f"{m}={dict(r.weights)}" for m, r in self.serving.routes.items()),
@@ -221,6 +233,22 @@ class InferenceRuntime:
             topo.batching.max_wait_ms,
         )
 
+    def _serve_once_loaded(self) -> None:
+        """Start consuming once a routing the log names is served (event loop)."""
+        if self.source is not None and self.serves and not self._source_started:
+            self._source_started = True
+            self.source.start()
+
+    async def _retry_loads(self) -> None:
+        """Forever: every ``load_retry_s``, while the log's routing is not served, load it
+        again (on the loader thread, in order with the commands)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.load_retry_s)
+            if self.load_problem is not None:
+                await loop.run_in_executor(self.loader, self._load_table)
+                self._serve_once_loaded()
+
     def _prepare(self) -> None:
         """Blocking start-up work (executor thread): topics; the routing rebuilt from the
         control log; the versions it needs loaded and warmed up."""
@@ -228,52 +256,107 @@ class InferenceRuntime:
         torch.set_num_threads(topo.worker.inference_threads)
         ensure_topology_topics(topo)
         self.control_log = ControlLog(consumer_config(topo.kafka, "unused"), topo.topics.control)
-        replayed = self.control_log.replay()
+        self._rebuild(self.control_log.replay())
+
+    def _rebuild(self, replayed: Sequence[Message]) -> None:
+        """The routing table planned over the whole log, then only what it ends with loaded.
+
+        Never raises because of one command: a command is applied or rejected by the table
+        (which depends on the log alone), and a routing that does not load leaves this worker
+        serving nothing, not ready, until it does (:meth:`_load_table`, retried).
+        """
+        # Online learners are always loaded (they learn whether they serve or not), before the
+        # replay: the resets it goes through apply to them.
+        self._load_required(self._learner_keys)
         for msg in replayed:
-            self._apply(msg.value(), replay=True, offset=msg.offset())
-        # Online learners are always loaded: they learn whether they serve or not.
-        learners = {(x.model, x.version) for x in topo.online.learners}
-        self._load_required(required_versions(self.table.routes) | learners)
-        self._install()
+            self._apply(msg.value(), replay=True, offset=msg.offset(), record_ts=record_time_s(msg))
+        problem = self._load_table()
         log.info(
-            "routing rebuilt from %d control commands: %s",
+            "routing rebuilt from %d control commands: %s%s",
             len(replayed),
             self.table.as_dict()["routes"],
+            f"; NOT serving it: {problem}" if problem else "",
         )
 
     # --- control ----------------------------------------------------------------------------
 
+    @property
+    def _learner_keys(self) -> set[tuple[str, str]]:
+        return {(x.model, x.version) for x in self.topology.online.learners}
+
+    @property
+    def serves(self) -> bool:
+        """Whether this worker serves a routing (at start: once the log's routing loaded)."""
+        return bool(self.serving.routes)
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503 (None: ready)."""
+        if not self.ready:
+            return "starting or stopping"
+        return self.load_problem
+
+    def _load_table(self) -> str | None:
+        """Load what the routing table routes and serve it; else say why (loader thread).
+
+        Any failure to load, move or warm up a version (a missing or corrupt artifact, a torch
+        error, out of device memory, an assertion in the model's warm-up) is caught here: the
+        worker keeps serving what it served, is not ready, and the reason is returned.
+        """
+        needed = required_versions(self.table.routes) | self._learner_keys
+        try:
+            self._load_required(needed)
+        except Exception as exc:  # the loading boundary: nothing of a load escapes it
+            problem = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+            if problem != self.load_problem:
+                log.error("cannot serve the routing the control log names: %s", problem)
+            self.load_problem = problem
+            self.metrics.ready.set(0)
+            return problem
+        if self.load_problem is not None:
+            log.warning("the routing the control log names loaded: %s", self.table.routes)
+        self.load_problem = None
+        self._install()
+        if self.ready:
+            self.metrics.ready.set(1)
+        return None
+
     def _load_required(self, needed: set[tuple[str, str]]) -> None:
-        """Load and warm up every needed version not loaded yet. Raises ModelError."""
+        """Load and warm up every needed version not loaded yet. Raises ModelError, with the
+        version and the reason, whatever went wrong."""
         for model, version in sorted(needed - set(self._predictors)):
-            learner = next(
-                (
-                    x
-                    for x in self.topology.online.learners
-                    if (x.model, x.version) == (model, version)
-                ),
-                None,
-            )
-            if learner is not None:
-                self._predictors[(model, version)] = self._make_learner(learner)
-                continue
-            settings = self.topology.model(model)
-            spec = settings.version(version) if settings else None
-            if spec is None:  # the routing table only names declared versions
-                raise ModelError(f"{model}:{version} is not declared")
-            started = time.perf_counter()
-            _meta, predictor = TorchPredictor.load(
-                spec.path,
-                model=model,
-                version=version,
-                features=self.topology.features,
-                device=self.device,
-            )
-            predictor.warm_up()
-            self._predictors[(model, version)] = predictor
-            log.info(
-                "loaded %s:%s in %.0f ms", model, version, (time.perf_counter() - started) * 1000
-            )
+            try:
+                self._load_one(model, version)
+            except Exception as exc:
+                msg = (
+                    f"{model}:{version} could not be loaded, moved to {self.device} or warmed "
+                    f"up: {type(exc).__name__}: {exc}"
+                )
+                raise ModelError(msg) from exc
+
+    def _load_one(self, model: str, version: str) -> None:
+        learner = next(
+            (x for x in self.topology.online.learners if (x.model, x.version) == (model, version)),
+            None,
+        )
+        if learner is not None:
+            self._predictors[(model, version)] = self._make_learner(learner)
+            return
+        settings = self.topology.model(model)
+        spec = settings.version(version) if settings else None
+        if spec is None:  # the routing table only names declared versions
+            raise ModelError(f"{model}:{version} is not declared")
+        started = time.perf_counter()
+        _meta, predictor = TorchPredictor.load(
+            spec.path,
+            model=model,
+            version=version,
+            features=self.topology.features,
+            device=self.device,
+        )
+        predictor.warm_up()
+        self._predictors[(model, version)] = predictor
+        log.info("loaded %s:%s in %.0f ms", model, version, (time.perf_counter() - started) * 1000)
 
     def _make_learner(self, spec: LearnerSettings) -> OnlineLearner:
         """A River learner; restored from a snapshot that fits the topology when there is one
@@ -290,28 +373,45 @@ class InferenceRuntime:
             predictors={key: self._predictors[key] for key in needed},
             changed_at=self.table.changed_at,
         )
+        # Unload what neither this routing nor a learner needs (a batch still on the inference
+        # thread keeps its own references until it is done).
+        keep = needed | self._learner_keys
+        for key in set(self._predictors) - keep:
+            del self._predictors[key]
+            log.info("unloaded %s:%s", *key)
         self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
         self.metrics.routing_changed.set(self.table.changed_at)
 
     def _apply(
-        self, raw: bytes | None, *, replay: bool = False, offset: int | None = None
+        self,
+        raw: bytes | None,
+        *,
+        replay: bool = False,
+        offset: int | None = None,
+        record_ts: float | None = None,
     ) -> tuple[Command | None, ControlError | None]:
-        """Parse, validate, load what is needed, then switch. Runs on the loader thread.
+        """Parse, validate and apply to the routing table, then (live) load what it routes and
+        switch. Runs on the loader thread.
 
-        A rejected command leaves the routing untouched.
+        Applied or rejected is decided by the table, from the log alone (``record_ts``: the
+        record's Kafka timestamp, for ``issued_at``): the same on every worker. A rejected
+        command leaves the routing untouched. A routing that does not load is not a rejection:
+        ``load_problem`` says why, and the last routing that loaded keeps serving. During the
+        replay nothing is loaded; :meth:`_rebuild` loads what the whole log ends with.
         """
         cmd: Command | None = None
         try:
-            cmd = parse_command(raw, hmac_key=self._hmac_key)
-            routes = self.table.plan(cmd)
-            try:
-                self._load_required(required_versions(routes))
-            except ModelError as exc:
-                raise ControlError(control.ARTIFACT_INVALID, str(exc), command_id=cmd.id) from None
-            if cmd.command == "reset_learner":
+            cmd = parse_command(
+                raw,
+                hmac_key=self._hmac_key,
+                max_age_s=self.topology.control.max_command_age_s,
+                record_ts=record_ts,
+            )
+            changed = self.table.apply(cmd, time.time())
+            if cmd.command == "reset_learner":  # the table checked that it names a learner
                 self._reset_learner(cmd, offset)
-            self.table.commit(cmd, routes, time.time())
-            self._install()
+            elif not replay and (changed or self.load_problem is not None):
+                self._load_table()
         except ControlError as exc:
             self.metrics.control_commands.labels(cmd.command if cmd else "?", "rejected").inc()
             log.warning(
@@ -352,12 +452,15 @@ class InferenceRuntime:
             return
         learner.reset(offset)
 
-    async def handle_control(self, raw: bytes | None, offset: int | None = None) -> None:
-        """Apply one live command (``offset``: its control-log offset) off the serving path,
-        then acknowledge it on the acks topic."""
+    async def handle_control(
+        self, raw: bytes | None, offset: int | None = None, timestamp_s: float | None = None
+    ) -> None:
+        """Apply one live command (``offset``: its control-log offset, ``timestamp_s``: its
+        record's timestamp) off the serving path, then acknowledge it on the acks topic."""
         loop = asyncio.get_running_loop()
-        apply = functools.partial(self._apply, raw, offset=offset)
+        apply = functools.partial(self._apply, raw, offset=offset, record_ts=timestamp_s)
         cmd, error = await loop.run_in_executor(self.loader, apply)
+        self._serve_once_loaded()
         if error is None:
             # A batch that read the old snapshot may still be on the inference thread. That
             # thread runs batches in order, so once a no-op has run there, every batch served
@@ -373,22 +476,43 @@ class InferenceRuntime:
             table=self.table,
             error=error,
             now=time.time(),
+            not_loaded=self.load_problem if error is None else None,
+            serving=self.serving.routes,
         )
         # Not awaited: an ack gates no offset (the control log is replayed, not committed), and
         # waiting on it would hold every later command (a rollback) while the acks topic
-        # refuses Write. It is still delivered with retries, in order.
-        self._publish_untracked([OutRecord(acks, self.worker_id.encode(), value)])
+        # refuses Write. It is still delivered with retries, in order. Published on the loader
+        # thread (one thread: acks keep their order), not on the event loop.
+        ack = [OutRecord(acks, self.worker_id.encode(), value)]
+        try:
+            loop.run_in_executor(self.loader, self._publish_untracked, ack)
+        except RuntimeError:  # the loader is shut down: the worker is stopping
+            log.warning("ack of %s not sent: the worker is stopping", cmd.id if cmd else None)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving within one deadline: the source drains its batches in flight and
+        commits, the publisher delivers what is left, in the time that remains. Each step runs
+        whether an earlier one failed or not (logged)."""
         self.ready = False
         self.metrics.ready.set(0)
+        if self._retry_task is not None:
+            self._retry_task.cancel()
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.source is not None:
-            await loop.run_in_executor(None, self.source.stop)
+            source = self.source
+            steps.append(("the batch source", lambda: source.stop(left())))
         if self.learning is not None:
-            await loop.run_in_executor(None, self.learning.stop)
+            steps.append(("online learning", self.learning.stop))
         if self.publisher is not None:
-            await loop.run_in_executor(None, self.publisher.close)
+            publisher = self.publisher
+            # At least a moment for what the drain just acknowledged, even past the deadline.
+            steps.append(("the publisher", lambda: publisher.close(max(1.0, left()))))
         if self.control_log is not None:
             await loop.run_in_executor(None, self.control_log.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -406,7 +530,11 @@ class InferenceRuntime:
         self.metrics.queue_wait_seconds.observe(time.monotonic() - batch.closed_at)
         ticket = Ticket(loop)
         started = time.perf_counter()
-        result = await loop.run_in_executor(self.executor, self._process, batch, ticket)
+        try:
+            result = await loop.run_in_executor(self.executor, self._process, batch, ticket)
+        except Exception as exc:  # not a cancellation: an unserved batch is never done anyway
+            self.source.fail(batch, f"cannot serve it: {exc!r}")
+            raise
         self.metrics.observe_batch(result, time.perf_counter() - started)
         self.metrics.observe_latency(result.event_ts, time.time())
         self._count(result)
@@ -454,3 +582,9 @@ class InferenceRuntime:
 
 def _barrier() -> None:
     """Runs on the inference thread after every batch queued before it."""
+
+
+def record_time_s(msg: Message) -> float | None:
+    """A record's Kafka timestamp in seconds (None when it has none)."""
+    kind, ms = msg.timestamp()
+    return None if kind == TIMESTAMP_NOT_AVAILABLE else ms / 1000.0

@@ -1,0 +1,222 @@
+"""The control plane inside a worker, without a broker (issue 13 items 2, 9, 18): a version that
+cannot be loaded, moved or warmed up never escapes the loader; the routing table is the same on
+workers that can and cannot load a version; a worker serves only routings the log names; what
+no routing needs is unloaded; replay loads only the routing the log ends with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import torch
+from jsonschema import Draft202012Validator
+
+from stream_infer.control import encode_ack
+from stream_infer.inference import predictor as predictor_module
+from stream_infer.inference.store import ModelMeta, save_export, sha256_file
+from stream_infer.routing import Route
+from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.settings import parse_topology
+from tests.unit.test_control_log import FakeMessage
+
+FEATURES = ("a", "b")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.layer(x))
+
+
+def good_artifact(path: Path) -> Path:
+    save_export(_Linear(), path, features=FEATURES, output="probability")
+    return path
+
+
+def static_batch_artifact(path: Path) -> Path:
+    """A valid artifact whose program only takes batches of 2: it loads, warm-up raises."""
+    path.mkdir(parents=True)
+    program = torch.export.export(_Linear().eval(), (torch.zeros(2, 2),))
+    torch.export.save(program, str(path / "model.pt2"))
+    sha = sha256_file(path / "model.pt2")
+    ModelMeta("export", "model.pt2", sha, FEATURES, "probability").write(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    return {
+        "good": good_artifact(root / "good"),
+        "good2": good_artifact(root / "good2"),
+        "static": static_batch_artifact(root / "static"),
+    }
+
+
+def runtime_with(paths: dict[str, Path]) -> InferenceRuntime:
+    topics = {"input": "in", "predictions": "out", "dead_letter": "dlq", "control": "ctl"}
+    versions = [{"version": v, "path": str(p)} for v, p in paths.items()]
+    doc: dict[str, Any] = {
+        "name": "t",
+        "topics": topics,
+        "features": list(FEATURES),
+        "device": "cpu",
+        "models": [{"name": "risk", "serving": "v1", "versions": versions}],
+    }
+    return InferenceRuntime(parse_topology(doc, env={}))
+
+
+@pytest.fixture
+def runtimes() -> Iterator[list[InferenceRuntime]]:
+    made: list[InferenceRuntime] = []
+    yield made
+    for rt in made:
+        rt.executor.shutdown(wait=False)
+        rt.loader.shutdown(wait=False)
+        rt.watchdog.close()
+
+
+def cmd(i: int, command: str, **fields: Any) -> bytes:
+    return orjson.dumps({"id": f"c{i}", "command": command, "model": "risk", **fields})
+
+
+def start(rt: InferenceRuntime, log: list[bytes]) -> None:
+    """What _prepare does once the control log is read: rebuild, then load what it names."""
+    rt._rebuild([FakeMessage(i, raw) for i, raw in enumerate(log)])
+
+
+def served(rt: InferenceRuntime) -> dict[str, Route]:
+    return dict(rt.serving.routes)
+
+
+def test_a_version_that_fails_warm_up_is_applied_not_loaded_and_nothing_escapes(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime]
+) -> None:
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["static"]})
+    runtimes.append(rt)
+    start(rt, [])
+    rt.ready = True
+    command, error = rt._apply(cmd(1, "swap", version="v2"))
+    assert command is not None and error is None
+    assert rt.table.routes["risk"] == Route.single("v2"), "the table is what the log says"
+    assert served(rt) == {"risk": Route.single("v1")}, "the last routing that loaded serves"
+    assert rt.not_ready_reason is not None and "risk:v2" in rt.not_ready_reason
+    assert "warm" in rt.not_ready_reason or "shape" in rt.not_ready_reason.lower()
+    schema = json.loads((ROOT / "schemas" / "control-ack.schema.json").read_text())
+    ack = orjson.loads(
+        encode_ack(
+            command_id="c1",
+            command="swap",
+            worker="w",
+            table=rt.table,
+            error=None,
+            now=0.0,
+            not_loaded=rt.load_problem,
+            serving=rt.serving.routes,
+        )
+    )
+    Draft202012Validator(schema).validate(ack)
+    assert (ack["status"], ack["reason"]) == ("applied_not_loaded", "artifact_invalid")
+    assert ack["serving"] == {"risk": {"weights": {"v1": 1.0}, "shadow": None}}
+
+
+def test_out_of_device_memory_on_moving_a_version_is_applied_not_loaded(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good2"]})
+    runtimes.append(rt)
+    start(rt, [])
+    real_init = predictor_module.TorchPredictor.__init__
+
+    def to_device(self: Any, module: torch.nn.Module, **kwargs: Any) -> None:
+        if kwargs["version"] == "v2":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        real_init(self, module, **kwargs)
+
+    monkeypatch.setattr(predictor_module.TorchPredictor, "__init__", to_device)
+    _command, error = rt._apply(cmd(1, "swap", version="v2"))
+    assert error is None
+    assert rt.load_problem is not None and "out of memory" in rt.load_problem
+    assert served(rt) == {"risk": Route.single("v1")}
+
+
+def test_replay_never_raises_and_loads_only_the_routing_the_log_ends_with(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime]
+) -> None:
+    rt = runtime_with(
+        {"v1": artifacts["good"], "v2": artifacts["static"], "v3": artifacts["good2"]}
+    )
+    runtimes.append(rt)
+    start(rt, [cmd(1, "swap", version="v2"), cmd(2, "swap", version="v3")])
+    assert rt.load_problem is None
+    assert served(rt) == {"risk": Route.single("v3")}
+    assert set(rt._predictors) == {("risk", "v3")}, "v1 and v2 were never needed"
+
+
+def test_workers_with_and_without_an_artifact_hold_the_same_routing(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime], tmp_path: Path
+) -> None:
+    paths = {"v1": artifacts["good"], "v2": artifacts["good2"], "v3": artifacts["good"]}
+    has_all = runtime_with(paths)
+    misses_v2 = runtime_with(paths | {"v2": tmp_path / "deleted"})
+    runtimes += [has_all, misses_v2]
+    log = [cmd(1, "swap", version="v2"), cmd(2, "swap", version="v3"), cmd(3, "rollback")]
+    for rt in (has_all, misses_v2):
+        start(rt, [])
+        for raw in log:
+            assert rt._apply(raw)[1] is None
+    assert has_all.table.routes == misses_v2.table.routes == {"risk": Route.single("v2")}
+    assert served(has_all) == {"risk": Route.single("v2")} and has_all.load_problem is None
+    assert served(misses_v2) == {"risk": Route.single("v3")}, "its last routing that loaded"
+    assert misses_v2.load_problem is not None and "risk:v2" in misses_v2.load_problem
+
+
+def test_a_worker_that_cannot_load_the_logs_routing_at_start_serves_nothing_until_it_can(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime], tmp_path: Path
+) -> None:
+    late = tmp_path / "v2-late"
+    rt = runtime_with({"v1": artifacts["good"], "v2": late})
+    runtimes.append(rt)
+    start(rt, [cmd(1, "swap", version="v2")])
+    assert served(rt) == {}, "never the topology's v1: the log says v2"
+    assert rt.load_problem is not None and "risk:v2" in rt.load_problem
+    assert not rt.serves
+    assert rt._load_table() is not None  # a retry while the artifact is still missing
+    shutil.copytree(artifacts["good"], late)
+    assert rt._load_table() is None
+    assert served(rt) == {"risk": Route.single("v2")} and rt.serves and rt.load_problem is None
+
+
+def test_versions_no_routing_needs_are_unloaded(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime]
+) -> None:
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good2"], "v3": artifacts["good"]})
+    runtimes.append(rt)
+    start(rt, [])
+    assert set(rt._predictors) == {("risk", "v1")}
+    rt._apply(cmd(1, "swap", version="v2"))
+    assert set(rt._predictors) == {("risk", "v2")}
+    rt._apply(cmd(2, "shadow", version="v3"))
+    assert set(rt._predictors) == {("risk", "v2"), ("risk", "v3")}
+    rt._apply(cmd(3, "unshadow"))
+    assert set(rt._predictors) == {("risk", "v2")}
+
+
+def test_readiness_says_why(artifacts: dict[str, Path], runtimes: list[InferenceRuntime]) -> None:
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["static"]})
+    runtimes.append(rt)
+    start(rt, [])
+    assert rt.not_ready_reason == "starting or stopping"
+    rt.ready = True
+    assert rt.not_ready_reason is None
+    rt._apply(cmd(1, "swap", version="v2"))
+    assert rt.not_ready_reason is not None and rt.not_ready_reason.startswith("risk:v2")
