@@ -20,8 +20,8 @@ Memory (CPython 3.11, tracemalloc in ``tests/unit/online/test_joiner.py``): a pe
 costs about 0.7 KiB with 8 features, one version that scored it and a 16-character id, plus 32
 bytes per further feature (a Python float and its tuple slot) and about 120 bytes per further
 version (shadows, splits); an early label about 0.2 KiB; a joined id's memory about 0.15 KiB.
-With ``max_entries`` 200,000 and 30 features: about 280 MiB of pending events at most, plus
-about 40 MiB of early labels and 30 MiB of joined ids.
+With ``max_entries`` 200,000 and 30 features: about 270 MiB of pending events at most, plus
+about 40 MiB of early labels and 25 MiB of joined ids.
 
 The joiner is not thread-safe: it is owned by one thread (the learning side of the runtime).
 """

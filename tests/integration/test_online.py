@@ -69,7 +69,9 @@ def test_a_policy_rolls_back_a_canary_whose_error_drifts_up(make_setup: Any) -> 
     )
     assert acks and acks[0]["status"] == "applied"
     n = 4000
-    setup.produce(good_events(n, prefix="d"))
+    events = good_events(n, prefix="d")
+    key_of = {orjson.loads(value)["id"]: key for key, value in events}
+    setup.produce(events)
     preds = setup.collect_until_ids(setup.topics.predictions, {f"d-{i}" for i in range(n)})
     by_id = {p["id"]: p for p in preds}
     v2_ids = [f"d-{i}" for i in range(n) if by_id[f"d-{i}"]["version"] == "v2"]
@@ -83,7 +85,8 @@ def test_a_policy_rolls_back_a_canary_whose_error_drifts_up(make_setup: Any) -> 
         right = p["prediction"] >= 0.5
         # After the change point the canary is always wrong; v1 stays right throughout.
         label = (not right) if (drifted and p["version"] == "v2") else right
-        labels.append((b"k", orjson.dumps({"id": p["id"], "label": label})))
+        # Keyed like its event (the README's keying rule).
+        labels.append((key_of[p["id"]], orjson.dumps({"id": p["id"], "label": label})))
     setup.produce(labels, topic=setup.topics.labels)
     drift = setup.collect(setup.topics.drift, until=1, timeout_s=60)
     assert drift, "no drift event:\n" + setup.worker_logs()
@@ -93,3 +96,32 @@ def test_a_policy_rolls_back_a_canary_whose_error_drifts_up(make_setup: Any) -> 
     policy = [a for a in acks if str(a["command_id"]).startswith("drift-")]
     assert policy and policy[0]["status"] == "applied", acks
     assert policy[-1]["routing"]["routes"]["risk"]["weights"] == {"v1": 1.0}
+
+
+def test_labels_keyed_like_their_events_all_join_across_two_workers(make_setup: Any) -> None:
+    """The README's keying rule with the partitions spread over two workers: a label produced
+    with its event's key (same partitioner) reaches the worker that served the event."""
+    setup = make_setup(online={"learners": [{"model": "risk", "version": "online"}]})
+    ports = start_group(setup, n=2)  # 4 partitions, each worker owns some
+    n = 2000
+    events = good_events(n, prefix="j")
+    setup.produce(events)
+    ids = {f"j-{i}" for i in range(n)}
+    setup.collect_until_ids(setup.topics.predictions, ids)
+    labels = [
+        (key, orjson.dumps({"id": orjson.loads(value)["id"], "label": True}))
+        for key, value in events
+    ]
+    setup.produce(labels, topic=setup.topics.labels)
+    deadline = time.monotonic() + 60
+    joined = [0.0, 0.0]
+    while time.monotonic() < deadline:
+        joined = [scrape(p, "stream_infer_labels_total", status="joined") for p in ports]
+        if sum(joined) >= n:
+            break
+        time.sleep(0.5)
+    assert sum(joined) == n, f"joined {joined}:\n" + setup.worker_logs()
+    assert all(joined), f"one worker joined nothing: {joined}"
+    for port in ports:
+        assert scrape(port, "stream_infer_labels_waiting", kind="early") == 0
+        assert scrape(port, "stream_infer_labels_lost_total") == 0
