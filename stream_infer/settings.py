@@ -2,8 +2,10 @@
 
 A topology is YAML (see topologies/ and the README). Any field can be overridden from the
 environment with ``STREAM_INFER_<SECTION>__<FIELD>``; for example
-``STREAM_INFER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``STREAM_INFER_DEVICE=cpu``. This is the
-only module that reads the environment.
+``STREAM_INFER_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, or ``STREAM_INFER_<FIELD>`` for a
+top-level field (``STREAM_INFER_DEVICE=cpu``). Other ``STREAM_INFER_*`` variables are not
+overrides (dev.py's ``STREAM_INFER_TORCH_SPEC``); an invalid override is reported under the
+variable's name. This is the only module that reads the environment.
 """
 
 from __future__ import annotations
@@ -489,18 +491,50 @@ class Topology(_Frozen):
         return list(dict.fromkeys(self.topics.all_names() + extra))
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``STREAM_INFER_A__B=v`` becomes ``{"a": {"b": "v"}}``; pydantic coerces the strings."""
+def _sections() -> dict[str, type[BaseModel]]:
+    """The topology's sections: its fields that are settings objects (kafka, topics, ...)."""
+    out: dict[str, type[BaseModel]] = {}
+    for name, info in Topology.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out[name] = kind
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``STREAM_INFER_A__B=v`` becomes ``{"a": {"b": "v"}}``; pydantic coerces the strings.
+
+    Only two shapes are overrides, so that other tools' ``STREAM_INFER_*`` variables (dev.py's
+    ``STREAM_INFER_TORCH_SPEC``, ``STREAM_INFER_CACHE_DIR``, the tests' ``STREAM_INFER_TEST_*``)
+    never collide with the topology: ``STREAM_INFER_<SECTION>__<FIELD>[__<KEY>...]`` (a
+    variable with ``__`` whose first part is not a section is refused, naming it), and
+    ``STREAM_INFER_<FIELD>`` for a top-level field that is not a section (``DEVICE``,
+    ``NAME``). Returns the tree and, for each path set, the variable it came from.
+    """
+    sections = _sections()
+    top_level = set(Topology.model_fields) - set(sections)
     tree: dict[str, Any] = {}
-    for key, value in env.items():
+    sources: dict[tuple[str, ...], str] = {}
+    for key in sorted(env):
         if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
             continue
-        path = key[len(ENV_PREFIX) :].lower().split("__")
+        path = tuple(key[len(ENV_PREFIX) :].lower().split("__"))
+        if len(path) == 1:
+            if path[0] not in top_level:
+                continue  # another tool's variable, not an override
+        elif path[0] not in sections or not all(path):
+            msg = (
+                f"{path[0]!r} is not a topology section; overrides are "
+                f"{ENV_PREFIX}<SECTION>__<FIELD> with SECTION one of "
+                f"{', '.join(s.upper() for s in sections)}"
+            )
+            raise ConfigError(msg, source=f"environment: {key}")
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
+        node[path[-1]] = env[key]
+        sources[path] = key
+    return tree, sources
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -513,12 +547,24 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_validation(exc: ValidationError) -> str:
+def _format_validation(
+    exc: ValidationError, sources: Mapping[tuple[str, ...], str] | None = None
+) -> tuple[str, bool]:
+    """The errors, one per line, each under the variable it came from when an environment
+    override set that field; and whether every error came from the environment."""
+    sources = sources or {}
     lines = []
+    all_env = True
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "invalid topology:\n" + "\n".join(lines)
+        loc = tuple(str(p) for p in err["loc"])
+        where = ".".join(loc) or "(top level)"
+        var = next((v for path, v in sources.items() if loc[: len(path)] == path), None)
+        if var is None:
+            all_env = False
+            lines.append(f"  {where}: {err['msg']}")
+        else:
+            lines.append(f"  {var} ({where}): {err['msg']}")
+    return "\n".join(lines), all_env
 
 
 def parse_topology(
@@ -529,11 +575,15 @@ def parse_topology(
     source: str | None = None,
 ) -> Topology:
     """Validate a topology mapping, with environment overrides applied on top."""
-    merged = _merge(dict(data), _env_overrides(os.environ if env is None else env))
+    overrides, sources = _env_overrides(os.environ if env is None else env)
+    merged = _merge(dict(data), overrides)
     try:
         topo = Topology.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc), source=source) from None
+        lines, all_env = _format_validation(exc, sources)
+        if all_env and sources:
+            raise ConfigError("invalid override:\n" + lines, source="environment") from None
+        raise ConfigError("invalid topology:\n" + lines, source=source) from None
     if base_dir is None:
         return topo
     models = tuple(

@@ -267,14 +267,18 @@ def test_env_overrides_apply_on_top_of_the_file() -> None:
 
 def test_a_bad_env_override_names_the_field() -> None:
     env = {"STREAM_INFER_BATCHING__MAX_BATCH_SIZE": "lots"}
-    assert "batching.max_batch_size: Input should be a valid integer" in config_error(
-        minimal(), env
+    assert (
+        "STREAM_INFER_BATCHING__MAX_BATCH_SIZE (batching.max_batch_size): Input should be a "
+        "valid integer" in config_error(minimal(), env)
     )
 
 
 def test_an_unknown_env_override_is_refused() -> None:
     env = {"STREAM_INFER_BATCHING__MAX_BATCH": "5"}
-    assert "batching.max_batch: Extra inputs are not permitted" in config_error(minimal(), env)
+    assert (
+        "STREAM_INFER_BATCHING__MAX_BATCH (batching.max_batch): Extra inputs are not permitted"
+        in config_error(minimal(), env)
+    )
 
 
 def test_an_empty_env_changes_nothing() -> None:
