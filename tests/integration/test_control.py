@@ -258,8 +258,14 @@ def test_replay_ends_at_a_transaction_marker_and_on_a_log_whose_records_all_expi
     conf = {"bootstrap.servers": bootstrap}
     probe = ControlLog(conf, topic)
     try:
-        low, high = probe._consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-        assert (low, high) == (0, 3), "a, b and the commit marker"
+        # The coordinator writes the marker after commit_transaction returns: wait for it.
+        deadline = time.monotonic() + 15
+        while True:
+            marks = probe._consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+            if marks == (0, 3) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert marks == (0, 3), "a, b and the commit marker"
     finally:
         probe.close()
     started = time.monotonic()
