@@ -10,6 +10,7 @@ import itertools
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,27 +31,26 @@ BAD_PAYLOADS: tuple[bytes, ...] = (
 )
 
 
-def synthetic_events(topology: Topology, seed: int = 0) -> Iterator[tuple[bytes, bytes]]:
+def synthetic_events(topology: Topology, seed: int | None = 0) -> Iterator[tuple[bytes, bytes]]:
     """Endless (key, value) pairs of valid events for the topology.
 
     For the phishing topology the rows come from River's Phishing dataset; for any other
-    feature list, from a seeded standard normal.
+    feature list, from a seeded standard normal. Ids are ``evt-<run>-<n>``: the run is the
+    seed, so a seeded run repeats itself; without a seed (None) it is random, and the rows'
+    order too, so runs never reuse each other's ids.
     """
+    run = str(seed) if seed is not None else uuid.uuid4().hex[:12]
+    data_seed = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
     features = topology.features
     if features == phishing.FEATURES:
-        rows: Iterable[tuple[str, dict[str, float]]] = (
-            (event_id, feats) for event_id, feats, _ in phishing.events(seed)
-        )
+        rows: Iterable[dict[str, float]] = (feats for _, feats, _ in phishing.events(data_seed))
     else:
-        rng = random.Random(seed)
-        rows = (
-            (f"evt-{seed}-{n}", {name: rng.gauss(0.0, 1.0) for name in features})
-            for n in itertools.count()
-        )
-    keys = random.Random(seed + 1)
-    for event_id, feats in rows:
+        rng = random.Random(data_seed)
+        rows = ({name: rng.gauss(0.0, 1.0) for name in features} for _ in itertools.count())
+    keys = random.Random(data_seed + 1)
+    for n, feats in enumerate(rows):
         key = f"entity-{keys.randrange(100_000)}".encode()
-        yield key, orjson.dumps({"id": event_id, "features": feats, "ts": time.time()})
+        yield key, orjson.dumps({"id": f"evt-{run}-{n}", "features": feats, "ts": time.time()})
 
 
 def jsonl_events(path: Path) -> Iterator[tuple[bytes, bytes]]:
@@ -78,6 +78,16 @@ def with_bad_events(
         if fraction > 0 and rng.random() < fraction:
             yield b"bad", rng.choice(BAD_PAYLOADS)
         yield item
+
+
+def close_producer(producer: Producer, timeout_s: float = 10.0) -> None:
+    """Deliver what is queued, then disconnect now rather than when the producer is garbage
+    collected: one still connected when the broker stops (the demo's) logs librdkafka's
+    ``FAIL ... Disconnected`` lines."""
+    producer.flush(timeout_s)
+    close = getattr(producer, "close", None)  # not in every confluent-kafka 2.x
+    if close is not None:
+        close()
 
 
 class OpenLoopProducer:
@@ -146,8 +156,11 @@ class OpenLoopProducer:
         self._producer.flush(30)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop producing, deliver what is queued (the thread flushes), disconnect."""
         self._stop.set()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            close_producer(self._producer)
 
     def join(self, timeout_s: float | None = None) -> None:
         self._thread.join(timeout_s)

@@ -22,17 +22,26 @@ from stream_infer.settings import KafkaSettings
 
 
 def assign_all(
-    consumer: Consumer, topics: list[str], *, from_beginning: bool, timeout_s: float = 10.0
+    consumer: Consumer,
+    topics: list[str],
+    *,
+    from_beginning: bool,
+    timeout_s: float | None = 10.0,
+    on_missing: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Assign every partition of the topics, from the beginning or from the end.
 
-    Waits up to ``timeout_s`` for each topic to appear in the metadata with a leader on every
-    partition (a topic created a moment ago may not be there yet); then a topic still missing
-    is an error naming it, never a silent gap in what is read."""
+    Waits up to ``timeout_s`` (None: for as long as it takes) for each topic to appear in the
+    metadata with a leader on every partition (a topic created a moment ago may not be there
+    yet); then a topic still missing is an error naming it, never a silent gap in what is
+    read. ``on_missing`` is told once, with the topics missing at the first look, that it
+    waits for them."""
     start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    told = False
     while True:
-        meta = consumer.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        left = 10.0 if deadline is None else max(0.1, deadline - time.monotonic())
+        meta = consumer.list_topics(timeout=left)
         missing = [
             t
             for t in topics
@@ -43,13 +52,48 @@ def assign_all(
         ]
         if not missing:
             break
-        if time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline:
             msg = f"topics {missing} have no partitions with a leader after {timeout_s:g} s"
             raise BrokerError(msg)
-        time.sleep(0.1)
+        if on_missing is not None and not told:
+            absent = [t for t in missing if t not in meta.topics]
+            if absent:
+                on_missing(absent)
+                told = True
+        time.sleep(0.1 if deadline is not None else 0.5)
     consumer.assign(
         [TopicPartition(t, p, start) for t in topics for p in meta.topics[t].partitions]
     )
+
+
+def collect_acks(
+    consumer: Consumer,
+    command_id: str,
+    *,
+    wait_s: float,
+    workers: int | None = None,
+    on_ack: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The answers to one command on an assigned acks consumer: until ``workers`` distinct
+    workers answered, or ``wait_s`` passed."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for msg in consume_ready(consumer, 500, min(0.5, max(0.01, deadline - time.monotonic()))):
+            if msg.error() is not None:
+                continue
+            try:
+                ack = orjson.loads(msg.value() or b"")
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(ack, dict) or ack.get("command_id") != command_id:
+                continue
+            out.append(ack)
+            if on_ack is not None:
+                on_ack(ack)
+        if workers is not None and len({a.get("worker") for a in out}) >= workers:
+            break
+    return out
 
 
 class OutputWatcher:
