@@ -100,9 +100,10 @@ class FeatureDecoder:
         if type(feats) is dict:
             if len(feats) != len(self.features) or feats.keys() != self._feature_set:
                 missing = [n for n in self.features if n not in feats]
-                if missing:
-                    raise InvalidEvent(MISSING_FEATURE, f"missing {missing[:10]}")
                 extra = sorted(set(feats) - self._feature_set)
+                if missing:  # a typo'd name is both: name the one that arrived too
+                    also = f", unexpected {extra[:10]}" if extra else ""
+                    raise InvalidEvent(MISSING_FEATURE, f"missing {missing[:10]}{also}")
                 raise InvalidEvent(UNEXPECTED_FEATURE, f"unexpected {extra[:10]}")
             row = [feats[n] for n in self.features]
         elif type(feats) is list:

@@ -139,6 +139,7 @@ def test_every_decode_reason_is_exercised() -> None:
     [
         (event(features=[1, 2]), "got 2 features, expected 3"),
         (event(features={"a": 1, "b": 2}), "missing ['c']"),
+        (event(features={"a": 1, "b": 2, "cc": 3}), "missing ['c'], unexpected ['cc']"),
         (event(features={"a": 1, "b": 2, "c": 3, "zz": 4, "d": 5}), "unexpected ['d', 'zz']"),
         (event(features=[1, "x", 3]), "got str"),
         (event(v=2), "schema version 2"),
