@@ -110,6 +110,16 @@ def sign(doc: Mapping[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical(doc), hashlib.sha256).hexdigest()
 
 
+def seal(doc: Mapping[str, Any], key: bytes | None, now: float) -> dict[str, Any]:
+    """A command as it is sent: stamped ``issued_at`` (``now``, unless it has one) and, with
+    a key, signed over both. The one place commands are stamped and signed (the operator's
+    client and the drift policies)."""
+    out = {"issued_at": now} | dict(doc)
+    if key is not None:
+        out["signature"] = sign(out, key)
+    return out
+
+
 def _signature_matches(doc: Mapping[str, Any], signature: str, key: bytes) -> bool:
     given = signature.encode()  # as bytes: compare_digest raises TypeError on non-ASCII str
     found = False

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_infer.control import sign
+from stream_infer.control import seal
 from stream_infer.errors import BrokerError
 from stream_infer.io.clients import consume_ready
 from stream_infer.settings import Topology
@@ -50,8 +50,7 @@ class Controller:
     def send(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Sign (when the topology has a key) and produce one command; return what was sent."""
         key = self.topology.control.hmac_key
-        if key is not None:
-            doc = doc | {"signature": sign(doc, key.get_secret_value().encode())}
+        doc = seal(doc, key.get_secret_value().encode() if key else None, time.time())
         self._producer.produce(self.topology.topics.control, orjson.dumps(doc), str(doc["id"]))
         if self._producer.flush(10) != 0:
             msg = f"the command was not delivered to {self.topology.topics.control}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -293,6 +294,11 @@ class WorkerSettings(_Frozen):
         description="this worker's stable identity (e.g. the pod name, from the downward API: "
         "STREAM_INFER_WORKER__ID); names its learner snapshot files; default: the host name",
     )
+    state_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "stream-infer" / "state",
+        description="where the worker keeps its local state (faust's data folder, one per "
+        "topology name): never the working directory",
+    )
 
     @field_validator("id")
     @classmethod
@@ -467,7 +473,36 @@ class Topology(_Frozen):
         if online.monitors and not self.topics.drift:
             msg = "drift monitors need topics.drift"
             raise ValueError(msg)
+        for i, policy in enumerate(online.policies):
+            if problem := self._policy_problem(policy):
+                msg = f"online.policies[{i}]: {problem}"
+                raise ValueError(msg)
         return self
+
+    def _policy_problem(self, policy: PolicySettings) -> str | None:
+        """Why this policy could never act, or would send commands every worker rejects."""
+        # Imported here: the policy module needs river, which topologies without policies
+        # never load.
+        from stream_infer.online.policy import Policy
+
+        try:
+            Policy(policy.signal, policy.action, policy.model, policy.online_version)
+        except ValueError as exc:
+            return str(exc).removeprefix("Policy: ")
+        if policy.signal not in {m.signal for m in self.online.monitors}:
+            return f"no monitor watches signal {policy.signal!r}: the policy would never act"
+        if policy.model is not None and self.model(policy.model) is None:
+            return f"unknown model {policy.model!r}"
+        if policy.online_version is not None:
+            models = [policy.model] if policy.model else [m.name for m in self.models]
+            for model in models:
+                learners = {x.version for x in self.online.learners if x.model == model}
+                if policy.online_version not in learners:
+                    return (
+                        f"{policy.online_version!r} is not an online learner of model "
+                        f"{model!r} (online.learners: {sorted(learners) or 'none'})"
+                    )
+        return None
 
     def versions_of(self, model: str) -> tuple[str, ...]:
         """Declared versions of a model plus its online learners' versions."""

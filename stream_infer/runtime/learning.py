@@ -29,10 +29,10 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from stream_infer import serde
-from stream_infer.control import sign
+from stream_infer.control import seal
 from stream_infer.events import DeadLetter, FeatureBatch, OutRecord, Record
 from stream_infer.observability import Metrics
-from stream_infer.online.drift import DriftEvent, DriftMonitor, error_of
+from stream_infer.online.drift import FEATURE_PREFIX, DriftEvent, DriftMonitor, error_of
 from stream_infer.online.joiner import Joined, LabelJoiner, Served
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.policy import Policy, commands_for
@@ -142,6 +142,7 @@ class LearningService:
         publish: Callable[[list[OutRecord]], None],
         predictors: Callable[[], Mapping[tuple[str, str], Any]],
         routes: Callable[[], Mapping[str, Route]],
+        generation: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
         queue_wait_s: float = 10.0,
         stall_s: float = 60.0,
@@ -153,6 +154,7 @@ class LearningService:
         self._publish = publish
         self._predictors = predictors
         self._routes = routes
+        self._generation = generation
         self.joiner = LabelJoiner(self.online.label_ttl_s, self.online.max_pending)
         self.prequential: dict[tuple[str, str], Prequential] = {}
         self.monitors: dict[tuple[str, str, str], DriftMonitor] = {}
@@ -209,6 +211,20 @@ class LearningService:
             self.metrics.lost.labels("dropped").inc(n)
         log.debug("learning: %d %s dropped (queue full or thread stopped)", n, kind)
 
+    def routing_changed(self, models: Iterable[str]) -> None:
+        """The routes of these models changed: their error and prediction monitors start
+        afresh (in queue order, after the items scored by the old routing), so a policy does
+        not take the operator's own traffic change for drift. Feature monitors go on: what
+        serves does not change the input."""
+        changed = frozenset(models)
+        if changed and self._thread.is_alive():
+            self._put("routing", changed, 0)
+
+    def _reset_monitors(self, models: frozenset[str]) -> None:
+        for (model, _version, signal), monitor in self.monitors.items():
+            if model in models and not signal.startswith(FEATURE_PREFIX):
+                monitor.reset()
+
     def assigned(self, partitions: Iterable[int]) -> None:
         """The input partitions this worker owns now (called from the consumer thread)."""
         self._owned = frozenset(partitions)
@@ -255,6 +271,8 @@ class LearningService:
             try:
                 if kind == "scored":
                     self._on_scored(*item)
+                elif kind == "routing":
+                    self._reset_monitors(item)
                 else:
                     self._on_labels(item)
             except Exception:  # learning must never take serving down; it is logged and counted
@@ -327,7 +345,9 @@ class LearningService:
                     OutRecord(
                         self.topology.topics.dead_letter,
                         record.key(),
-                        serde.encode_dead_letter(letter),
+                        serde.encode_dead_letter(
+                            letter, max_bytes=self.topology.limits.max_dead_letter_bytes
+                        ),
                     )
                 )
                 continue
@@ -386,16 +406,14 @@ class LearningService:
             if drift_topic:
                 records.append(OutRecord(drift_topic, event.model.encode(), event.to_json()))
             for policy in self.policies:
-                if policy.signal != event.signal or policy.model not in (None, event.model):
-                    continue
-                for command in commands_for(policy, event, self._routes()):
+                routes, generation = self._routes(), self._generation()
+                for command in commands_for(policy, event, routes, generation=generation):
                     records.append(self._command(command))
         self._publish(records)
 
     def _command(self, doc: dict[str, Any]) -> OutRecord:
         key = self.topology.control.hmac_key
-        if key is not None:
-            doc = doc | {"signature": sign(doc, key.get_secret_value().encode())}
+        doc = seal(doc, key.get_secret_value().encode() if key else None, time.time())
         log.warning("drift policy: sending %s", doc)
         return OutRecord(self.topology.topics.control, str(doc["id"]).encode(), orjson.dumps(doc))
 

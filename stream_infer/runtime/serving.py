@@ -70,6 +70,7 @@ class InferenceRuntime:
             shadow_topic=topology.topics.shadow,
             track_scores=topology.online.enabled,
             watchdog=self.watchdog,
+            max_dead_letter_bytes=topology.limits.max_dead_letter_bytes,
         )
         self.serving = Serving(routes={}, predictors={})
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -97,6 +98,7 @@ class InferenceRuntime:
                 publish=self._publish_untracked,
                 predictors=lambda: self._predictors,
                 routes=lambda: self.serving.routes,
+                generation=lambda: self.table.generation,
                 worker=topology.worker.id or socket.gethostname(),
             )
         self._labels_topic = topology.topics.labels if topology.online.enabled else None
@@ -368,6 +370,8 @@ class InferenceRuntime:
         """Make the routing table's routes the serving snapshot (atomic for the next batch)."""
         routes = dict(self.table.routes)
         needed = required_versions(routes)
+        before = self.serving.routes
+        changed = {m for m, r in routes.items() if before and before.get(m) != r}
         self.serving = Serving(
             routes=routes,
             predictors={key: self._predictors[key] for key in needed},
@@ -381,6 +385,8 @@ class InferenceRuntime:
             log.info("unloaded %s:%s", *key)
         self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
         self.metrics.routing_changed.set(self.table.changed_at)
+        if changed and self.learning is not None:
+            self.learning.routing_changed(changed)
 
     def _apply(
         self,

@@ -403,3 +403,57 @@ def test_producer_extra_values_are_validated() -> None:
     assert "kafka.producer_extra" in config_error(
         minimal(kafka={"producer_extra": {"message.timeout.ms": [1, 2]}})
     )
+
+
+# --- drift policies checked against the rest of the topology (hardening item 16) -------------
+
+
+def online_with(
+    *policies: dict[str, Any], monitors: tuple[str, ...] = ("error",)
+) -> dict[str, Any]:
+    model = MINIMAL["models"][0]["name"]
+    topics = MINIMAL["topics"] | {"labels": "t.labels", "drift": "t.drift"}
+    return minimal(
+        topics=topics,
+        online={
+            "learners": [{"model": model, "version": "online"}],
+            "monitors": [{"signal": s} for s in monitors],
+            "policies": list(policies),
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "said"),
+    [
+        (
+            {"signal": "feature:f1", "action": "reset_learner", "online_version": "online"},
+            "needs `model`: input drift is of no one model",
+        ),
+        (
+            {"signal": "feature:f1", "action": "rollback_canary"},
+            "input drift is of no one version",
+        ),
+        ({"signal": "prediction", "action": "alert"}, "no monitor watches signal 'prediction'"),
+        ({"signal": "error", "action": "alert", "model": "nope"}, "unknown model 'nope'"),
+        (
+            {"signal": "error", "action": "shift_to_online", "online_version": "v9"},
+            "'v9' is not an online learner of model",
+        ),
+    ],
+)
+def test_policies_that_could_never_act_are_refused(policy: dict[str, Any], said: str) -> None:
+    data = online_with(policy, monitors=("error", "feature:f1"))
+    assert said in config_error(data)
+
+
+def test_a_reset_on_input_drift_for_a_named_model_is_accepted() -> None:
+    model = MINIMAL["models"][0]["name"]
+    policy = {
+        "signal": "feature:f1",
+        "action": "reset_learner",
+        "model": model,
+        "online_version": "online",
+    }
+    topo = parse_topology(online_with(policy, monitors=("feature:f1",)), env={})
+    assert topo.online.policies[0].model == model

@@ -269,3 +269,33 @@ def test_joins_lost_to_a_rebalance_and_orphaned_labels_are_counted() -> None:
     assert _value(svc, "stream_infer_labels_lost_total", {"cause": "orphan"}) == 1
     assert _value(svc, "stream_infer_labels_missed_total") == 2  # both events, as before
     assert learner.n_learned == 0
+
+
+# --- hardening item 16: the operator's own traffic change is not drift --------------------------
+
+
+def test_a_routing_change_restarts_the_changed_models_monitors_only(
+    stoppers: list[LearningService],
+) -> None:
+    topo = topology(
+        monitors=[{"signal": "error"}, {"signal": "prediction"}, {"signal": "feature:a"}]
+    )
+    svc, _ = service(topo)
+    stoppers.append(svc)
+    error = svc._monitor("risk", "v1", "error")[0]
+    prediction = svc._monitor("risk", "v1", "prediction")[0]
+    feature = svc._monitor("*", "*", "feature:a")[0]
+    other = svc._monitor("fraud", "v1", "error")[0]
+    before = {m: m._adwin for m in (error, prediction, feature, other)}  # kept alive: no id reuse
+    svc.start()
+    svc.routing_changed({"risk"})
+    assert wait_for(lambda: error._adwin is not before[error])
+    assert wait_for(lambda: prediction._adwin is not before[prediction])
+    assert feature._adwin is before[feature], "what serves does not change the input"
+    assert other._adwin is before[other], "another model's routing did not change"
+
+
+def test_a_routing_change_before_the_thread_starts_is_not_counted_as_dropped() -> None:
+    svc, _ = service(topology(monitors=[{"signal": "error"}]))
+    svc.routing_changed({"risk"})
+    assert _value(svc, "stream_infer_learning_dropped_total", {"kind": "routing"}) == 0.0

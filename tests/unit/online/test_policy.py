@@ -83,10 +83,59 @@ def test_reset_learner_names_the_online_version() -> None:
 
 
 def test_a_policy_acts_only_on_its_signal_and_model() -> None:
-    policy = Policy("feature:age", "rollback_canary", model="risk")
+    policy = Policy("prediction", "rollback_canary", model="risk")
     assert commands_for(policy, event("v2"), {"risk": SPLIT}) == []  # signal "error"
-    assert commands_for(policy, event("v2", "fraud", "feature:age"), {"fraud": SPLIT}) == []
-    assert commands_for(policy, event("v2", "risk", "feature:age"), {"risk": SPLIT}) != []
+    assert commands_for(policy, event("v2", "fraud", "prediction"), {"fraud": SPLIT}) == []
+    assert commands_for(policy, event("v2", "risk", "prediction"), {"risk": SPLIT}) != []
+
+
+# --- hardening item 16: feature signals, and ids every worker mints alike ---------------------
+
+
+def feature_event(name: str = "age") -> DriftEvent:
+    """What a feature monitor reports: input drift, of no one model or version."""
+    return DriftEvent("*", "*", "adwin", f"feature:{name}", 5055, 1.0, 0.5, 320)
+
+
+def test_reset_learner_on_input_drift_resets_the_policys_model() -> None:
+    # It used to send model "*", which every worker rejected, at every drift, into the log.
+    policy = Policy("feature:age", "reset_learner", model="risk", online_version="online")
+    got = commands_for(policy, feature_event(), {"risk": ONLINE_SHADOW})
+    assert bodies(got) == [{"command": "reset_learner", "model": "risk", "version": "online"}]
+    assert commands_for(policy, feature_event("other"), {"risk": ONLINE_SHADOW}) == []
+
+
+@pytest.mark.parametrize(
+    ("action", "fields", "said"),
+    [
+        ("reset_learner", {"online_version": "online"}, "needs `model`"),
+        ("rollback_canary", {"model": "risk"}, "input drift is of no one version"),
+        ("shift_to_online", {"model": "risk", "online_version": "online"}, "no one version"),
+    ],
+)
+def test_actions_that_mean_nothing_on_input_drift_are_refused(
+    action: str, fields: dict[str, str], said: str
+) -> None:
+    with pytest.raises(ValueError, match=said):
+        Policy("feature:age", action, **fields)
+
+
+def test_copies_of_a_policy_command_from_several_workers_share_one_id() -> None:
+    """Workers that read the control log as far (the same generation) mint the same id, so
+    the log keeps one of their copies; after a change (a new generation) the next drift gets a
+    new id, so a later action is not mistaken for a copy."""
+    policy = Policy("error", "rollback_canary")
+    first = commands_for(policy, event("v2"), {"risk": SPLIT}, generation=7)
+    again = commands_for(policy, event("v2"), {"risk": SPLIT}, generation=7)
+    later = commands_for(policy, event("v2"), {"risk": SPLIT}, generation=8)
+    assert first == again
+    assert first[0]["id"] != later[0]["id"]
+    reset = Policy("error", "reset_learner", online_version="online")
+    ids = {
+        commands_for(reset, event("v1"), {"risk": ONLINE_SHADOW}, generation=7)[0]["id"],
+        first[0]["id"],
+    }
+    assert len(ids) == 2  # another command at the same generation: another id
 
 
 def test_swap_and_rollback_commands_parse_as_control_commands() -> None:
