@@ -42,6 +42,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         web_host=topology.worker.web_host,
         autodiscover=False,
         store="memory://",
+        datadir=str(topology.worker.state_dir / f"stream-infer-{topology.name}"),
         topic_disable_leader=True,
         stream_buffer_maxsize=max(64, topology.batching.max_batches_in_flight * 4),
     )
