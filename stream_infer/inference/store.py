@@ -161,6 +161,10 @@ def save_export(
     example = (torch.zeros(2, len(features)),)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
+    # Each node records the Python stack that made it (source lines, install paths): drop it,
+    # so the same weights give the same bytes wherever and from whichever checkout it is built.
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
     artifact = directory / "model.pt2"
     torch.export.save(program, str(artifact))
     meta = ModelMeta(
