@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -30,6 +31,13 @@ class _NoFaustKafka(BootStrategy):
     enable_kafka = False
 
 
+def _datadir(topology: Topology) -> Path:
+    """faust's data folder, under worker.state_dir (faust makes only its last level)."""
+    path = topology.worker.state_dir / f"stream-infer-{topology.name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> faust.App:
     """Build the faust app of one worker. Nothing connects until the worker starts it."""
     rt = runtime or InferenceRuntime(topology)
@@ -42,7 +50,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
         web_host=topology.worker.web_host,
         autodiscover=False,
         store="memory://",
-        datadir=str(topology.worker.state_dir / f"stream-infer-{topology.name}"),
+        datadir=str(_datadir(topology)),
         topic_disable_leader=True,
         stream_buffer_maxsize=max(64, topology.batching.max_batches_in_flight * 4),
     )

@@ -24,6 +24,7 @@ def test_faust_keeps_its_data_under_the_state_dir(
     from stream_infer.runtime.app import create_app
 
     monkeypatch.chdir(tmp_path)
-    env = {"STREAM_INFER_WORKER__STATE_DIR": str(tmp_path / "state")}
+    env = {"STREAM_INFER_WORKER__STATE_DIR": str(tmp_path / "state" / "nested")}
     app = create_app(load_topology(TOPOLOGY, env=env))
-    assert Path(app.conf.datadir) == tmp_path / "state" / "stream-infer-phishing"
+    assert Path(app.conf.datadir) == tmp_path / "state" / "nested" / "stream-infer-phishing"
+    assert Path(app.conf.datadir).is_dir()
