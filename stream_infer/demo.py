@@ -34,7 +34,12 @@ from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.controller import Controller, new_command
 from stream_infer.examples import phishing
 from stream_infer.io.clients import ensure_topology_topics
-from stream_infer.loadgen import OpenLoopProducer, synthetic_events, with_bad_events
+from stream_infer.loadgen import (
+    OpenLoopProducer,
+    close_producer,
+    synthetic_events,
+    with_bad_events,
+)
 from stream_infer.settings import ENV_PREFIX, Topology, load_topology
 from stream_infer.watch import OutputWatcher
 
@@ -83,6 +88,7 @@ class Labeler:
         self.sent = 0
         self._due: deque[tuple[float, str]] = deque()
         self._producer = Producer(conf | {"linger.ms": DEMO_LINGER_MS})
+        self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="labeler", daemon=True)
         self._thread.start()
@@ -122,6 +128,9 @@ class Labeler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(15)
+        if not self._thread.is_alive() and not self._closed:
+            self._closed = True
+            close_producer(self._producer)
 
 
 def _table(state: dict[str, Any], metrics: dict[str, float]) -> Table:

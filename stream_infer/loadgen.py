@@ -117,6 +117,7 @@ class OpenLoopProducer:
         self._events = events
         self._on_error = on_error
         self._producer = Producer(conf | {"linger.ms": linger_ms, "acks": "all"})
+        self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="open-loop-producer", daemon=True)
 
@@ -159,7 +160,8 @@ class OpenLoopProducer:
         """Stop producing, deliver what is queued (the thread flushes), disconnect."""
         self._stop.set()
         self._thread.join(timeout_s)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and not self._closed:
+            self._closed = True  # stop() may be called again
             close_producer(self._producer)
 
     def join(self, timeout_s: float | None = None) -> None:

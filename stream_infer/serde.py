@@ -39,6 +39,8 @@ NON_FINITE_FEATURE = "non_finite_feature"
 MODEL_FAILED = "model_failed"
 MODEL_OUTPUT_INVALID = "model_output_invalid"
 MODEL_TIMEOUT = "model_timeout"
+# A record the worker produced (a prediction, a drift event) that its topic refuses for good.
+UNDELIVERABLE = "undeliverable"
 REASONS = (
     OVERSIZED,
     EMPTY,
@@ -56,6 +58,7 @@ REASONS = (
     MODEL_FAILED,
     MODEL_OUTPUT_INVALID,
     MODEL_TIMEOUT,
+    UNDELIVERABLE,
 )
 
 

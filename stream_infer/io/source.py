@@ -11,10 +11,16 @@ the wall-clock time since the chunk's oldest record timestamp (time in Kafka and
 client's queue before this thread got the record); each batch carries ``opened_at``, when its
 first record arrived, and ``closed_at``, when it was handed over.
 
-Offsets: a batch's offsets are stored only when :meth:`BatchSource.done` is called, which the
-runtime does after every record the batch produced is acknowledged. librdkafka commits stored
-offsets in the background, on revocation and on close. On revocation the thread first waits
-for the in-flight batches to finish, so the next owner starts after them.
+Offsets: which may be committed is the :class:`Checkpoint`'s decision. Each batch handed over
+gets a sequence number; :meth:`BatchSource.done` (the runtime calls it once every record the
+batch produced is acknowledged) marks it delivered, and the consumer thread stores the offsets
+of the contiguous prefix of delivered batches. librdkafka commits stored offsets in the
+background, on revocation and on close. :meth:`BatchSource.fail` latches a batch that cannot
+be served: nothing is handed out after it, and nothing at or after it is stored or committed;
+the thread then commits the prefix before it and closes the consumer, so that the next owner
+(or this worker, restarted) reads again from the failed batch. On revocation and on close the
+thread first waits for the batches in flight, within one deadline
+(``drain_timeout_s`` from the moment the source stops, or from the revocation).
 
 A topic or group the worker's principal may not read (TOPIC_AUTHORIZATION_FAILED,
 GROUP_AUTHORIZATION_FAILED) is noted once in :class:`AccessRefusals` (an ERROR line naming it
@@ -41,7 +47,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -50,6 +55,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from stream_infer.batching import MicroBatcher
 from stream_infer.io.access import AccessRefusals, is_refusal
+from stream_infer.io.checkpoint import Checkpoint
 from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
@@ -65,13 +71,15 @@ class SourceBatch:
     """A closed micro-batch and the offsets to store once it is delivered.
 
     ``opened_at``: when its first record reached the consumer thread; ``closed_at``: when it
-    was handed over (after any backpressure pause). Both ``time.monotonic()``.
+    was handed over (after any backpressure pause). Both ``time.monotonic()``. ``seq``: its
+    number in the source's :class:`Checkpoint` (-1: not handed over by a source).
     """
 
     records: list[Message]
     offsets: dict[tuple[str, int], int]
     closed_at: float = field(default_factory=time.monotonic)
     opened_at: float | None = None
+    seq: int = -1
 
 
 def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -113,10 +121,11 @@ class BatchSource:
         self._opened_at = 0.0  # when the open batch's first record arrived (monotonic)
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
-        self._in_flight = 0
+        # Which offsets may be stored; guarded by _idle (done/fail come from the event loop).
+        self.checkpoint = Checkpoint()
         self._idle = threading.Condition()
         self._stopping = threading.Event()
-        self._to_store: deque[dict[tuple[str, int], int]] = deque()
+        self._drain_deadline: float | None = None  # set once: when waiting for in-flight ends
         self._consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
         self.assignment: list[tuple[str, int]] = []
@@ -141,45 +150,85 @@ class BatchSource:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Batches handed over and not yet delivered."""
+        return self.checkpoint.in_flight
+
+    @property
+    def failure(self) -> str | None:
+        """Why a batch could not be served (None while none failed)."""
+        return self.checkpoint.failure
 
     def done(self, batch: SourceBatch) -> None:
-        """The batch's records are all delivered: queue its offsets for storing, free its slot.
+        """The batch's records are all delivered: mark it in the checkpoint, free its slot.
 
-        The consumer thread stores them (only that thread touches the consumer), before its
-        next fetch and always before a revocation or close commits.
+        The consumer thread stores the offsets the checkpoint releases (only that thread
+        touches the consumer), before its next fetch and always before a revocation or close
+        commits.
         """
-        if batch.offsets:
-            self._to_store.append(batch.offsets)
         with self._idle:
-            self._in_flight -= 1
+            self.checkpoint.delivered(batch.seq)
             self._idle.notify_all()
         self._slots.release()
 
+    def fail(self, batch: SourceBatch, reason: str) -> None:
+        """The batch cannot be served: nothing after it is handed out, and nothing at or after
+        it is stored or committed. The consumer thread commits the prefix and closes."""
+        with self._idle:
+            first = not self.checkpoint.failed
+            self.checkpoint.fail(batch.seq, reason)
+            self._idle.notify_all()
+        if first:
+            log.critical(
+                "batch %d (%s) failed: %s; nothing at or after it is committed, nothing more "
+                "is consumed",
+                batch.seq,
+                ", ".join(f"{t}[{p}] to {o}" for (t, p), o in sorted(batch.offsets.items())),
+                reason,
+            )
+
     def _store_done(self, consumer: Consumer) -> None:
-        while self._to_store:
-            stored = self._to_store.popleft()
-            offsets = [TopicPartition(t, p, o) for (t, p), o in stored.items()]
-            try:
-                consumer.store_offsets(offsets=offsets)
-            except KafkaException as exc:
-                # The partition was revoked meanwhile: its new owner re-reads from the last
-                # committed offset, so nothing is lost (the batch may be served twice).
-                log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
-                continue
-            # store_offsets ignores partitions not assigned any more (no error): a batch done
-            # after its partition was revoked must not bring the partition back into the lag.
-            owned = set(self.assignment)
-            self._positions.update((tp, o) for tp, o in stored.items() if tp in owned)
+        with self._idle:
+            stored = self.checkpoint.release()
+        if not stored:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in stored.items()]
+        try:
+            consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:
+            # The partition was revoked meanwhile: its new owner re-reads from the last
+            # committed offset, so nothing is lost (the batch may be served twice).
+            log.info("offsets not stored (%s): %s", exc.args[0].str(), offsets)
+            return
+        # store_offsets ignores partitions not assigned any more (no error): a batch done
+        # after its partition was revoked must not bring the partition back into the lag.
+        owned = set(self.assignment)
+        self._positions.update((tp, o) for tp, o in stored.items() if tp in owned)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop consuming; wait for the batches in flight until ``timeout_s`` from now (one
+        deadline for the close and the revocation it brings), commit, close the consumer."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout_s
         self._stopping.set()
         if self._thread.is_alive():
-            self._thread.join(timeout_s)
+            self._thread.join(max(0.0, self._drain_deadline - time.monotonic()) + 5.0)
 
-    def _wait_idle(self, timeout_s: float) -> bool:
+    def _wait_settled(self, timeout_s: float) -> bool:
+        """Wait until nothing more can be released by waiting (every batch before a failed
+        one, or every batch, delivered)."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+            return self._idle.wait_for(lambda: self.checkpoint.settled, max(0.0, timeout_s))
+
+    def _drain_left_s(self) -> float:
+        """Time left to wait for batches in flight: until the stop's deadline while closing
+        (a revocation during close shares it), else a whole drain timeout."""
+        if self._drain_deadline is None:
+            return self.drain_timeout_s
+        return max(0.0, self._drain_deadline - time.monotonic())
+
+    @property
+    def _ending(self) -> bool:
+        return self._stopping.is_set() or self.checkpoint.failed
 
     # --- the consumer thread -------------------------------------------------------------
 
@@ -188,13 +237,16 @@ class BatchSource:
         assert consumer is not None  # start() set it
         try:
             consumer.subscribe(self.topics, on_assign=self._assigned, on_revoke=self._revoked)
-            while not self._stopping.is_set():
+            while not self._ending:
                 self._step(consumer)
         except BaseException as exc:
             self.error = exc
             log.exception("the batch source failed")
         finally:
-            self._close(consumer)
+            try:
+                self._close(consumer)
+            except Exception:
+                log.exception("closing the consumer failed")
 
     def _step(self, consumer: Consumer) -> None:
         self._store_done(consumer)
@@ -280,14 +332,17 @@ class BatchSource:
             since = time.monotonic()
             while not self._slots.acquire(timeout=0.1):
                 since = self._paused(since)
-                if self._stopping.is_set():
+                if self._ending:
                     return  # not handed off, not stored: re-read after restart
                 self._while_paused()
             self._paused(since)
-        with self._idle:
-            self._in_flight += 1
         offsets = next_offsets(records)
-        self._hand_off(SourceBatch(records, offsets, opened_at=opened_at))
+        with self._idle:
+            if self.checkpoint.failed:  # nothing is handed out after a failed batch
+                self._slots.release()
+                return
+            seq = self.checkpoint.begin(offsets)
+        self._hand_off(SourceBatch(records, offsets, opened_at=opened_at, seq=seq))
 
     def _while_paused(self) -> None:
         """Keep measuring the lag while consumption is paused: that is when the lag matters
@@ -396,14 +451,17 @@ class BatchSource:
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
         dropped = self.batcher.discard(lambda r: (r.topic(), r.partition()) not in gone)
-        if not self._wait_idle(self.drain_timeout_s):
+        wait_s = self._drain_left_s()
+        if not self._wait_settled(wait_s):
             log.warning(
-                "revocation: %d batches still in flight after %.0fs; their offsets "
-                "will not be committed",
-                self._in_flight,
-                self.drain_timeout_s,
+                "revocation: %d batches still in flight after %.1fs; their offsets, and those "
+                "of every batch after them, will not be committed",
+                self.in_flight,
+                wait_s,
             )
         self._commit(consumer)
+        with self._idle:  # a batch delivered late stores nothing for partitions not ours
+            self.checkpoint.revoke(gone)
         self.assignment = sorted(set(self.assignment) - gone)
         for tp in gone:
             self._positions.pop(tp, None)
@@ -421,8 +479,19 @@ class BatchSource:
                 log.warning("commit failed: %s", exc.args[0].str())
 
     def _close(self, consumer: Consumer) -> None:
+        """Wait for the batches in flight (until the stop's deadline), commit the delivered
+        prefix, close. Every step is attempted: a failed commit still closes the consumer."""
+        if self._drain_deadline is None:  # ended by itself (a failed batch, a fatal error)
+            self._drain_deadline = time.monotonic() + self.drain_timeout_s
         self.batcher.flush()  # not handed off: re-read after restart
-        if not self._wait_idle(self.drain_timeout_s):
-            log.warning("closing with %d batches in flight", self._in_flight)
-        self._commit(consumer)
-        consumer.close()
+        try:
+            if not self._wait_settled(self._drain_left_s()):
+                log.warning(
+                    "closing with %d batches in flight: their offsets, and those of every "
+                    "batch after them, are not committed",
+                    self.in_flight,
+                )
+            self._commit(consumer)
+        finally:
+            # close() revokes the assignment: _revoked waits within the same deadline.
+            consumer.close()

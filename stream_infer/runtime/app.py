@@ -64,8 +64,10 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
             try:
                 await rt.handle(batch)
             except Exception as exc:
-                # A batch that cannot be handled must not be skipped (later batches would
-                # commit past it): stop the worker; it restarts from the committed offsets.
+                # rt.handle failed the batch in the source's checkpoint: nothing after it is
+                # served, marked done or committed, even by this agent restarted by faust's
+                # supervisor during the shutdown. Stop the worker; it restarts from the
+                # committed offsets and serves the batch again.
                 log.critical("cannot handle a batch; stopping the worker", exc_info=True)
                 await app.crash(exc)
                 raise
@@ -79,7 +81,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:
         await rt.started.wait()
-        await rt.commit_in_order()
+        await _commit_or_crash(app, rt)
 
     @app.task  # type: ignore[untyped-decorator]
     async def start_serving() -> None:
@@ -145,6 +147,18 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     app.on_before_shutdown.connect(_stop_serving)  # type: ignore[arg-type]
     return app
+
+
+async def _commit_or_crash(app: faust.App, rt: InferenceRuntime) -> None:
+    """Mark batches done in order, forever; a batch with a record that can never be delivered
+    failed (nothing after it is committed): stop the worker, as for a batch that cannot be
+    handled."""
+    try:
+        await rt.commit_in_order()
+    except Exception as exc:
+        log.critical("a batch cannot be delivered; stopping the worker", exc_info=True)
+        await app.crash(exc)
+        raise
 
 
 def run_worker(topology: Topology, loglevel: str = "info") -> int:

@@ -2,7 +2,11 @@
 
 Per batch: the pipeline (decode, route, infer, encode) and the produce calls run in one
 dedicated executor thread, never on the event loop. The batch then waits, in order, for the
-broker to acknowledge all its records; only then are its input offsets stored for commit.
+broker to acknowledge all its records; only then is it marked delivered in the source's
+checkpoint, which stores the offsets of the delivered prefix for commit. A batch that cannot
+be served (an exception on the serving path, or a record no retry delivers and nothing else
+can take) fails: the checkpoint latches, nothing after it is served, marked done or
+committed, and the exception stops the worker, which restarts from the committed offsets.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from stream_infer.control import (
     parse_command,
     required_versions,
 )
-from stream_infer.errors import ControlError, ModelError
-from stream_infer.events import BatchResult, OutRecord
+from stream_infer.errors import ControlError, DeliveryError, ModelError
+from stream_infer.events import BatchResult, DeadLetter, OutRecord
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import Predictor, TorchPredictor
 from stream_infer.inference.watchdog import Watchdog
@@ -47,7 +51,7 @@ from stream_infer.observability import Metrics
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.pipeline import ModelOutput, Pipeline, Serving
 from stream_infer.runtime.learning import LearningService
-from stream_infer.serde import FeatureDecoder
+from stream_infer.serde import UNDELIVERABLE, FeatureDecoder, encode_dead_letter
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
@@ -132,8 +136,20 @@ class InferenceRuntime:
                 f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
                 "only a restart reclaims their threads"
             )
+        if self.source is not None and self.source.failure is not None:
+            problems.append(
+                f"a batch failed ({self.source.failure}): nothing after it is committed; a "
+                "restart serves it again"
+            )
         if self.publisher is not None and (problem := self.publisher.problem):
             problems.append(problem)
+        if self.publisher is not None and not self.access.active:  # a refusal: a warning
+            waited, limit = self.publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
+            if waited > limit:
+                problems.append(
+                    f"the oldest batch not acknowledged by the broker has waited {waited:.0f} s "
+                    f"(limits.max_unacked_s={limit:g}): deliveries are stuck"
+                )
         if self.ready:  # started and not stopping: every background thread must be running
             if self.control_log is not None and not self.control_log.alive:
                 problems.append(
@@ -156,6 +172,8 @@ class InferenceRuntime:
         a liveness probe must not restart the pod in a loop over them)."""
         problems = self.health_problems()
         body: dict[str, Any] = {"ok": not problems, "problems": problems}
+        if self.publisher is not None:  # how long the oldest unacknowledged batch has waited
+            body["oldest_unacked_s"] = round(self.publisher.oldest_unacked_s, 3)
         if warnings := self.health_warnings():
             body["warnings"] = warnings
         return (500 if problems else 200), body
@@ -192,6 +210,7 @@ class InferenceRuntime:
         self.publisher = Publisher(
             producer_config(topo.kafka),
             on_retry=lambda topic, err: self.metrics.delivery_retries.labels(topic, err).inc(),
+            undeliverable=self._undeliverable,
             access=self.access,
         )
         # Labels come through the same group as the events: with the same partition count and
@@ -520,16 +539,41 @@ class InferenceRuntime:
             # At least a moment for what the drain just acknowledged, even past the deadline.
             steps.append(("the publisher", lambda: publisher.close(max(1.0, left()))))
         if self.control_log is not None:
-            await loop.run_in_executor(None, self.control_log.close)
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.watchdog.close()
-        self.loader.shutdown(wait=False, cancel_futures=True)
+            steps.append(("the control log", self.control_log.close))
+        for name, step in steps:
+            try:
+                await loop.run_in_executor(None, step)
+            except Exception:
+                log.exception("stopping %s failed; stopping the rest", name)
+        closes: list[tuple[str, Callable[[], object]]] = [
+            (
+                "the inference thread",
+                functools.partial(self.executor.shutdown, False, cancel_futures=True),
+            ),
+            ("the watchdog", self.watchdog.close),
+            (
+                "the model loader",
+                functools.partial(self.loader.shutdown, False, cancel_futures=True),
+            ),
+        ]
+        for name, close in closes:
+            try:
+                close()
+            except Exception:
+                log.exception("stopping %s failed; stopping the rest", name)
 
     # --- per batch -----------------------------------------------------------------------
 
     async def handle(self, batch: SourceBatch) -> None:
-        """Process and publish one batch, then queue it for in-order commit."""
-        assert self._commits is not None
+        """Process and publish one batch, then queue it for in-order commit.
+
+        Once a batch failed, later batches (taken by an agent restarted during shutdown) are
+        skipped: not served, never marked done. A batch that raises fails in the checkpoint
+        before the exception goes on (to stop the worker)."""
+        assert self._commits is not None and self.source is not None
+        if self.source.failure is not None:
+            log.debug("batch %d skipped: an earlier batch failed", batch.seq)
+            return
         loop = asyncio.get_running_loop()
         if batch.opened_at is not None:
             self.metrics.batching_seconds.observe(batch.closed_at - batch.opened_at)
@@ -577,13 +621,56 @@ class InferenceRuntime:
         self.totals["batches"] += 1
 
     async def commit_in_order(self) -> None:
-        """Forever: wait for each batch's delivery, in order, then store its offsets."""
+        """Forever: wait for each batch's delivery, in order, then mark it done (the source
+        stores its offsets). Raises :class:`DeliveryError` once a batch's record can never
+        be delivered: the batch failed, nothing after it is committed."""
         assert self._commits is not None and self.source is not None
         while True:
             batch, ticket = await self._commits.get()
-            await ticket.delivered()
+            try:
+                await ticket.delivered()
+            except DeliveryError as exc:
+                self.source.fail(batch, f"a record cannot be delivered: {exc}")
+                raise
             self.metrics.delivery_seconds.observe(time.monotonic() - ticket.sent_at)
             self.source.done(batch)
+
+    def _undeliverable(self, record: OutRecord, why: str) -> OutRecord | None:
+        """A record its topic refuses for good becomes a dead letter (``undeliverable``) that
+        keeps it, under its key; None for a dead letter (nothing else could take it). Runs on
+        the publisher's threads."""
+        dead_letter_topic = self.topology.topics.dead_letter
+        if record.topic == dead_letter_topic:
+            return None
+        letter = DeadLetter(UNDELIVERABLE, why, _Produced(record))
+        value = encode_dead_letter(letter, max_bytes=self.topology.limits.max_dead_letter_bytes)
+        self.metrics.dead_letters.labels(UNDELIVERABLE).inc()
+        return OutRecord(dead_letter_topic, record.key, value)
+
+
+class _Produced:
+    """A record this worker produced, seen as a dead letter's record: it was read from nowhere
+    (``topic`` is where it was going)."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: OutRecord) -> None:
+        self._record = record
+
+    def value(self) -> bytes | None:
+        return self._record.value
+
+    def key(self) -> bytes | None:
+        return self._record.key
+
+    def topic(self) -> str | None:
+        return self._record.topic
+
+    def partition(self) -> int | None:
+        return None
+
+    def offset(self) -> int | None:
+        return None
 
 
 def _barrier() -> None:

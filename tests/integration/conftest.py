@@ -175,8 +175,13 @@ class Setup:
         return self.topology.topics
 
     def start_worker(
-        self, web_port: int | None = None, log_level: str = "info"
+        self,
+        web_port: int | None = None,
+        log_level: str = "info",
+        module: tuple[str, ...] = ("stream_infer",),
     ) -> subprocess.Popen[bytes]:
+        """A worker process; ``module``: what ``python -m`` runs, and its own arguments before
+        the CLI's (a test wrapper such as tests.integration.faulty_worker)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(web_port or free_port())
         log_file = (self.tmp / f"worker-{len(self.workers)}.log").open("wb")
@@ -184,7 +189,7 @@ class Setup:
             [
                 sys.executable,
                 "-m",
-                "stream_infer",
+                *module,
                 "--log-level",
                 log_level,
                 "worker",

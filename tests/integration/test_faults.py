@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -481,3 +482,52 @@ def test_a_producer_the_broker_fences_after_a_timeout_is_replaced_and_delivers(
     finally:
         reader.close()
     assert seen == {f"{c}{i}".encode() for c in "ab" for i in range(100)}
+
+
+# --- a batch that fails ------------------------------------------------------------------
+
+
+def test_a_failed_batch_is_never_committed_past_and_a_restarted_worker_serves_it(
+    make_setup: Any,
+) -> None:
+    """Hardening item 1. The worker's publish raises for the batch holding e-1000 (one
+    partition: e-i is at offset i). faust's supervisor restarts the serving agent after
+    app.crash, and the restarted agent used to serve the batches behind the failed one during
+    the shutdown, mark them done, and the close committed past the failed batch: e-1000 was
+    lost. Now nothing after the failed batch is served or committed, the worker exits, and a
+    restarted worker serves the rest: every id predicted."""
+    started = time.monotonic()
+    n, fail_at = 2000, 1000
+    setup = make_setup(
+        topics={"partitions": 1},
+        batching={"max_batch_size": 50, "max_wait_ms": 5, "max_batches_in_flight": 4},
+    )
+    setup.produce(good_events(n))
+    faulty = setup.start_worker(module=("tests.integration.faulty_worker", f"e-{fail_at}"))
+    try:
+        code = faulty.wait(90)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the faulty worker did not stop:\n" + setup.worker_logs()) from None
+    setup.workers.remove(faulty)  # it died on purpose: the helpers must not take it for a crash
+    crashed_in_s = time.monotonic() - started
+    logs = setup.worker_logs()
+    assert code != 0, "a worker whose batch failed must not exit cleanly"
+    assert "injected: publish fails for the batch holding e-1000" in logs, logs
+
+    committed = setup.committed(setup.topics.input)
+    served = {p["id"] for p in setup.collect(setup.topics.predictions, 10**9, timeout_s=3)}
+    assert 0 < committed <= fail_at, f"committed {committed}: past the failed batch (e-{fail_at})"
+    assert {f"e-{i}" for i in range(committed)} <= served, "committed records never served"
+    later = sorted(i for i in range(fail_at, n) if f"e-{i}" in served)
+    assert not later, f"served after the failed batch: e-{later[0]} and {len(later) - 1} more"
+
+    setup.start_worker()
+    expected = {f"e-{i}" for i in range(n)}
+    preds = setup.collect_until_ids(setup.topics.predictions, expected, timeout_s=90)
+    missing = expected - {p["id"] for p in preds}
+    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:3]}"
+    print(
+        f"\nfailed batch at e-{fail_at}: the worker exited ({code}) {crashed_in_s:.1f} s after "
+        f"its start with {committed} committed and {len(served)} served (none after the "
+        f"failed batch); the restarted worker served every id; {time.monotonic() - started:.1f} s"
+    )

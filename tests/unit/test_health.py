@@ -54,7 +54,7 @@ def test_a_missing_acl_is_a_warning_at_200_and_counted_for_alerting(
     assert _gauge(runtime, "stream_infer_kafka_access_refused") == 2.0
     runtime.access.allowed("topic", "in")
     runtime.access.allowed("topic", "acks", "Write")
-    assert runtime.health() == (200, {"ok": True, "problems": []})
+    assert runtime.health() == (200, {"ok": True, "problems": [], "oldest_unacked_s": 0.0})
     assert _gauge(runtime, "stream_infer_kafka_access_refused") == 0.0
 
 

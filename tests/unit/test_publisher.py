@@ -228,9 +228,11 @@ def raising(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[RaisingProducer]]:
     FakeProducer.last = None
 
 
-def test_a_record_produce_refuses_for_good_is_set_aside_and_reported_not_retried_forever(
+def test_a_record_produce_refuses_for_good_is_set_aside_and_its_ticket_fails(
     raising: type[RaisingProducer], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without a replacement (no undeliverable hook here): never retried, the ticket fails
+    (its batch fails: nothing after it is committed), /healthz says why."""
     retries: list[tuple[str, str]] = []
     pub = Publisher(
         {},
@@ -248,11 +250,12 @@ def test_a_record_produce_refuses_for_good_is_set_aside_and_reported_not_retried
         assert small.wait(2.0), "a record set aside held up the others"
         time.sleep(0.3)  # 30 back-offs: a retry loop would have produced it ~30 times
         assert producer.attempts["dlq"] == 1, producer.attempts
-        assert not big.done and big.pending == 1  # its batch is never committed
+        assert big.wait(0) and not big.done and big.pending == 1  # failed, never delivered
+        assert big.error is not None and big.error.topic == "dlq"
         assert retries == [("dlq", "MSG_SIZE_TOO_LARGE")]
         assert not [r for r in caplog.records if r.levelno == logging.WARNING]
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and "2000-byte record for topic 'dlq'" in errors[0], errors
+        assert len(errors) == 1 and "'dlq' refused a 2000-byte record" in errors[0], errors
         assert pub.problem is not None and "MSG_SIZE_TOO_LARGE" in pub.problem
         assert pub.access.problems() == []  # not a missing permission
         assert pub._thread.is_alive()

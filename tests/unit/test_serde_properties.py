@@ -25,6 +25,7 @@ DECODE_REASONS = set(serde.REASONS) - {
     serde.MODEL_FAILED,
     serde.MODEL_OUTPUT_INVALID,
     serde.MODEL_TIMEOUT,
+    serde.UNDELIVERABLE,
 }
 
 PROPERTY = settings(
