@@ -9,6 +9,7 @@ get the answers it asked for, 130 for Ctrl-C.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import signal
 import socket
@@ -68,9 +69,11 @@ def _load(path: Path, *, check: bool = False) -> Any:
 
     topo = load_topology(path)
     if check:
-        from stream_infer.validation import check_topology
+        from stream_infer.validation import check_topology, file_problems
 
-        check_topology(topo, source=str(path))
+        check_topology(topo, source=str(path), files=False)
+        for problem in file_problems(topo):  # handled at run time: not-ready while routed
+            logging.getLogger("stream_infer").warning("%s: %s", path, problem)
     return topo
 
 
@@ -151,7 +154,9 @@ def _wait_for_signal() -> None:
 def worker(ctx: click.Context, topology: Path) -> None:
     """Run one worker of TOPOLOGY in the foreground (SIGINT/SIGTERM stop it cleanly).
 
-    Before anything connects, TOPOLOGY is checked as `validate` does, and the web port
+    Before anything connects, TOPOLOGY is checked as `validate` does (a missing or corrupt
+    artifact is only a warning: the worker stays not-ready while the control log routes that
+    version, and retries), and the web port
     (worker.web_port: /metrics, /healthz, /readyz) must be free: exit code 2 otherwise. It
     creates the topology's topics that do not exist, as `topics` does. Its state goes under
     worker.state_dir. Once it serves (ready), it prints one line with its metrics and health
@@ -235,7 +240,8 @@ def topics(topology: Path) -> None:
     """Create TOPOLOGY's topics (with their partition counts) if they do not exist, and check
     the existing ones: a control topic that would lose commands (more than one partition, finite
     retention) and input and labels topics partitioned differently are refused (exit code 2).
-    TOPOLOGY is checked first, as `validate` does."""
+    TOPOLOGY is checked first, as `validate` does (a missing or corrupt artifact is only a
+    warning here)."""
     from stream_infer.io.clients import ensure_topology_topics
 
     topo = _load(topology, check=True)

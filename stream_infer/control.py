@@ -57,6 +57,9 @@ ARTIFACT_INVALID = "artifact_invalid"
 DUPLICATE = "duplicate_command"
 SHADOW_SERVES = "shadow_serves"
 EXPIRED = "expired"
+STALE = "stale"
+# The longest command id accepted (new_command makes 16 characters, drift policies 38).
+MAX_ID_CHARS = 128
 
 # Ack statuses: applied; rejected (nothing changed); applied to the routing table, as on every
 # worker, but this worker cannot load what it routes.
@@ -71,6 +74,9 @@ class Command:
     version: str | None = None
     weights: Mapping[str, float] | None = None
     issued_at: float | None = None
+    # Apply only if the routing table is at this generation (drift policies: a command
+    # computed from a routing that has changed since is stale).
+    if_generation: int | None = None
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
@@ -186,8 +192,9 @@ def parse_command(
     if not isinstance(doc, dict):
         raise ControlError(MALFORMED, f"a command is a JSON object, got {type(doc).__name__}")
     command_id = doc.get("id")
-    if not isinstance(command_id, str) or not command_id:
-        raise ControlError(MALFORMED, "'id' must be a non-empty string")
+    if not isinstance(command_id, str) or not command_id or len(command_id) > MAX_ID_CHARS:
+        msg = f"'id' must be a non-empty string of at most {MAX_ID_CHARS} characters"
+        raise ControlError(MALFORMED, msg)
     if hmac_key is not None:
         signature = doc.get("signature")
         if not isinstance(signature, str):
@@ -208,7 +215,13 @@ def parse_command(
 def _shape(doc: Mapping[str, Any], command_id: str, issued_at: float | None) -> Command:
     """The command of an authenticated document; ControlError if a field is wrong."""
     cmd = _fields(doc, command_id)
-    return Command(cmd.id, cmd.command, cmd.model, cmd.version, cmd.weights, issued_at)
+    if_generation = doc.get("if_generation")
+    if if_generation is not None and (type(if_generation) is not int or if_generation < 0):
+        msg = f"'if_generation' must be an integer >= 0, got {if_generation!r}"
+        raise ControlError(MALFORMED, msg, command_id=command_id)
+    return Command(
+        cmd.id, cmd.command, cmd.model, cmd.version, cmd.weights, issued_at, if_generation
+    )
 
 
 def _fields(doc: Mapping[str, Any], command_id: str) -> Command:
@@ -298,6 +311,12 @@ class RoutingTable:
         return self._plan(cmd)
 
     def _plan(self, cmd: Command) -> dict[str, Route]:
+        if cmd.if_generation is not None and cmd.if_generation != self.generation:
+            msg = (
+                f"the command was computed from the routing at generation {cmd.if_generation}; "
+                f"the control log has since changed it (generation {self.generation})"
+            )
+            raise ControlError(STALE, msg, command_id=cmd.id)
         if cmd.command == "status":
             return dict(self.routes)
         model = cmd.model or ""

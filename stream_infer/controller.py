@@ -34,7 +34,8 @@ class Controller:
             raise BrokerError(msg)
         self.acks_topic = topology.topics.acks
         conf = topology.kafka.librdkafka()
-        self._producer = Producer(conf | {"acks": "all"})
+        # Idempotent: a retried send must not write a command twice.
+        self._producer = Producer(conf | {"acks": "all", "enable.idempotence": True})
         self._acks = Consumer(
             conf | {"group.id": f"stream-infer-ctl-{uuid.uuid4().hex}", "enable.auto.commit": False}
         )

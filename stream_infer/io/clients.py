@@ -118,13 +118,17 @@ def ensure_topology_topics(
     the rest with N), then check the ones that existed: see :func:`check_topology_topics`."""
     single = topology.topics.single_partition()
     rf = topology.topics.replication_factor
-    # The control log is replayed by every starting worker: it must never expire.
+    # The control log is replayed by every starting worker: it must never expire. Commands
+    # with a maximum age are checked against the broker's time of writing.
+    config = dict(CONTROL_TOPIC_CONFIG)
+    if topology.control.max_command_age_s is not None:
+        config["message.timestamp.type"] = LOG_APPEND_TIME
     created = ensure_topics(
         topology.kafka,
         single,
         partitions=1,
         replication_factor=rf,
-        config=dict(CONTROL_TOPIC_CONFIG),
+        config=config,
         timeout_s=timeout_s,
     )
     rest = [t for t in topology.all_topics() if t not in single]
@@ -159,6 +163,7 @@ FUTURE_GRACE_S = 5.0
 
 # What the control topic is created with: the log is the routing's only memory.
 CONTROL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+LOG_APPEND_TIME = "LogAppendTime"
 
 
 def check_topology_topics(
@@ -172,9 +177,11 @@ def check_topology_topics(
     ``refuse_copartition`` (``stream-infer topics``, where the operator makes the topics);
     otherwise (a worker starting) they are logged at ERROR: the worker serves, as a running
     one does when it sees them, and ``/healthz`` warns (after a scale-out of the input topic
-    alone every restarted worker exiting would turn the next rollout into an outage). Warns
-    when the control topic is compacted (only the last command per key survives) or when its
-    configuration cannot be read. ``admin`` is an :class:`AdminClient` (or a fake of one).
+    alone every restarted worker exiting would turn the next rollout into an outage). Refuses a
+    compacted control topic (only the last record per key survives, and copies of a command
+    share a key), and one whose timestamps are not the broker's when commands have a maximum
+    age. Warns when its configuration cannot be read. ``admin`` is an :class:`AdminClient`
+    (or a fake of one).
     """
     meta = admin.list_topics(timeout=timeout_s).topics
     counts = {name: len(t.partitions) for name, t in meta.items() if t.error is None}
@@ -200,7 +207,8 @@ def check_topology_topics(
             "one partition (`stream-infer topics` does) and set topics.control to it"
         )
         raise ConfigError(msg)
-    return warnings + _check_control_config(admin, control, timeout_s)
+    max_age_s = topology.control.max_command_age_s
+    return warnings + _check_control_config(admin, control, timeout_s, max_age_s=max_age_s)
 
 
 # Apache Kafka's default max.message.bytes (the largest record batch a topic accepts).
@@ -267,7 +275,9 @@ def copartition_problem(counts: Mapping[str, int], input_topic: str, labels: str
     )
 
 
-def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]:
+def _check_control_config(
+    admin: Any, topic: str, timeout_s: float, *, max_age_s: float | None = None
+) -> list[str]:
     try:
         config = _topic_config(admin, topic, timeout_s)
     except (KafkaException, TimeoutError) as exc:
@@ -298,11 +308,26 @@ def _check_control_config(admin: Any, topic: str, timeout_s: float) -> list[str]
             )
             raise ConfigError(msg)
     if "compact" in policy:
-        return [
-            f"control topic {topic!r} is compacted: only the last command of each key is kept. "
-            "stream-infer keys each command by its unique id, so none is lost, unless another "
-            "producer reuses a key; cleanup.policy=delete with infinite retention is safer"
-        ]
+        msg = (
+            f"control topic {topic!r} is compacted: only the last record of each key is kept, "
+            "and copies of one command share a key (drift policies send one from every worker "
+            "that sees the drift; a client may retry a send), so a worker started after "
+            "compaction would rebuild another routing than one that read the copies in order. "
+            f"Make it cleanup.policy=delete with infinite retention: kafka-configs.sh "
+            f"--bootstrap-server ... --alter --entity-type topics --entity-name {topic} "
+            "--add-config cleanup.policy=delete,retention.ms=-1,retention.bytes=-1"
+        )
+        raise ConfigError(msg)
+    if max_age_s is not None and config.get("message.timestamp.type") != LOG_APPEND_TIME:
+        msg = (
+            f"control.max_command_age_s is set, and control topic {topic!r} has "
+            f"message.timestamp.type={config.get('message.timestamp.type')}: a command's age "
+            "is checked against the time the broker wrote it, which only LogAppendTime makes "
+            "the broker's (with CreateTime the sender chooses it). kafka-configs.sh "
+            f"--bootstrap-server ... --alter --entity-type topics --entity-name {topic} "
+            f"--add-config message.timestamp.type={LOG_APPEND_TIME}"
+        )
+        raise ConfigError(msg)
     return []
 
 

@@ -16,17 +16,31 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from stream_infer.errors import BrokerError
+from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import consume_ready
 
 log = logging.getLogger(__name__)
 
 
 class ControlLog:
-    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+    """``access``: where a refused Read on the control topic is noted (a /healthz warning:
+    later commands are not applied until it is granted)."""
+
+    def __init__(
+        self, conf: dict[str, Any], topic: str, *, access: AccessRefusals | None = None
+    ) -> None:
         self.topic = topic
+        self.access = access if access is not None else AccessRefusals()
         self._consumer = Consumer(
             conf
             | {
@@ -41,6 +55,7 @@ class ControlLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: Exception | None = None  # what killed the follow thread
+        self._errors_seen: set[int] = set()
 
     def replay(self, timeout_s: float = 30.0) -> list[Message]:
         """Every command already in the log, in order (blocking; call before serving)."""
@@ -95,14 +110,33 @@ class ControlLog:
             try:
                 while not self._stop.is_set():
                     for msg in consume_ready(self._consumer, 100, 0.2):
-                        if msg.error() is None:
-                            hand_off(msg)
+                        err = msg.error()
+                        if err is not None:
+                            self._error(err)
+                            continue
+                        if self.access.active:
+                            self.access.allowed("topic", self.topic)
+                        hand_off(msg)
             except Exception as exc:  # reported by alive/error (/healthz), not lost
                 self.error = exc
                 log.critical("the control-log thread died", exc_info=True)
 
         self._thread = threading.Thread(target=run, name="control-log", daemon=True)
         self._thread.start()
+
+    def _error(self, err: KafkaError) -> None:
+        """A fatal consumer error ends the thread (raised: /healthz 500); a refused Read is
+        noted (an ERROR line once, a /healthz warning) while librdkafka retries; others are
+        logged once per kind."""
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        if is_refusal(err):
+            self.access.refused("topic", self.topic, "Read", err.name())
+        elif err.code() not in self._errors_seen:
+            self._errors_seen.add(err.code())
+            log.warning("control log %s: %s (librdkafka retries)", self.topic, err.str())
 
     @property
     def alive(self) -> bool:

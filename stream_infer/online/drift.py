@@ -71,7 +71,8 @@ class DriftEvent:
     ``at`` is the 0-based index, among the values given to ADWIN since the monitor was made,
     of the value on which the change was detected; ``ts`` is the monitor's clock then;
     ``estimation`` and ``width`` are ADWIN's mean and length of its window after the cut (the
-    recent, changed part).
+    recent, changed part); ``previous`` is the mean of the part it cut (the level before the
+    change; None when not known). :attr:`rose` says which way the signal moved.
     """
 
     model: str
@@ -82,6 +83,14 @@ class DriftEvent:
     ts: float
     estimation: float
     width: int
+    previous: float | None = None
+
+    @property
+    def rose(self) -> bool | None:
+        """Whether the signal went up (for ``error``: got worse); None when not known."""
+        if self.previous is None:
+            return None
+        return self.estimation > self.previous
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -221,6 +230,8 @@ class DriftMonitor:
         at = self._n_fed
         self._n_fed = at + 1
         adwin: Any = self._adwin
+        # The whole window before this value: what the cut part's mean is derived from.
+        width, total = int(adwin.width), float(adwin.estimation) * int(adwin.width)
         adwin.update(v)
         if not adwin.drift_detected:
             return None
@@ -239,4 +250,14 @@ class DriftMonitor:
             ts=self.clock(),
             estimation=float(adwin.estimation),
             width=int(adwin.width),
+            previous=_cut_mean(width + 1, total + v, int(adwin.width), float(adwin.estimation)),
         )
+
+
+def _cut_mean(width: int, total: float, kept: int, kept_mean: float) -> float | None:
+    """The mean of the values ADWIN cut: ``width`` values summing to ``total``, of which the
+    last ``kept`` (mean ``kept_mean``) stay."""
+    cut = width - kept
+    if cut <= 0:
+        return None
+    return (total - kept * kept_mean) / cut

@@ -10,8 +10,14 @@ Command ids: ``drift-`` and 32 hex digits of a hash of the command and of the ro
 ``generation`` (the count of changes the control log has made, the same on every worker that
 has read it as far). Every worker that sees the drift (each sees its own partitions, so each
 may alarm) mints the same id for the same command, and the table applies one copy: the rest
-are ``duplicate_command``. After the command applies, the generation moves on, so the next
-drift's command gets a new id.
+are ``duplicate_command``. Each command also carries ``if_generation``: a copy computed from
+an older routing (a worker that had not read as far, a late delivery, a routing the operator
+changed since) is rejected ``stale`` rather than undoing what came after it. After the
+command applies, the generation moves on, so the next drift's command gets a new id.
+
+Direction: on the ``error`` signal, only a rise acts (the error got worse); a fall (a version
+or a freshly reset learner getting better) is only an alert. ``prediction`` and feature
+drift act in either direction.
 
 Actions:
 
@@ -106,7 +112,7 @@ class Policy:
 
 
 def _command(command: str, generation: int, **fields: Any) -> dict[str, Any]:
-    body = {"command": command, **fields}
+    body = {"command": command, **fields, "if_generation": generation}
     digest = hashlib.sha256(
         orjson.dumps([generation, body], option=orjson.OPT_SORT_KEYS)
     ).hexdigest()
@@ -120,6 +126,8 @@ def commands_for(
     routing table's ``generation`` (which the ids derive from)."""
     if not policy.matches(event) or policy.action == "alert":
         return []
+    if event.signal == "error" and event.rose is not True:
+        return []  # the error fell (a version or a fresh learner getting better): no action
     model = policy.model if event.model == ANY else event.model
     if model is None or model == ANY:
         return []  # input drift, and no model named: refused at load (policy_problem)

@@ -211,11 +211,12 @@ class LearningService:
             self.metrics.lost.labels("dropped").inc(n)
         log.debug("learning: %d %s dropped (queue full or thread stopped)", n, kind)
 
-    def routing_changed(self, models: Iterable[str]) -> None:
-        """The routes of these models changed: their error and prediction monitors start
-        afresh (in queue order, after the items scored by the old routing), so a policy does
-        not take the operator's own traffic change for drift. Feature monitors go on: what
-        serves does not change the input."""
+    def serving_changed(self, models: Iterable[str]) -> None:
+        """What serves for these models changed (their routes, or a learner reset): their
+        error and prediction monitors start afresh (in queue order, after the items scored
+        before), so a policy does not take the operator's own traffic change, or a fresh
+        learner's first errors, for drift. Feature monitors go on: what serves does not
+        change the input."""
         changed = frozenset(models)
         if changed and self._thread.is_alive():
             self._put("routing", changed, 0)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message
 
 from stream_infer import control
 from stream_infer.control import (
@@ -87,6 +87,7 @@ class InferenceRuntime:
         self.table = RoutingTable.initial(declared, serving, time.time(), learners=learners)
         # Why this worker cannot serve the routing the control log names (None: it serves it).
         self.load_problem: str | None = None
+        self._load_out_of_memory = False  # the last load failed for lack of memory
         self.load_retry_s = 10.0
         self._source_started = False
         self._retry_task: asyncio.Task[None] | None = None
@@ -101,7 +102,9 @@ class InferenceRuntime:
                 self.metrics,
                 publish=self._publish_untracked,
                 predictors=lambda: self._predictors,
-                routes=lambda: self.serving.routes,
+                # The table's routes and generation, not what serves here (which may lag a
+                # load): a policy command is judged against the table, on every worker.
+                routes=lambda: self.table.routes,
                 generation=lambda: self.table.generation,
                 worker=topology.worker.id or socket.gethostname(),
             )
@@ -127,6 +130,11 @@ class InferenceRuntime:
     def health_problems(self) -> list[str]:
         """Why this worker should be restarted (empty when it is healthy)."""
         problems = []
+        if self.load_problem is not None and self._load_out_of_memory:
+            problems.append(
+                f"out of memory loading what the control log routes ({self.load_problem}) "
+                "while earlier versions are resident: a restart loads only what the log names"
+            )
         if self.source is not None and self.source.error is not None:
             problems.append(f"the batch source failed: {self.source.error!r}")
         if self.source is not None and self.source.group_problem is not None:
@@ -276,7 +284,9 @@ class InferenceRuntime:
         topo = self.topology
         torch.set_num_threads(topo.worker.inference_threads)
         ensure_topology_topics(topo)
-        self.control_log = ControlLog(consumer_config(topo.kafka, "unused"), topo.topics.control)
+        self.control_log = ControlLog(
+            consumer_config(topo.kafka, "unused"), topo.topics.control, access=self.access
+        )
         self._rebuild(self.control_log.replay())
 
     def _rebuild(self, replayed: Sequence[Message]) -> None:
@@ -329,6 +339,10 @@ class InferenceRuntime:
             self._load_required(needed)
         except Exception as exc:  # the loading boundary: nothing of a load escapes it
             problem = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+            # Retrying beside the versions that serve now may never fit; a restart would.
+            self._load_out_of_memory = _out_of_memory(exc) and len(self._predictors) > len(
+                self._learner_keys
+            )
             if problem != self.load_problem:
                 log.error("cannot serve the routing the control log names: %s", problem)
             self.load_problem = problem
@@ -337,6 +351,7 @@ class InferenceRuntime:
         if self.load_problem is not None:
             log.warning("the routing the control log names loaded: %s", self.table.routes)
         self.load_problem = None
+        self._load_out_of_memory = False
         self._install()
         if self.ready:
             self.metrics.ready.set(1)
@@ -405,7 +420,7 @@ class InferenceRuntime:
         self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
         self.metrics.routing_changed.set(self.table.changed_at)
         if changed and self.learning is not None:
-            self.learning.routing_changed(changed)
+            self.learning.serving_changed(changed)
 
     def _apply(
         self,
@@ -476,6 +491,8 @@ class InferenceRuntime:
             )
             return
         learner.reset(offset)
+        if self.learning is not None:  # its error starts afresh: so do the model's monitors
+            self.learning.serving_changed({learner.model})
 
     async def handle_control(
         self, raw: bytes | None, offset: int | None = None, timestamp_s: float | None = None
@@ -677,7 +694,18 @@ def _barrier() -> None:
     """Runs on the inference thread after every batch queued before it."""
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether a load failed for lack of (device or host) memory, anywhere in its causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, MemoryError | torch.OutOfMemoryError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def record_time_s(msg: Message) -> float | None:
-    """A record's Kafka timestamp in seconds (None when it has none)."""
+    """When the broker wrote the record, in seconds: None unless its timestamp is the broker's
+    (LogAppendTime; with CreateTime the sender chooses it, so it proves nothing)."""
     kind, ms = msg.timestamp()
-    return None if kind == TIMESTAMP_NOT_AVAILABLE else ms / 1000.0
+    return ms / 1000.0 if kind == TIMESTAMP_LOG_APPEND_TIME else None

@@ -372,7 +372,7 @@ def test_topics_creates_the_control_topic_for_good_and_refuses_one_that_loses_co
         ),
         "compacted": (
             NewTopic(f"ctl-c-{uuid.uuid4().hex[:8]}", 1, 1, config={"cleanup.policy": "compact"}),
-            "is compacted: only the last command of each key is kept",
+            "is compacted: only the last record of each key is kept",
         ),
     }
     for fut in admin.create_topics([topic for topic, _ in cases.values()]).values():
@@ -380,9 +380,5 @@ def test_topics_creates_the_control_topic_for_good_and_refuses_one_that_loses_co
     for case, (topic, said) in cases.items():
         done = _topics_cli(_topology_with_control(setup, topic.topic))
         where = f"{case}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-        if case == "compacted":  # a warning: nothing is lost while keys are unique
-            assert done.returncode == 0, where
-            assert f"control topic {topic.topic!r} {said}" in done.stderr, where
-        else:
-            assert done.returncode == 2, where
-            assert f"error: control topic {topic.topic!r} {said}" in done.stderr, where
+        assert done.returncode == 2, where
+        assert f"error: control topic {topic.topic!r} {said}" in done.stderr, where

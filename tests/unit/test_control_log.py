@@ -132,3 +132,48 @@ def test_a_log_with_markers_and_expired_records(fake_log: type[FakeLogConsumer])
     fake_log.records = {3: b"c", 4: None, 5: b"d", 6: None}
     fake_log.low, fake_log.high = 3, 7
     assert values(fake_log) == [b"c", b"d"]
+
+
+# --- the follow thread: errors are not ignored (review of the hardening work) ------------------
+
+
+class ErrorsThenRecords(FakeLogConsumer):
+    """After the replay: the Read refused twice, then granted (a record), then fatal."""
+
+    script: ClassVar[list[FakeMessage]] = []
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        if self.script:
+            return [self.script.pop(0)]
+        return []
+
+
+def test_the_follow_thread_reports_a_refused_read_and_its_grant_and_dies_on_a_fatal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from stream_infer.io.access import AccessRefusals
+
+    refused = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    fatal = KafkaError(KafkaError._FATAL, fatal=True)
+    ErrorsThenRecords.script = [
+        FakeMessage(0, None, refused),
+        FakeMessage(0, None, refused),
+    ]
+    monkeypatch.setattr(control_log_module, "Consumer", ErrorsThenRecords)
+    access = AccessRefusals()
+    log = ControlLog({}, "ctl", access=access)
+    got: list[bytes | None] = []
+    log.follow(lambda msg: got.append(msg.value()))
+    deadline = time.monotonic() + 5
+    while ErrorsThenRecords.script and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert access.problems() and "Read" in access.problems()[0] and "'ctl'" in access.problems()[0]
+    ErrorsThenRecords.script = [FakeMessage(1, b"cmd"), FakeMessage(2, None, fatal)]
+    while log.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [b"cmd"]
+    assert not access.problems(), "a record read again is the grant"
+    assert not log.alive and log.error is not None, "a fatal consumer cannot read commands again"
+    log.close()

@@ -185,11 +185,29 @@ def test_a_control_topic_with_finite_retention_is_refused(
     assert "--add-config retention.ms=-1,retention.bytes=-1" in message
 
 
-def test_a_compacted_control_topic_is_a_warning() -> None:
+@pytest.mark.parametrize("policy", ["compact", "compact,delete"])
+def test_a_compacted_control_topic_is_refused(policy: str) -> None:
+    """Copies of one command share a key (policy copies from several workers): compaction
+    keeps the last copy, which every worker that read them in order rejected as a duplicate."""
     topo = topology()
-    admin = admin_for(topo, control={"cleanup.policy": "compact", "retention.ms": "1000"})
-    (warning,) = check_topology_topics(topo, admin)
-    assert warning.startswith(f"control topic {topo.topics.control!r} is compacted")
+    admin = admin_for(topo, control={"cleanup.policy": policy})
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin)
+    message = str(info.value)
+    assert message.startswith(f"control topic {topo.topics.control!r} is compacted")
+    assert "--add-config cleanup.policy=delete,retention.ms=-1,retention.bytes=-1" in message
+
+
+def test_a_maximum_command_age_needs_the_brokers_timestamps() -> None:
+    data = minimal()
+    data["topics"] = data["topics"] | {"labels": "t.labels"}
+    data["control"] = {"max_command_age_s": 60}
+    topo = parse_topology(data, env={})
+    with pytest.raises(ConfigError) as info:
+        check_topology_topics(topo, admin_for(topo))
+    assert "--add-config message.timestamp.type=LogAppendTime" in str(info.value)
+    admin = admin_for(topo, control={"message.timestamp.type": "LogAppendTime"})
+    assert check_topology_topics(topo, admin) == []
 
 
 def test_an_unreadable_control_topic_configuration_is_a_warning() -> None:

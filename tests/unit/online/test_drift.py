@@ -58,8 +58,19 @@ def test_golden_abrupt_change_is_detected_where_adwin_detects_it() -> None:
         ts=123.0,
         estimation=first.estimation,
         width=first.width,
+        previous=first.previous,
     )
     assert 0.0 < first.estimation < 1.0 and 0 < first.width <= first.at + 1
+    # The part ADWIN cut is the level before the change (P(1) = 0.1): the error rose.
+    assert first.previous is not None and abs(first.previous - 0.1) < 0.02
+    assert first.rose is True
+
+
+def test_a_fall_is_told_from_a_rise() -> None:
+    falling = bernoulli(7, [(0.5, CHANGE), (0.1, 5000)])
+    first = monitor().update_many(falling)[0]
+    assert first.previous is not None and abs(first.previous - 0.5) < 0.03
+    assert first.rose is False
 
 
 def test_golden_index_is_the_same_one_value_at_a_time() -> None:
@@ -125,6 +136,7 @@ def test_event_json() -> None:
         "ts": 1.5,
         "estimation": 0.25,
         "width": 320,
+        "previous": None,
     }
 
 

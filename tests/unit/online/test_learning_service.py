@@ -288,7 +288,7 @@ def test_a_routing_change_restarts_the_changed_models_monitors_only(
     other = svc._monitor("fraud", "v1", "error")[0]
     before = {m: m._adwin for m in (error, prediction, feature, other)}  # kept alive: no id reuse
     svc.start()
-    svc.routing_changed({"risk"})
+    svc.serving_changed({"risk"})
     assert wait_for(lambda: error._adwin is not before[error])
     assert wait_for(lambda: prediction._adwin is not before[prediction])
     assert feature._adwin is before[feature], "what serves does not change the input"
@@ -297,5 +297,5 @@ def test_a_routing_change_restarts_the_changed_models_monitors_only(
 
 def test_a_routing_change_before_the_thread_starts_is_not_counted_as_dropped() -> None:
     svc, _ = service(topology(monitors=[{"signal": "error"}]))
-    svc.routing_changed({"risk"})
+    svc.serving_changed({"risk"})
     assert _value(svc, "stream_infer_learning_dropped_total", {"kind": "routing"}) == 0.0

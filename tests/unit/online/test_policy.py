@@ -20,13 +20,13 @@ ONLINE_SHADOW = Route.single("v1").with_shadow("online")
 
 
 def event(version: str, model: str = "risk", signal: str = "error") -> DriftEvent:
-    return DriftEvent(model, version, "adwin", signal, 5055, 1.0, 0.5, 320)
+    return DriftEvent(model, version, "adwin", signal, 5055, 1.0, 0.5, 320, previous=0.1)
 
 
 def bodies(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for c in commands:
         assert re.fullmatch(r"drift-[0-9a-f]{32}", c["id"])
-    return [{k: v for k, v in c.items() if k != "id"} for c in commands]
+    return [{k: v for k, v in c.items() if k not in ("id", "if_generation")} for c in commands]
 
 
 def test_alert_sends_nothing() -> None:
@@ -163,3 +163,44 @@ def test_invalid_policies() -> None:
         Policy("error", "alert", online_version="online")
     with pytest.raises(ValueError, match="model"):
         Policy("error", "alert", model="")
+
+
+def test_an_error_that_fell_is_only_an_alert() -> None:
+    """A freshly reset learner's error falls as it learns, and ADWIN alarms on that too: acting
+    on it reset the learner again and again (27 resets for one real drift in review)."""
+    fell = DriftEvent("risk", "online", "adwin", "error", 5055, 1.0, 0.1, 320, previous=0.5)
+    unknown = DriftEvent("risk", "v2", "adwin", "error", 5055, 1.0, 0.5, 320)
+    reset = Policy("error", "reset_learner", online_version="online")
+    assert commands_for(reset, fell, {"risk": ONLINE_SHADOW}) == []
+    assert commands_for(Policy("error", "rollback_canary"), unknown, {"risk": SPLIT}) == []
+    prediction = DriftEvent("risk", "v2", "adwin", "prediction", 5, 1.0, 0.1, 320, previous=0.5)
+    assert commands_for(Policy("prediction", "rollback_canary"), prediction, {"risk": SPLIT})
+
+
+def test_a_policy_command_applies_only_at_the_generation_it_was_computed_from() -> None:
+    """A late copy, or one from a worker that had not read as far, is stale: it must not undo
+    the operator's newer command."""
+    from stream_infer.control import STALE, RoutingTable
+    from stream_infer.errors import ControlError
+
+    table = RoutingTable.initial({"risk": ("v1", "v2", "v3")}, {"risk": "v1"}, 0.0)
+    split = parse_command(
+        orjson.dumps(
+            {"id": "op-1", "command": "split", "model": "risk", "weights": {"v1": 0.9, "v2": 0.1}}
+        )
+    )
+    table.apply(split, 0.0)
+    (doc,) = commands_for(
+        Policy("error", "rollback_canary"),
+        event("v2"),
+        {"risk": table.routes["risk"]},
+        generation=table.generation,
+    )
+    operator = parse_command(
+        orjson.dumps({"id": "op-2", "command": "swap", "model": "risk", "version": "v3"})
+    )
+    table.apply(operator, 0.0)
+    with pytest.raises(ControlError) as info:
+        table.apply(parse_command(orjson.dumps(doc)), 0.0)
+    assert info.value.reason == STALE
+    assert table.routes["risk"] == Route.single("v3")
