@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,13 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 
 from stream_infer.apache_kafka import KafkaCluster
 from stream_infer.broker import EmbeddedBroker, free_port
@@ -530,4 +538,61 @@ def test_a_failed_batch_is_never_committed_past_and_a_restarted_worker_serves_it
         f"\nfailed batch at e-{fail_at}: the worker exited ({code}) {crashed_in_s:.1f} s after "
         f"its start with {committed} committed and {len(served)} served (none after the "
         f"failed batch); the restarted worker served every id; {time.monotonic() - started:.1f} s"
+    )
+
+
+def test_predictions_their_topic_refuses_for_good_become_undeliverable_dead_letters(
+    make_setup: Any,
+) -> None:
+    """Hardening item 10 on a real broker. The predictions topic takes records of at most
+    max.message.bytes=400; events with 400-character ids make predictions too large for it
+    (the broker answers MSG_SIZE_TOO_LARGE for them, at every retry). They used to be retried
+    forever and their batches never committed; now each becomes an `undeliverable` dead letter
+    holding the prediction, the rest is served, the input is committed to its end, and the
+    worker stays healthy."""
+    started = time.monotonic()
+    # One record per request: the broker judges each prediction alone.
+    setup = make_setup(kafka={"producer_extra": {"batch.num.messages": 1}})
+    admin = AdminClient({"bootstrap.servers": setup.bootstrap})
+    entry = ConfigEntry("max.message.bytes", "400", incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(
+        ResourceType.TOPIC, setup.topics.predictions, incremental_configs=[entry]
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+    events = good_events(300)
+    long_ids = {i for i in range(0, 300, 10)}
+    items = []
+    for i, (key, value) in enumerate(events):
+        doc = orjson.loads(value)
+        if i in long_ids:
+            doc["id"] = f"long-{i}-" + "x" * 400
+        items.append((key, orjson.dumps(doc)))
+    setup.produce(items)
+    port = free_port()
+    worker = setup.start_worker(web_port=port)
+    short = {orjson.loads(v)["id"] for i, (_, v) in enumerate(items) if i not in long_ids}
+    preds = setup.collect_until_ids(setup.topics.predictions, short, timeout_s=90)
+    assert {p["id"] for p in preds} == short, "a prediction its topic takes was not delivered"
+    dead = setup.collect(setup.topics.dead_letter, until=len(long_ids), timeout_s=60)
+    assert len(dead) == len(long_ids), setup.worker_logs()
+    assert {d["error"] for d in dead} == {"undeliverable"}
+    assert {d["topic"] for d in dead} == {setup.topics.predictions}
+    assert {orjson.loads(d["raw"])["id"] for d in dead} == {
+        f"long-{i}-" + "x" * 400 for i in long_ids
+    }
+    assert all("MSG_SIZE_TOO_LARGE" in d["detail"] for d in dead), dead[0]["detail"]
+    deadline = time.monotonic() + 30
+    while setup.committed(setup.topics.input) < len(items):
+        assert time.monotonic() < deadline, "the input was not committed to its end"
+        time.sleep(0.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+        health = orjson.loads(r.read())
+    assert r.status == 200 and health["problems"] == [], health
+    assert worker.poll() is None
+    retries = metric(port, "stream_infer_delivery_retries_total", error="MSG_SIZE_TOO_LARGE")
+    assert retries == len(long_ids), "each refused once, never retried"
+    print(
+        f"\n{len(long_ids)} predictions refused for good became undeliverable dead letters, "
+        f"{len(short)} served, input committed to its end; {time.monotonic() - started:.1f} s"
     )
