@@ -65,11 +65,13 @@ class FeatureBatch:
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
-    """A record to produce."""
+    """A record to produce; ``source``: the input record it was made from, if any (where a
+    prediction that can never be delivered is replayed from)."""
 
     topic: str
     key: bytes | None
     value: bytes
+    source: Record | None = None
 
 
 @dataclass(slots=True)

@@ -89,11 +89,21 @@ class Pipeline:
                         records, batch, shadow, self.shadow_topic, result, None, result.shadowed
                     )
         result.dead_letters.extend(failed.values())
-        now = self.clock()
-        for letter in result.dead_letters:
-            value = serde.encode_dead_letter(letter, now=now, max_bytes=self.max_dead_letter_bytes)
-            result.records.append(OutRecord(self.dead_letter_topic, letter.record.key(), value))
+        result.records.extend(self.dead_letter_records(result.dead_letters))
         return result
+
+    def dead_letter_records(self, letters: Sequence[DeadLetter]) -> list[OutRecord]:
+        """The dead-letter topic's records for these letters (keyed like their records)."""
+        now = self.clock()
+        topic, cap = self.dead_letter_topic, self.max_dead_letter_bytes
+        return [
+            OutRecord(
+                topic,
+                letter.record.key(),
+                serde.encode_dead_letter(letter, now=now, max_bytes=cap),
+            )
+            for letter in letters
+        ]
 
     def _serve(
         self,
@@ -125,7 +135,8 @@ class Pipeline:
             served_at=self.clock(),
         )
         result.records.extend(
-            OutRecord(topic, key, value) for key, value in zip(good.keys, payloads, strict=True)
+            OutRecord(topic, key, value, records[pos])
+            for key, value, pos in zip(good.keys, payloads, good.positions, strict=True)
         )
         if self.track_scores and len(good):
             result.scored.append((predictor.model, predictor.version, good.ids, good_values))

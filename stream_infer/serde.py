@@ -41,6 +41,8 @@ MODEL_OUTPUT_INVALID = "model_output_invalid"
 MODEL_TIMEOUT = "model_timeout"
 # A record the worker produced (a prediction, a drift event) that its topic refuses for good.
 UNDELIVERABLE = "undeliverable"
+# A record of the labels topic that is not a label.
+INVALID_LABEL = "invalid_label"
 REASONS = (
     OVERSIZED,
     EMPTY,
@@ -59,6 +61,7 @@ REASONS = (
     MODEL_OUTPUT_INVALID,
     MODEL_TIMEOUT,
     UNDELIVERABLE,
+    INVALID_LABEL,
 )
 
 

@@ -67,6 +67,11 @@ class AccessRefusals:
         """Whether anything is refused now (a lock-free check for the hot path)."""
         return bool(self._refused)
 
+    def refuses(self, permission: str) -> bool:
+        """Whether some resource refuses ``permission`` (Read, Write) now."""
+        with self._lock:
+            return any(p == permission for _kind, _name, p in self._refused)
+
     def __len__(self) -> int:
         return len(self._refused)
 

@@ -230,6 +230,42 @@ def _topic_config(admin: Any, topic: str, timeout_s: float) -> dict[str, str | N
     return {name: entry.value for name, entry in entries.items()}
 
 
+def output_max_message_bytes(topology: Topology, timeout_s: float = 15.0) -> dict[str, int]:
+    """Each topic the workers produce to, with its max.message.bytes as the broker reports it
+    (a topic whose configuration cannot be read, or a broker that does not report it, is left
+    out: nothing is known of it)."""
+    admin = _admin(topology.kafka)
+    inputs = {topology.topics.input, topology.topics.labels}
+    limits: dict[str, int] = {}
+    for topic in topology.all_topics():
+        if topic in inputs:
+            continue
+        try:
+            value = _topic_config(admin, topic, timeout_s).get("max.message.bytes")
+        except (KafkaException, TimeoutError):
+            continue
+        if value is not None and value.isdigit():
+            limits[topic] = int(value)
+    return limits
+
+
+def producer_batch_bytes(conf: Mapping[str, Any], limits: Mapping[str, int]) -> int | None:
+    """The producer's ``batch.size`` that keeps every record batch under the smallest topic's
+    max.message.bytes (the broker judges a whole batch, and refuses every record of one that
+    is too large); None when the configured one already does."""
+    if not limits:
+        return None
+    configured = int(conf.get("batch.size", LIBRDKAFKA_BATCH_BYTES))
+    fitting = max(1, min(limits.values()) - RECORD_BATCH_OVERHEAD_BYTES)
+    return fitting if fitting < configured else None
+
+
+# librdkafka's default batch.size.
+LIBRDKAFKA_BATCH_BYTES = 1_000_000
+# What a record batch adds to its records (its header is 61 bytes; per-record framing).
+RECORD_BATCH_OVERHEAD_BYTES = 128
+
+
 def _check_dead_letter_config(admin: Any, topology: Topology, timeout_s: float) -> list[str]:
     """Refuse a dead-letter topic whose max.message.bytes is below the largest dead letter:
     its dead letters would be refused (MSG_SIZE_TOO_LARGE) and their batches never done."""

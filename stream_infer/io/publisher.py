@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -58,6 +58,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from stream_infer.errors import DeliveryError
 from stream_infer.events import OutRecord
 from stream_infer.io.access import AccessRefusals, is_refusal
+from stream_infer.io.clients import RECORD_BATCH_OVERHEAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +108,27 @@ class Failure(Enum):
     PERMANENT = "permanent"  # never retried: dead-lettered, or its ticket fails
 
 
+# A size refusal a delivery report gives every record of a batch (the broker judges the whole
+# batch against max.message.bytes, and librdkafka never splits one).
+_BATCH_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+
+
 def classify(
     err: KafkaError,
     *,
     at_produce: bool = False,
     unknown_for_s: float = 0.0,
     unknown_topic_timeout_s: float = 60.0,
+    fits_alone: bool = False,
 ) -> Failure:
     """What to do about ``err``. ``at_produce``: raised by ``produce()`` itself, where any
     error not known to be passing is permanent (the record never left); a delivery report's
     unknown error is retried. ``unknown_for_s``: how long the record's topic has been unknown
-    (a topic deleted stays unknown)."""
+    (a topic deleted stays unknown). ``fits_alone``: the record with a batch's framing is
+    within its topic's max.message.bytes, so a size refusal was its batch's (retried)."""
     code = err.code()
+    if code in _BATCH_TOO_LARGE and fits_alone and not at_produce:
+        return Failure.RETRY
     if code in _BROKEN_PRODUCER or err.fatal():
         return Failure.BROKEN
     if is_refusal(err):
@@ -146,18 +156,30 @@ class Ticket:
         "error",
         "failures",
         "pending",
+        "records",
         "sent_at",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.pending = 0
         self.failures = 0
+        # What was published under it: a failed delivery finds its record (and the input
+        # record it was made from) here; the callback only sees the bytes.
+        self.records: Sequence[OutRecord] = ()
         self.error: DeliveryError | None = None
         self.sent_at = time.monotonic()
         self._done = threading.Event()
         self._loop = loop
         self._future: asyncio.Future[None] | None = loop.create_future() if loop else None
         self._on_settled: Callable[[Ticket], None] | None = None
+
+    def find(self, topic: str, key: bytes | None, value: bytes) -> OutRecord:
+        """The record published under this ticket with these bytes (a delivery callback gets
+        only the bytes); a new one when there is none. A scan: failures only."""
+        for record in self.records:
+            if record.value == value and record.topic == topic and record.key == key:
+                return record
+        return OutRecord(topic, key, value)
 
     @property
     def done(self) -> bool:
@@ -248,8 +270,11 @@ class Publisher:
         undeliverable: Callable[[OutRecord, str], OutRecord | None] | None = None,
         rebuild_interval_s: float = 1.0,
         access: AccessRefusals | None = None,
+        max_message_bytes: Mapping[str, int] | None = None,
     ) -> None:
         self._conf = conf
+        # Each topic's max.message.bytes, as known at start (missing: not known).
+        self._max_message_bytes = dict(max_message_bytes or {})
         self.access = access if access is not None else AccessRefusals()
         self._lock = threading.Lock()  # the producer swap, the topics' queues, produce calls
         self._producer = Producer(conf)
@@ -284,6 +309,7 @@ class Publisher:
         """Queue every record for delivery under the ticket. Never blocks on the producer;
         safe from several threads (records of one call keep their order)."""
         self._track(ticket)
+        ticket.records = records
         ticket._expect(len(records))
         # One callback per batch and topic, not per record.
         callbacks: dict[str, tuple[_Topic, Callable[[KafkaError | None, Message], None]]] = {}
@@ -400,7 +426,7 @@ class Publisher:
                     state.unknown_since = None
                 ticket._acked()
                 return
-            record = OutRecord(msg.topic() or "", msg.key(), msg.value() or b"")
+            record = ticket.find(msg.topic() or "", msg.key(), msg.value() or b"")
             with self._lock:
                 kind = self._note_failure(record, ticket, err, state)
                 if kind is Failure.PERMANENT:
@@ -426,11 +452,14 @@ class Publisher:
             self._on_retry(record.topic, err.name())
         if err.code() in _UNKNOWN_TOPIC and state.unknown_since is None:
             state.unknown_since = now
+        limit = self._max_message_bytes.get(record.topic)
+        size = len(record.key or b"") + len(record.value) + RECORD_BATCH_OVERHEAD_BYTES
         kind = classify(
             err,
             at_produce=at_produce,
             unknown_for_s=now - state.unknown_since if state.unknown_since is not None else 0.0,
             unknown_topic_timeout_s=self.unknown_topic_timeout_s,
+            fits_alone=limit is not None and size <= limit,
         )
         if kind is Failure.PERMANENT:
             return kind

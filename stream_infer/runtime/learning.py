@@ -28,7 +28,6 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge
 
-from stream_infer import serde
 from stream_infer.control import seal
 from stream_infer.events import DeadLetter, FeatureBatch, OutRecord, Record
 from stream_infer.observability import Metrics
@@ -39,11 +38,10 @@ from stream_infer.online.policy import Policy, commands_for
 from stream_infer.online.prequential import Prequential
 from stream_infer.online.snapshots import SnapshotStore
 from stream_infer.routing import Route
+from stream_infer.serde import INVALID_LABEL
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
-
-INVALID_LABEL = "invalid_label"
 
 
 class LearningMetrics:
@@ -180,17 +178,34 @@ class LearningService:
 
     # --- called from the inference thread ---------------------------------------------------
 
+    def split_labels(
+        self, records: Sequence[Record]
+    ) -> tuple[list[tuple[str, float]], list[DeadLetter]]:
+        """Decode a batch's label records: the labels ``(event id, label)``, and a dead letter
+        (``invalid_label``) for each record that is not one. On the inference thread, so the
+        dead letters go out under the batch's ticket (its offsets wait for them)."""
+        decoded: list[tuple[str, float]] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            try:
+                decoded.append(decode_label(record.value()))
+            except ValueError as exc:
+                dead.append(DeadLetter(INVALID_LABEL, str(exc), record))
+        if dead:
+            self.metrics.labels.labels("invalid").inc(len(dead))
+        return decoded, dead
+
     def submit(
         self,
         batch: FeatureBatch | None,
         scored: Sequence[tuple[str, str, list[str], Any]],
-        labels: Sequence[Record],
+        labels: Sequence[tuple[str, float]],
         partitions: Sequence[int] | None = None,
     ) -> None:
         """Hand a batch's scores (``partitions[i]``: the input partition of ``batch`` row i)
-        and its label records to the learning thread. Waits at most ``queue_wait_s`` per item
-        for room; drops (and counts) what does not fit, or everything when the learning thread
-        is not running."""
+        and its labels (from :meth:`split_labels`) to the learning thread. Waits at most
+        ``queue_wait_s`` per item for room; drops (and counts) what does not fit, or everything
+        when the learning thread is not running."""
         if batch is not None and len(batch):
             self._put("scored", (batch, list(scored), partitions), len(batch))
         if labels:
@@ -333,30 +348,12 @@ class LearningService:
             self._on_joined(self.joiner.add_event_many(batch.ids, batch.x, served, partitions))
         self._drifted(events)
 
-    def _on_labels(self, records: list[Record]) -> None:
+    def _on_labels(self, labels: list[tuple[str, float]]) -> None:
         joined: list[Joined] = []
-        dead: list[OutRecord] = []
-        for record in records:
-            try:
-                event_id, label = decode_label(record.value())
-            except ValueError as exc:
-                self.metrics.labels.labels("invalid").inc()
-                letter = DeadLetter(INVALID_LABEL, str(exc), record)
-                dead.append(
-                    OutRecord(
-                        self.topology.topics.dead_letter,
-                        record.key(),
-                        serde.encode_dead_letter(
-                            letter, max_bytes=self.topology.limits.max_dead_letter_bytes
-                        ),
-                    )
-                )
-                continue
+        for event_id, label in labels:
             match = self.joiner.add_label_one(event_id, label)
             if match is not None:
                 joined.append(match)
-        if dead:
-            self._publish(dead)
         self._on_joined(joined)
 
     def _learners(self) -> list[OnlineLearner]:

@@ -42,6 +42,8 @@ from stream_infer.io.clients import (
     consumer_config,
     copartition_problem,
     ensure_topology_topics,
+    output_max_message_bytes,
+    producer_batch_bytes,
     producer_config,
 )
 from stream_infer.io.control_log import ControlLog
@@ -88,6 +90,7 @@ class InferenceRuntime:
         # Why this worker cannot serve the routing the control log names (None: it serves it).
         self.load_problem: str | None = None
         self._load_out_of_memory = False  # the last load failed for lack of memory
+        self._max_message_bytes: dict[str, int] = {}  # output topics' max.message.bytes
         self.load_retry_s = 10.0
         self._source_started = False
         self._retry_task: asyncio.Task[None] | None = None
@@ -151,7 +154,9 @@ class InferenceRuntime:
             )
         if self.publisher is not None and (problem := self.publisher.problem):
             problems.append(problem)
-        if self.publisher is not None and not self.access.active:  # a refusal: a warning
+        # A refused Write holds deliveries back: that is a warning, not a stall. A refused
+        # Read (the control log, an idle labels topic) says nothing of deliveries.
+        if self.publisher is not None and not self.access.refuses("Write"):
             waited, limit = self.publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
             if waited > limit:
                 problems.append(
@@ -215,11 +220,19 @@ class InferenceRuntime:
         self._commits = asyncio.Queue()
         await loop.run_in_executor(self.executor, self._prepare)
         topo = self.topology
+        conf = producer_config(topo.kafka)
+        if batch_bytes := producer_batch_bytes(conf, self._max_message_bytes):
+            # A batch over a topic's max.message.bytes is refused whole, every record in it.
+            log.info(
+                "producer batch.size %d: under the output topics' max.message.bytes", batch_bytes
+            )
+            conf["batch.size"] = batch_bytes
         self.publisher = Publisher(
-            producer_config(topo.kafka),
+            conf,
             on_retry=lambda topic, err: self.metrics.delivery_retries.labels(topic, err).inc(),
             undeliverable=self._undeliverable,
             access=self.access,
+            max_message_bytes=self._max_message_bytes,
         )
         # Labels come through the same group as the events: with the same partition count and
         # the same keys, partition i of both lands on the same worker (co-partitioned join).
@@ -284,6 +297,7 @@ class InferenceRuntime:
         topo = self.topology
         torch.set_num_threads(topo.worker.inference_threads)
         ensure_topology_topics(topo)
+        self._max_message_bytes = output_max_message_bytes(topo)
         self.control_log = ControlLog(
             consumer_config(topo.kafka, "unused"), topo.topics.control, access=self.access
         )
@@ -599,12 +613,12 @@ class InferenceRuntime:
         started = time.perf_counter()
         try:
             result = await loop.run_in_executor(self.executor, self._process, batch, ticket)
+            self.metrics.observe_batch(result, time.perf_counter() - started)
+            self.metrics.observe_latency(result.event_ts, time.time())
+            self._count(result)
         except Exception as exc:  # not a cancellation: an unserved batch is never done anyway
             self.source.fail(batch, f"cannot serve it: {exc!r}")
             raise
-        self.metrics.observe_batch(result, time.perf_counter() - started)
-        self.metrics.observe_latency(result.event_ts, time.time())
-        self._count(result)
         await self._commits.put((batch, ticket))
 
     def _process(self, batch: SourceBatch, ticket: Ticket) -> BatchResult:
@@ -615,6 +629,12 @@ class InferenceRuntime:
             if labels:
                 records = [r for r in records if r.topic() != self._labels_topic]
         result = self.pipeline.process(records, self.serving)
+        decoded: list[tuple[str, float]] = []
+        if labels and self.learning is not None:
+            # Invalid labels are dead letters of this batch: its offsets wait for them.
+            decoded, invalid = self.learning.split_labels(labels)
+            result.dead_letters.extend(invalid)
+            result.records.extend(self.pipeline.dead_letter_records(invalid))
         self.publisher.publish(result.records, ticket)
         if self.learning is not None:
             batch_rows = result.batch
@@ -622,7 +642,7 @@ class InferenceRuntime:
             partitions = (
                 [records[i].partition() or 0 for i in batch_rows.positions] if batch_rows else None
             )
-            self.learning.submit(batch_rows, result.scored, labels, partitions)
+            self.learning.submit(batch_rows, result.scored, decoded, partitions)
         return result
 
     def _publish_untracked(self, records: list[OutRecord]) -> None:
@@ -666,8 +686,9 @@ class InferenceRuntime:
 
 
 class _Produced:
-    """A record this worker produced, seen as a dead letter's record: it was read from nowhere
-    (``topic`` is where it was going)."""
+    """A record this worker produced, seen as a dead letter's record: where its input record
+    was read from (a prediction's event), or, for a record made from no input record (a drift
+    event, an ack), ``topic`` is where it was going."""
 
     __slots__ = ("_record",)
 
@@ -681,13 +702,16 @@ class _Produced:
         return self._record.key
 
     def topic(self) -> str | None:
-        return self._record.topic
+        source = self._record.source
+        return source.topic() if source is not None else self._record.topic
 
     def partition(self) -> int | None:
-        return None
+        source = self._record.source
+        return source.partition() if source is not None else None
 
     def offset(self) -> int | None:
-        return None
+        source = self._record.source
+        return source.offset() if source is not None else None
 
 
 def _barrier() -> None:

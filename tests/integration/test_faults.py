@@ -549,10 +549,13 @@ def test_predictions_their_topic_refuses_for_good_become_undeliverable_dead_lett
     (the broker answers MSG_SIZE_TOO_LARGE for them, at every retry). They used to be retried
     forever and their batches never committed; now each becomes an `undeliverable` dead letter
     holding the prediction, the rest is served, the input is committed to its end, and the
-    worker stays healthy."""
+    worker stays healthy. With the producer's default batching: a batch over the limit is
+    refused whole, so the worker batches under the smallest output topic's limit (read at
+    start), and a record that fits alone is never taken for one that does not."""
     started = time.monotonic()
-    # One record per request: the broker judges each prediction alone.
-    setup = make_setup(kafka={"producer_extra": {"batch.num.messages": 1}})
+    # The producer's own batching: the broker judges a whole batch, so the worker must batch
+    # under the topic's limit, or a large prediction takes its batch's small ones with it.
+    setup = make_setup()
     admin = AdminClient({"bootstrap.servers": setup.bootstrap})
     entry = ConfigEntry("max.message.bytes", "400", incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource(
@@ -577,7 +580,10 @@ def test_predictions_their_topic_refuses_for_good_become_undeliverable_dead_lett
     dead = setup.collect(setup.topics.dead_letter, until=len(long_ids), timeout_s=60)
     assert len(dead) == len(long_ids), setup.worker_logs()
     assert {d["error"] for d in dead} == {"undeliverable"}
-    assert {d["topic"] for d in dead} == {setup.topics.predictions}
+    # Where each event was read from, to replay it; the detail names the refusing topic.
+    assert {d["topic"] for d in dead} == {setup.topics.input}
+    assert all(d["partition"] is not None and d["offset"] is not None for d in dead)
+    assert all(repr(setup.topics.predictions) in d["detail"] for d in dead), dead[0]["detail"]
     assert {orjson.loads(d["raw"])["id"] for d in dead} == {
         f"long-{i}-" + "x" * 400 for i in long_ids
     }

@@ -112,7 +112,9 @@ def test_labels_keyed_like_their_events_all_join_across_two_workers(make_setup: 
         (key, orjson.dumps({"id": orjson.loads(value)["id"], "label": True}))
         for key, value in events
     ]
-    setup.produce(labels, topic=setup.topics.labels)
+    # Two records of the labels topic that are not labels: dead letters of their batch.
+    invalid = [(b"x-1", b"{not json"), (b"x-2", orjson.dumps({"id": "j-1", "label": "yes"}))]
+    setup.produce(labels + invalid, topic=setup.topics.labels)
     deadline = time.monotonic() + 60
     joined = [0.0, 0.0]
     while time.monotonic() < deadline:
@@ -125,3 +127,9 @@ def test_labels_keyed_like_their_events_all_join_across_two_workers(make_setup: 
     for port in ports:
         assert scrape(port, "stream_infer_labels_waiting", kind="early") == 0
         assert scrape(port, "stream_infer_labels_lost_total") == 0
+    dead = setup.collect(setup.topics.dead_letter, until=2, timeout_s=30)
+    assert sorted((d["error"], d["key"]) for d in dead) == [
+        ("invalid_label", "x-1"),
+        ("invalid_label", "x-2"),
+    ]
+    assert sum(scrape(p, "stream_infer_labels_total", status="invalid") for p in ports) == 2

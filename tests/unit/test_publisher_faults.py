@@ -184,6 +184,23 @@ def test_delivery_errors_are_classified(code: int, expected: Failure) -> None:
     assert classify(KafkaError(code)) is expected
 
 
+def test_a_size_refusal_is_the_records_only_when_it_is_too_large_alone() -> None:
+    """The broker judges a whole record batch against max.message.bytes, and librdkafka gives
+    every record of a refused batch the error: a record that fits alone is retried."""
+    for code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE):
+        assert classify(KafkaError(code), fits_alone=True) is Failure.RETRY
+        assert classify(KafkaError(code), fits_alone=False) is Failure.PERMANENT
+
+
+def test_the_producer_batches_under_the_smallest_output_topic_limit() -> None:
+    from stream_infer.io.clients import producer_batch_bytes
+
+    assert producer_batch_bytes({}, {}) is None
+    assert producer_batch_bytes({}, {"out": 1_048_588, "dlq": 2_000_000}) is None  # 1 MB fits
+    assert producer_batch_bytes({}, {"out": 400, "dlq": 1_048_588}) == 400 - 128
+    assert producer_batch_bytes({"batch.size": 100}, {"out": 400}) is None
+
+
 def test_an_unknown_topic_is_retried_for_a_while_then_permanent() -> None:
     for code in (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART):
         err = KafkaError(code)

@@ -30,6 +30,7 @@ from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.runtime.serving import InferenceRuntime
 from stream_infer.settings import parse_topology
+from tests.unit.conftest import FakeRecord
 from tests.unit.test_publisher import FakeProducer
 from tests.unit.test_settings import minimal
 
@@ -144,7 +145,10 @@ def test_healthz_reports_the_oldest_unacknowledged_batch_and_a_problem_past_the_
     (problem,) = body["problems"]
     assert problem.startswith("the oldest batch not acknowledged by the broker has waited")
     assert "limits.max_unacked_s=0.2" in problem
-    # While Kafka refuses a permission the wait is its warning's, not a restart's business.
+    # A refused Read (a quiet control topic, once) says nothing of deliveries: still a stall.
+    runtime.access.refused("topic", "ctl", "Read", "TOPIC_AUTHORIZATION_FAILED")
+    assert runtime.health()[0] == 500
+    # While Kafka refuses a Write the wait is its warning's, not a restart's business.
     runtime.access.refused("topic", "out", "Write", "TOPIC_AUTHORIZATION_FAILED")
     assert runtime.health()[0] == 200
     runtime.access.allowed("topic", "out", "Write")
@@ -167,13 +171,25 @@ def test_a_record_refused_for_good_becomes_a_valid_undeliverable_dead_letter(
     assert doc["partition"] is None and doc["offset"] is None
     assert orjson.loads(doc["raw"]) == {"id": "e-1", "prediction": 0.5}
     assert "INVALID_RECORD" in doc["detail"]
+    # A prediction names the input record it was made from: where to replay it from.
+    source = FakeRecord(b'{"id": "e-2"}', b"key-2", topic="in", partition=3, offset=41)
+    made = OutRecord("out", b"key-2", b'{"id": "e-2", "prediction": 0.5}', source)
+    ticket = Ticket()
+    ticket.records = [record, made]
+    found = ticket.find("out", b"key-2", b'{"id": "e-2", "prediction": 0.5}')
+    assert found is made, "a delivery report's bytes find their record"
+    letter = runtime._undeliverable(found, "topic 'out' refused it for good (MSG_SIZE_TOO_LARGE)")
+    assert letter is not None
+    doc = orjson.loads(letter.value)
+    Draft202012Validator(schema).validate(doc)
+    assert (doc["topic"], doc["partition"], doc["offset"]) == ("in", 3, 41)
     # A dead letter refused for good has nowhere else to go.
     assert runtime._undeliverable(OutRecord("dlq", None, b"x"), "why") is None
     assert (
         runtime.metrics.registry.get_sample_value(
             "stream_infer_dead_letters_total", {"reason": "undeliverable"}
         )
-        == 1.0
+        == 2.0
     )
 
 

@@ -74,13 +74,18 @@ def scored(ids: list[str]) -> list[tuple[str, str, list[str], Any]]:
     return [("risk", "v1", ids, np.full(len(ids), 0.3))]
 
 
-def labels(ids: list[str], partition: int = 0) -> list[FakeRecord]:
+def label_records(ids: list[str], partition: int = 0) -> list[FakeRecord]:
     return [
         FakeRecord(
             orjson.dumps({"id": i, "label": True}), b"k", topic="labels", partition=partition
         )
         for i in ids
     ]
+
+
+def labels(ids: list[str]) -> list[tuple[str, float]]:
+    """Decoded labels, as split_labels hands them on."""
+    return [(i, 1.0) for i in ids]
 
 
 def service(topo: Topology, learner: Any = None, **kwargs: Any) -> tuple[LearningService, Any]:
@@ -299,3 +304,26 @@ def test_a_routing_change_before_the_thread_starts_is_not_counted_as_dropped() -
     svc, _ = service(topology(monitors=[{"signal": "error"}]))
     svc.serving_changed({"risk"})
     assert _value(svc, "stream_infer_learning_dropped_total", {"kind": "routing"}) == 0.0
+
+
+def test_labels_that_are_not_labels_become_dead_letters_of_their_batch(
+    validators: dict[str, Any],
+) -> None:
+    """Decoded on the inference thread: an invalid label's dead letter goes out under its
+    batch's ticket (it was produced from the learning thread, so the label's offset could be
+    committed before its dead letter was delivered)."""
+    svc, _ = service(topology())
+    good = label_records(["e-1"])
+    bad = [
+        FakeRecord(b"{not json", b"k", topic="labels", partition=0, offset=7),
+        FakeRecord(orjson.dumps({"id": "e-2", "label": "yes"}), b"k", topic="labels"),
+    ]
+    decoded, dead = svc.split_labels([*good, *bad])
+    assert decoded == [("e-1", 1.0)]
+    assert [d.reason for d in dead] == ["invalid_label", "invalid_label"]
+    assert [d.record for d in dead] == bad
+    assert _value(svc, "stream_infer_labels_total", {"status": "invalid"}) == 2.0
+    from stream_infer.serde import encode_dead_letter
+
+    for letter in dead:
+        validators["dead-letter"].validate(orjson.loads(encode_dead_letter(letter)))
