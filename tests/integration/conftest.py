@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -332,6 +333,24 @@ def scrape(port: int, name: str, **labels: str) -> float:
         return metric(port, name, **labels)
     except OSError:
         return 0.0
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    """/healthz: its status and body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def assert_healthy(port: int) -> None:
+    """200, no problem, no warning (``oldest_unacked_s`` is whatever it is)."""
+    status, body = health(port)
+    assert (status, body["ok"], body["problems"], body.get("warnings")) == (200, True, [], None), (
+        status,
+        body,
+    )
 
 
 def wait_ready(port: int, timeout_s: float = 60.0) -> None:

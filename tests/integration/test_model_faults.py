@@ -7,8 +7,6 @@ artifact. Its faults are picked by the first feature of an event.
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import orjson
 
 from stream_infer.examples import phishing
 from stream_infer.inference.store import save_state_dict
-from tests.integration.conftest import good_events, metric, wait_ready
+from tests.integration.conftest import assert_healthy, good_events, health, metric, wait_ready
 from tests.integration.faulty_models import HANGS, NAN, RAISES, Faulty
 
 TIMEOUT_S = 0.5
@@ -43,14 +41,6 @@ def _events(kind: str, value: float, n: int) -> list[tuple[bytes | None, bytes]]
         doc["features"][phishing.FEATURES[0]] = value
         out.append((key, orjson.dumps(doc)))
     return out
-
-
-def _health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
 
 
 def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
@@ -95,7 +85,7 @@ def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
     hung = metric(port, "stream_infer_hung_inference_calls")
     assert 2 <= hung <= 4
     assert metric(port, "stream_infer_inference_timeouts_total") == hung
-    assert _health(port) == (200, {"ok": True, "problems": []})
+    assert_healthy(port)
 
     # More hanging events, one at a time, until the version is refused and /healthz fails.
     sent = 0
@@ -108,7 +98,7 @@ def test_raising_nan_and_hanging_events_are_dead_lettered_and_the_rest_served(
             assert time.monotonic() < deadline, "a hanging event was not timed out"
             time.sleep(0.1)
         hung = now
-    status, body = _health(port)
+    status, body = health(port)
     assert status == 500
     assert "risk:v1 has 6 hung model calls" in body["problems"][0]
 

@@ -268,6 +268,9 @@ def worker_acls(principal: str, setup: Setup) -> list[AclBinding]:
     outputs = [topology.prediction_topic(m) for m in topology.models]
     outputs += [topics.dead_letter, topics.shadow, topics.acks]
     acls += [allow(ResourceType.TOPIC, t, write) for t in dict.fromkeys(outputs) if t]
+    # Their max.message.bytes, read at start (batch.size under it; dead letters that fit).
+    describe_configs = AclOperation.DESCRIBE_CONFIGS
+    acls += [allow(ResourceType.TOPIC, t, describe_configs) for t in dict.fromkeys(outputs) if t]
     # Declared but not used without online learning: the worker checks that they exist.
     acls += [allow(ResourceType.TOPIC, t, describe) for t in (topics.labels, topics.drift) if t]
     # Describe on every topic: Read and Write include it, granted explicitly all the same.

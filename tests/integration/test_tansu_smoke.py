@@ -1,35 +1,47 @@
 """A smoke subset of the integration suite on tansu, the embedded broker of the demo.
 
 The suite runs on Apache Kafka where Java is present; these tests run again on tansu so the
-demo's zero-dependency broker stays proven: events in and predictions out, dead letters,
-a SIGKILLed worker, the health endpoints, a hot swap under load with two workers. They are
-the same test functions, collected here with ``bootstrap`` overridden. Where the whole suite
+demo's zero-dependency broker stays proven: events in and predictions out, dead letters and
+the health endpoints in CI; a SIGKILLed worker and a hot swap under load with two workers in
+the soak suite. They are the same test functions, collected here with ``bootstrap``
+overridden. Where the whole suite
 already runs on tansu they are skipped as duplicates, saying so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from stream_infer.broker import EmbeddedBroker
 from tests.brokers import broker_choice
-from tests.integration.test_control import test_swap_under_load_loses_nothing_and_switches
+from tests.integration import test_control, test_serving
 from tests.integration.test_serving import (
     test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow,
     test_every_event_gets_exactly_one_prediction_stamped_with_its_version,
     test_health_readiness_and_metrics_endpoints,
-    test_sigkill_mid_stream_loses_no_event,
 )
 
 __all__ = [
     "test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow",
     "test_every_event_gets_exactly_one_prediction_stamped_with_its_version",
     "test_health_readiness_and_metrics_endpoints",
-    "test_sigkill_mid_stream_loses_no_event",
-    "test_swap_under_load_loses_nothing_and_switches",
 ]
+
+
+# CI runs the three above on tansu (and the demo runs on it); these two run again on tansu in
+# the soak suite (`python3 dev.py soak`), to keep CI's time down. Wrappers, so that the soak
+# mark stays off the originals, which CI runs on Apache Kafka.
+@pytest.mark.soak
+def test_sigkill_mid_stream_loses_no_event(make_setup: Any) -> None:
+    test_serving.test_sigkill_mid_stream_loses_no_event(make_setup)
+
+
+@pytest.mark.soak
+def test_swap_under_load_loses_nothing_and_switches(make_setup: Any) -> None:
+    test_control.test_swap_under_load_loses_nothing_and_switches(make_setup)
 
 
 @pytest.fixture(scope="module")
