@@ -401,10 +401,7 @@ def _leaders_and_controller_killed(
             first_s = flow.read_until(lambda: len(flow.seen) > 0, 90, "first prediction")
             input_topic, predictions = setup.topics.input, setup.topics.predictions
             targets: list[tuple[str, Callable[[], int]]] = (
-                [
-                    ("input+predictions leader", lambda: leader_of_both(cluster, *topics)),
-                    ("controller", cluster.quorum_leader),
-                ]
+                [("input+predictions leader", lambda: leader_of_both(cluster, *topics))]
                 if plan == "short"
                 else [
                     ("input leader", lambda: cluster.partition_leader(input_topic, 0)),
@@ -495,8 +492,8 @@ SESSION_10S = {"session_timeout_ms": 10_000}
 @pytest.mark.parametrize(
     ("plan", "rounds", "rate", "broker_session_ms", "kafka", "keeps_session"),
     [
-        # Two kills: a node leading input and prediction partitions, then the controller. A
-        # silent broker is fenced after 3 s, so the test stays short (figures scale with it).
+        # One kill: a node leading input and prediction partitions (the controller's death is
+        # in the soak plans). A silent broker is fenced after 3 s, so the test stays short.
         pytest.param(
             "short", 1, 300.0, 3000, SESSION_10S, False, marks=pytest.mark.timeout(240), id="short"
         ),
@@ -563,8 +560,10 @@ DOWN_S = 3.0  # how long the broker stays down
 
 
 @pytest.mark.timeout(180)
-# CI runs the harder stop (SIGKILL); the SIGTERM variant is a soak test.
-@pytest.mark.parametrize("how", [pytest.param("sigterm", marks=pytest.mark.soak), "sigkill"])
+# A soak test: CI's 3-node test kills and restarts a node already, and the suite must stay
+# well under 15 minutes on 2 cores.
+@pytest.mark.soak
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_a_broker_restarted_on_its_data_loses_nothing(tmp_path: Path, how: str) -> None:
     require_local_kafka()
     started = time.monotonic()

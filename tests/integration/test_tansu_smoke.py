@@ -1,9 +1,9 @@
 """A smoke subset of the integration suite on tansu, the embedded broker of the demo.
 
 The suite runs on Apache Kafka where Java is present; these tests run again on tansu so the
-demo's zero-dependency broker stays proven: events in and predictions out, dead letters and
-the health endpoints in CI; a SIGKILLed worker and a hot swap under load with two workers in
-the soak suite. They are the same test functions, collected here with ``bootstrap``
+demo's zero-dependency broker stays proven: events in and predictions out in CI (and the
+demo); dead letters, the health endpoints, a SIGKILLed worker and a hot swap under load with
+two workers in the soak suite. They are the same test functions, collected here with ``bootstrap``
 overridden. Where the whole suite
 already runs on tansu they are skipped as duplicates, saying so.
 """
@@ -19,21 +19,25 @@ from stream_infer.broker import EmbeddedBroker
 from tests.brokers import broker_choice
 from tests.integration import test_control, test_serving
 from tests.integration.test_serving import (
-    test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow,
     test_every_event_gets_exactly_one_prediction_stamped_with_its_version,
-    test_health_readiness_and_metrics_endpoints,
 )
 
-__all__ = [
-    "test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow",
-    "test_every_event_gets_exactly_one_prediction_stamped_with_its_version",
-    "test_health_readiness_and_metrics_endpoints",
-]
+__all__ = ["test_every_event_gets_exactly_one_prediction_stamped_with_its_version"]
 
 
-# CI runs the three above on tansu (and the demo runs on it); these two run again on tansu in
-# the soak suite (`python3 dev.py soak`), to keep CI's time down. Wrappers, so that the soak
-# mark stays off the originals, which CI runs on Apache Kafka.
+# CI runs the one above on tansu (and the demo runs on it); these run again on tansu in the
+# soak suite (`python3 dev.py soak`), to keep CI's time down. Wrappers, so that the soak mark
+# stays off the originals, which CI runs on Apache Kafka.
+@pytest.mark.soak
+def test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow(make_setup: Any) -> None:
+    test_serving.test_bad_events_go_to_the_dead_letter_topic_while_good_ones_flow(make_setup)
+
+
+@pytest.mark.soak
+def test_health_readiness_and_metrics_endpoints(make_setup: Any) -> None:
+    test_serving.test_health_readiness_and_metrics_endpoints(make_setup)
+
+
 @pytest.mark.soak
 def test_sigkill_mid_stream_loses_no_event(make_setup: Any) -> None:
     test_serving.test_sigkill_mid_stream_loses_no_event(make_setup)
