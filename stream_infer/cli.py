@@ -470,14 +470,7 @@ def _tail_acks(
         )
     finally:
         consumer.close()
-    answered = sorted({str(a.get("worker")) for a in acks})
-    if workers is not None and len(answered) < workers:
-        click.echo(
-            f"{len(answered)} of {workers} workers answered {command_id} within {wait:g}s: "
-            f"{', '.join(answered) or 'none'}",
-            err=True,
-        )
-        sys.exit(1)
+    _exit_unless_all_answered(acks, command_id, workers, wait)
     if not acks:
         click.echo(f"no answer to {command_id} within {wait:g}s", err=True)
         sys.exit(1)
@@ -608,7 +601,23 @@ def control(
     if not acks:
         click.echo(f"no worker answered within {wait:g}s", err=True)
         sys.exit(1)
+    _exit_unless_all_answered(acks, sent["id"], workers, wait)
     if any(a["status"] != "applied" for a in acks):
+        sys.exit(1)
+
+
+def _exit_unless_all_answered(
+    acks: list[dict[str, Any]], command_id: str | None, workers: int | None, wait_s: float
+) -> None:
+    """Exit 1, naming who answered, when fewer than ``workers`` workers answered: a rollout
+    script must not go on as if every worker had."""
+    answered = sorted({str(a.get("worker")) for a in acks})
+    if workers is not None and len(answered) < workers:
+        click.echo(
+            f"{len(answered)} of {workers} workers answered {command_id} within {wait_s:g}s: "
+            f"{', '.join(answered) or 'none'}; {workers - len(answered)} did not",
+            err=True,
+        )
         sys.exit(1)
 
 

@@ -292,7 +292,7 @@ def test_tail_acks_of_one_command_prints_its_answers_and_exits(
     fake_kafka.records = [_ack("c1", "w1")]
     result = run(*args, "--workers", "2", "--wait", "0.5")
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == ("1 of 2 workers answered c1 within 0.5s: w1")
+    assert result.stderr.splitlines()[-1] == ("1 of 2 workers answered c1 within 0.5s: w1; 1 did not")
 
 
 def test_tail_says_once_that_a_topic_does_not_exist_yet(
@@ -335,6 +335,34 @@ def test_control_writes_sent_to_stderr_and_only_acks_to_stdout(
     import orjson
 
     assert [orjson.loads(line)["worker"] for line in result.stdout.splitlines()] == ["w1"]
+
+
+def test_control_with_fewer_answers_than_workers_exits_1_naming_who_answered(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 3: `control --workers 3` exited 0 when one worker answered."""
+    from stream_infer import controller
+    from stream_infer.io import clients
+
+    class OneAnswers:
+        def __init__(self, topology: Any) -> None:
+            pass
+
+        def send(self, doc: dict[str, Any]) -> dict[str, Any]:
+            return doc
+
+        def acks(self, command_id: str, **_: Any) -> list[dict[str, Any]]:
+            return [{"command_id": command_id, "worker": "w1", "status": "applied"}]
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(controller, "Controller", OneAnswers)
+    monkeypatch.setattr(clients, "check_reachable", lambda *a, **k: None)
+    result = run("control", "topologies/phishing.yaml", "status", "--workers", "3", "--wait", "1")
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("1 of 3 workers answered cmd-") and last.endswith(": w1; 2 did not")
 
 
 def test_control_shadow_needs_a_version(run: Any) -> None:
