@@ -292,7 +292,9 @@ def test_tail_acks_of_one_command_prints_its_answers_and_exits(
     fake_kafka.records = [_ack("c1", "w1")]
     result = run(*args, "--workers", "2", "--wait", "0.5")
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == ("1 of 2 workers answered c1 within 0.5s: w1; 1 did not")
+    assert result.stderr.splitlines()[-1] == (
+        "1 of 2 workers answered c1 within 0.5s: w1; 1 did not"
+    )
 
 
 def test_tail_says_once_that_a_topic_does_not_exist_yet(
