@@ -310,27 +310,32 @@ def test_tail_says_once_that_a_topic_does_not_exist_yet(
     assert result.stdout.splitlines() == ['{"id":"e1"}']
 
 
-def test_control_writes_sent_to_stderr_and_only_acks_to_stdout(
-    run: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class OneWorkerAnswers:
+    """A Controller whose command is answered by one worker, w1 (no broker)."""
+
+    def __init__(self, topology: Any) -> None:
+        pass
+
+    def send(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return doc
+
+    def acks(self, command_id: str, **_: Any) -> list[dict[str, Any]]:
+        return [{"command_id": command_id, "worker": "w1", "status": "applied"}]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     from stream_infer import controller
     from stream_infer.io import clients
 
-    class FakeController:
-        def __init__(self, topology: Any) -> None:
-            pass
-
-        def send(self, doc: dict[str, Any]) -> dict[str, Any]:
-            return doc
-
-        def acks(self, command_id: str, **_: Any) -> list[dict[str, Any]]:
-            return [{"command_id": command_id, "worker": "w1", "status": "applied"}]
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(controller, "Controller", FakeController)
+    monkeypatch.setattr(controller, "Controller", OneWorkerAnswers)
     monkeypatch.setattr(clients, "check_reachable", lambda *a, **k: None)
+
+
+def test_control_writes_sent_to_stderr_and_only_acks_to_stdout(run: Any, one_worker: None) -> None:
     result = run("control", "topologies/phishing.yaml", "status")
     assert result.returncode == 0
     assert result.stderr.startswith('sent {"id":"cmd-')
@@ -340,27 +345,9 @@ def test_control_writes_sent_to_stderr_and_only_acks_to_stdout(
 
 
 def test_control_with_fewer_answers_than_workers_exits_1_naming_who_answered(
-    run: Any, monkeypatch: pytest.MonkeyPatch
+    run: Any, one_worker: None
 ) -> None:
     """Issue 18 item 3: `control --workers 3` exited 0 when one worker answered."""
-    from stream_infer import controller
-    from stream_infer.io import clients
-
-    class OneAnswers:
-        def __init__(self, topology: Any) -> None:
-            pass
-
-        def send(self, doc: dict[str, Any]) -> dict[str, Any]:
-            return doc
-
-        def acks(self, command_id: str, **_: Any) -> list[dict[str, Any]]:
-            return [{"command_id": command_id, "worker": "w1", "status": "applied"}]
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(controller, "Controller", OneAnswers)
-    monkeypatch.setattr(clients, "check_reachable", lambda *a, **k: None)
     result = run("control", "topologies/phishing.yaml", "status", "--workers", "3", "--wait", "1")
     assert result.returncode == 1
     last = result.stderr.splitlines()[-1]
