@@ -200,7 +200,7 @@ class BrokerChoice:
 def choose_broker(wanted: str | None) -> BrokerChoice | None:
     """The broker of this run and one line saying why; None (and why, on stderr) when
     ``--broker kafka`` cannot run here."""
-    from stream_infer.apache_kafka import kafka_version, missing_tools
+    from stream_infer.local.apache_kafka import kafka_version, missing_tools
 
     if wanted == "tansu":
         return BrokerChoice("tansu", "the embedded tansu broker, as asked (--broker tansu)")
@@ -226,13 +226,13 @@ def running_broker(engine: str, raw_dir: Path, info: dict[str, Any]) -> Iterator
     """Start the broker, fill ``info`` (name, version, ...), stop it at the end. Its log ends
     up in ``raw_dir/broker.log``; Kafka's data lives in a temporary folder, removed."""
     if engine == "tansu":
-        from stream_infer.broker import EmbeddedBroker, tansu_binary
+        from stream_infer.local.tansu import EmbeddedBroker, tansu_binary
 
         info |= {"name": "tansu", "version": _tansu_version(str(tansu_binary()))}
         with EmbeddedBroker(log_path=raw_dir / "broker.log") as tansu:
             yield RunningBroker(tansu.bootstrap_servers, tansu.pid)
         return
-    from stream_infer.apache_kafka import KafkaCluster
+    from stream_infer.local.apache_kafka import KafkaCluster
 
     with tempfile.TemporaryDirectory(prefix="stream-infer-bench-kafka-") as tmp:
         # Kafka's default 3 s, not the launcher's 0 s: the scale part's workers, started

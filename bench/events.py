@@ -1,4 +1,4 @@
-"""The bench's events: ``stream_infer.loadgen.synthetic_events``, made cheap to send at a rate.
+"""The bench's events: ``stream_infer.local.loadgen.synthetic_events``, cheap to send at a rate.
 
 Making an event with ``synthetic_events`` costs several microseconds of Python (a dataset row
 to a dict, orjson, a random key), which at tens of thousands of events per second is CPU that
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from stream_infer.loadgen import synthetic_events
+from stream_infer.local.loadgen import synthetic_events
 from stream_infer.settings import Topology
 
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import orjson
 from confluent_kafka import Consumer, Message
 
-from stream_infer.watch import assign_all
+from stream_infer.io.watch import assign_all
 
 # librdkafka's own lines through Python logging (info, such as tansu closing idle
 # connections, stays quiet; errors show).

@@ -38,9 +38,9 @@ from bench.plan import Plan
 from bench.procs import Started, Supervisor, TreeSampler, clean_env
 from bench.reader import RDKAFKA_LOG, PhaseStats, PredictionReader
 from bench.systems import BASE_TOPOLOGY, SystemSpec, new_run_id, write_topology
-from stream_infer.broker import free_port
 from stream_infer.io.clients import ensure_topics, ensure_topology_topics
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import free_port
 from stream_infer.settings import KafkaSettings, Topology, load_topology
 
 SATURATION_SEED = 0

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stream_infer.broker import free_port
+from stream_infer.local.tansu import free_port
 from stream_infer.settings import Topology, load_topology
 
 ROOT = Path(__file__).resolve().parent.parent

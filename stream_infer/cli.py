@@ -116,7 +116,7 @@ def cli(ctx: click.Context, log_level: str) -> None:
 def broker(port: int, host: str, apache_kafka: bool, nodes: int) -> None:
     """Run a local broker until Ctrl-C: the embedded tansu (in memory), or Apache Kafka."""
     if apache_kafka:
-        from stream_infer.apache_kafka import KafkaCluster
+        from stream_infer.local.apache_kafka import KafkaCluster
 
         with KafkaCluster(nodes, host=host, client_port=port) as cluster:
             click.echo(
@@ -126,7 +126,7 @@ def broker(port: int, host: str, apache_kafka: bool, nodes: int) -> None:
             )
             _wait_for_signal()
         return
-    from stream_infer.broker import EmbeddedBroker
+    from stream_infer.local.tansu import EmbeddedBroker
 
     with EmbeddedBroker(port, host=host) as b:
         click.echo(f"embedded broker (tansu) listening on {b.bootstrap_servers}; Ctrl-C stops it")
@@ -315,7 +315,7 @@ def produce(
     from rich.progress import Progress
 
     from stream_infer.io.clients import check_reachable
-    from stream_infer.loadgen import (
+    from stream_infer.local.loadgen import (
         OpenLoopProducer,
         jsonl_events,
         synthetic_events,
@@ -388,7 +388,7 @@ def tail(
     from confluent_kafka import Consumer
 
     from stream_infer.io.clients import check_reachable, consume_ready
-    from stream_infer.watch import assign_all
+    from stream_infer.io.watch import assign_all
 
     if command_id is not None and what != "acks":
         raise click.UsageError("--id needs --what acks")
@@ -457,7 +457,7 @@ def _tail_acks(
     missing: Callable[[list[str]], None],
 ) -> None:
     """``tail --what acks --id``: one command's answers from the beginning, then exit."""
-    from stream_infer.watch import assign_all, collect_acks
+    from stream_infer.io.watch import assign_all, collect_acks
 
     try:
         assign_all(consumer, topic_names, from_beginning=True, timeout_s=wait, on_missing=missing)
@@ -508,7 +508,7 @@ def demo(
     drift_at: float,
 ) -> None:
     """Broker, worker, events in, predictions out, on this machine. Ctrl-C stops it all."""
-    from stream_infer.demo import DEFAULT_TOPOLOGY, run_demo
+    from stream_infer.local.demo import DEFAULT_TOPOLOGY, run_demo
 
     sys.exit(
         run_demo(
@@ -559,8 +559,8 @@ def control(
 
     stdout carries only the answers, one JSON object a line (pipe it to jq); what was sent
     goes to stderr. `shadow` needs --version; `unshadow` stops a shadow."""
-    from stream_infer.controller import Controller, new_command
     from stream_infer.io.clients import check_reachable
+    from stream_infer.io.controller import Controller, new_command
 
     topo = _load(topology)
     fields: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream_infer.events import BatchResult
+from stream_infer.core.events import BatchResult
 
 # Seconds. Steps of <= 25 % from 1 to 100 ms (5 ms apart around the p99 target of
 # max_wait + 25 ms), so a quantile read from the buckets means something; coarse beyond.

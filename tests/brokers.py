@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from stream_infer.apache_kafka import kafka_version, missing_tools
+from stream_infer.local.apache_kafka import kafka_version, missing_tools
 from stream_infer.settings import bootstrap_for_tests, docker_requested, test_broker_engine
 
 # Filled by the session's broker fixture: what the integration broker took to start.

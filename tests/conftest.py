@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stream_infer.apache_kafka import kafka_version
+from stream_infer.local.apache_kafka import kafka_version
 from tests.brokers import broker_choice, started
 
 

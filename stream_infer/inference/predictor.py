@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -11,15 +10,6 @@ import torch
 
 from stream_infer.errors import ModelOutputError
 from stream_infer.inference.store import ModelMeta, OutputKind, load_artifact
-
-
-class Predictor(Protocol):
-    """Anything that scores a float32 matrix (n, features) into n outputs."""
-
-    model: str
-    version: str
-
-    def predict_many(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]: ...
 
 
 class TorchPredictor:

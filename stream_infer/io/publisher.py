@@ -55,8 +55,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from stream_infer.core.events import OutRecord
 from stream_infer.errors import DeliveryError
-from stream_infer.events import OutRecord
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import RECORD_BATCH_OVERHEAD_BYTES
 

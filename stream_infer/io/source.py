@@ -53,7 +53,7 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from stream_infer.batching import MicroBatcher
+from stream_infer.core.batching import MicroBatcher
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.checkpoint import Checkpoint
 from stream_infer.io.clients import consume_ready

@@ -36,7 +36,7 @@ from river import compose, forest, linear_model, preprocessing, tree
 from stream_infer.errors import ModelError
 
 if TYPE_CHECKING:
-    from stream_infer.inference.predictor import Predictor
+    from stream_infer.core.pipeline import Predictor
 
 LEARNER_KINDS = ("logistic_regression", "hoeffding_tree", "arf")
 

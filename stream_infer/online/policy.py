@@ -2,7 +2,7 @@
 
 A :class:`Policy` names a signal (as in ``drift.SIGNALS``), an action (``POLICY_ACTIONS``) and
 optionally the model it is for (None: every model). :func:`commands_for` returns the command
-documents to produce to the control topic (the format of ``stream_infer.control``), or ``[]``
+documents to produce to the control topic (the format of ``stream_infer.core.control``), or ``[]``
 when nothing is to be done. It decides from the routes in force; the workers still validate
 each command as they would an operator's.
 
@@ -48,8 +48,8 @@ from typing import Any
 
 import orjson
 
+from stream_infer.core.routing import Route
 from stream_infer.online.drift import DriftEvent, parse_signal
-from stream_infer.routing import Route
 
 POLICY_ACTIONS = ("alert", "rollback_canary", "shift_to_online", "reset_learner")
 _NEEDS_ONLINE_VERSION = ("shift_to_online", "reset_learner")

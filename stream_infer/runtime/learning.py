@@ -28,8 +28,10 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge
 
-from stream_infer.control import seal
-from stream_infer.events import DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.core.control import seal
+from stream_infer.core.events import DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.core.routing import Route
+from stream_infer.core.serde import INVALID_LABEL
 from stream_infer.observability import Metrics
 from stream_infer.online.drift import FEATURE_PREFIX, DriftEvent, DriftMonitor, error_of
 from stream_infer.online.joiner import Joined, LabelJoiner, Served
@@ -37,8 +39,6 @@ from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.policy import Policy, commands_for
 from stream_infer.online.prequential import Prequential
 from stream_infer.online.snapshots import SnapshotStore
-from stream_infer.routing import Route
-from stream_infer.serde import INVALID_LABEL
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)

@@ -24,19 +24,21 @@ from typing import Any
 import torch
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message
 
-from stream_infer import control
-from stream_infer.control import (
+from stream_infer.core import control
+from stream_infer.core.control import (
     Command,
     RoutingTable,
     encode_ack,
     parse_command,
     required_versions,
 )
+from stream_infer.core.events import BatchResult, DeadLetter, OutRecord
+from stream_infer.core.pipeline import ModelOutput, Pipeline, Predictor, Serving
+from stream_infer.core.serde import UNDELIVERABLE, FeatureDecoder, encode_dead_letter
+from stream_infer.core.watchdog import Watchdog
 from stream_infer.errors import ControlError, DeliveryError, ModelError
-from stream_infer.events import BatchResult, DeadLetter, OutRecord
 from stream_infer.inference.device import select_device
-from stream_infer.inference.predictor import Predictor, TorchPredictor
-from stream_infer.inference.watchdog import Watchdog
+from stream_infer.inference.predictor import TorchPredictor
 from stream_infer.io.access import AccessRefusals
 from stream_infer.io.clients import (
     consumer_config,
@@ -51,9 +53,7 @@ from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.online.learner import OnlineLearner
-from stream_infer.pipeline import ModelOutput, Pipeline, Serving
 from stream_infer.runtime.learning import LearningService
-from stream_infer.serde import UNDELIVERABLE, FeatureDecoder, encode_dead_letter
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)

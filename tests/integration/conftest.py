@@ -2,8 +2,8 @@
 
 The broker is, in order of preference: an external cluster named by
 STREAM_INFER_TEST_BOOTSTRAP_SERVERS; a Kafka testcontainer when STREAM_INFER_TEST_DOCKER=1 and
-Docker answers; Apache Kafka (KRaft, one node, stream_infer.apache_kafka) started here when Java
-17+ and Maven are present; otherwise the embedded tansu broker, and pytest's header says why in
+Docker answers; Apache Kafka (KRaft, one node, stream_infer.local.apache_kafka) started here when
+Java 17+ and Maven are present; otherwise the embedded tansu broker, and pytest's header says why in
 one line. STREAM_INFER_TEST_BROKER=tansu|kafka forces one. test_tansu_smoke.py runs a subset on
 tansu as well, so the demo's broker stays proven. Every test gets its own topics and consumer
 group.
@@ -30,17 +30,17 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_infer.apache_kafka import KafkaCluster
-from stream_infer.broker import EmbeddedBroker, free_port
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, ensure_topology_topics
+from stream_infer.io.watch import assign_all
+from stream_infer.local.apache_kafka import KafkaCluster
+from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import (
     ENV_PREFIX,
     Topology,
     bootstrap_for_tests,
     load_topology,
 )
-from stream_infer.watch import assign_all
 from tests.brokers import (
     broker_choice,
     started,

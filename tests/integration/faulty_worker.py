@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_infer.cli import main
-from stream_infer.events import OutRecord
+from stream_infer.core.events import OutRecord
 from stream_infer.io.publisher import Publisher, Ticket
 
 

@@ -23,7 +23,7 @@ from typing import Any, cast
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from stream_infer import serde
+from stream_infer.core import serde
 from stream_infer.examples import phishing
 from stream_infer.examples.phishing import FEATURES
 from tests.integration.conftest import Setup, metrics_text

@@ -14,10 +14,10 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from stream_infer.broker import free_port
-from stream_infer.controller import Controller, new_command
 from stream_infer.io.control_log import ControlLog
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.io.controller import Controller, new_command
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import free_port
 from tests.brokers import broker_choice
 from tests.integration.conftest import MODELS, Setup, good_events, scrape
 

@@ -29,13 +29,13 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from stream_infer.apache_kafka import KafkaCluster
-from stream_infer.broker import EmbeddedBroker, free_port
-from stream_infer.events import OutRecord
+from stream_infer.core.events import OutRecord
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, ensure_topics, producer_config
 from stream_infer.io.publisher import Publisher, Ticket
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.apache_kafka import KafkaCluster
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import KafkaSettings
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, good_events, metric, scrape

@@ -34,11 +34,11 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from stream_infer.apache_kafka import KafkaCluster
-from stream_infer.broker import free_port
 from stream_infer.examples import phishing
 from stream_infer.io.clients import consume_ready, producer_config
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.apache_kafka import KafkaCluster
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import free_port
 from tests.brokers import require_local_kafka
 from tests.integration.conftest import Setup
 
@@ -639,7 +639,7 @@ def _gone(pid: int) -> bool:
 
 LAUNCH = """
 import sys, time
-from stream_infer.apache_kafka import KafkaCluster
+from stream_infer.local.apache_kafka import KafkaCluster
 cluster = KafkaCluster(1).start()
 print(cluster.nodes[1].pid, cluster.workdir, flush=True)
 time.sleep(600)

@@ -28,8 +28,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from stream_infer.broker import free_port
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import free_port
 from stream_infer.settings import ENV_PREFIX
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, assert_healthy, good_events, health, scrape

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from river import compose, datasets, evaluate, linear_model, metrics, preprocessing
 
-from stream_infer.controller import Controller, new_command
+from stream_infer.io.controller import Controller, new_command
 from tests.integration.conftest import good_events, metric, scrape
 from tests.integration.test_control import start_group
 

@@ -35,7 +35,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_infer.examples import phishing
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.loadgen import OpenLoopProducer
 from tests.integration.conftest import Setup, metrics_text
 
 MAX_BATCH_SIZE = 16  # small batches: a low saturation, so that twice it is cheap to offer

@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_infer.broker import free_port
-from stream_infer.loadgen import OpenLoopProducer
+from stream_infer.local.loadgen import OpenLoopProducer
+from stream_infer.local.tansu import free_port
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, good_events, scrape
 

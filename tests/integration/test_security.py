@@ -56,10 +56,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from stream_infer.apache_kafka import KafkaCluster
-from stream_infer.apache_kafka.cluster import Listener
-from stream_infer.broker import free_port
-from stream_infer.controller import Controller, new_command
+from stream_infer.io.controller import Controller, new_command
+from stream_infer.local.apache_kafka import KafkaCluster
+from stream_infer.local.apache_kafka.cluster import Listener
+from stream_infer.local.tansu import free_port
 from tests.brokers import require_local_kafka
 from tests.integration.conftest import Setup, good_events, metric, wait_ready
 

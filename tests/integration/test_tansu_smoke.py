@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from stream_infer.broker import EmbeddedBroker
+from stream_infer.local.tansu import EmbeddedBroker
 from tests.brokers import broker_choice
 from tests.integration import test_control, test_serving
 from tests.integration.test_serving import (

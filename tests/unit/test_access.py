@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message
 
-from stream_infer.events import OutRecord
+from stream_infer.core.events import OutRecord
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.publisher import Publisher, Ticket

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_infer.batching import MicroBatcher
+from stream_infer.core.batching import MicroBatcher
 
 
 class FakeClock:

@@ -328,8 +328,7 @@ class OneWorkerAnswers:
 
 @pytest.fixture
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stream_infer import controller
-    from stream_infer.io import clients
+    from stream_infer.io import clients, controller
 
     monkeypatch.setattr(controller, "Controller", OneWorkerAnswers)
     monkeypatch.setattr(clients, "check_reachable", lambda *a, **k: None)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from stream_infer import demo, loadgen
+from stream_infer.local import demo, loadgen
 
 
 class _Producer:

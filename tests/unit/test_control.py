@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
-from stream_infer import control
 from stream_infer.cli import cli
-from stream_infer.control import (
+from stream_infer.core import control
+from stream_infer.core.control import (
     MAX_COMMAND_BYTES,
     Command,
     RoutingTable,
@@ -30,9 +30,9 @@ from stream_infer.control import (
     required_versions,
     sign,
 )
-from stream_infer.controller import new_command
+from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
-from stream_infer.routing import Route
+from stream_infer.io.controller import new_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
@@ -999,7 +999,7 @@ class _NoBroker:
 def test_control_usage_errors_exit_2_before_any_connection(
     monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
 ) -> None:
-    monkeypatch.setattr("stream_infer.controller.Controller", _NoBroker)
+    monkeypatch.setattr("stream_infer.io.controller.Controller", _NoBroker)
     result = CliRunner().invoke(cli, ["control", str(TOPOLOGY), *args])
     assert result.exit_code == 2, (result.output, result.exception)
     assert message in result.output

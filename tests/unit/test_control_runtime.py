@@ -16,10 +16,10 @@ import pytest
 import torch
 from jsonschema import Draft202012Validator
 
-from stream_infer.control import encode_ack
+from stream_infer.core.control import encode_ack
+from stream_infer.core.routing import Route
 from stream_infer.inference import predictor as predictor_module
 from stream_infer.inference.store import ModelMeta, save_export, sha256_file
-from stream_infer.routing import Route
 from stream_infer.runtime.serving import InferenceRuntime
 from stream_infer.settings import parse_topology
 from tests.unit.test_control_log import FakeMessage

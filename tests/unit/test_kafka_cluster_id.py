@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from stream_infer.apache_kafka import cluster
+from stream_infer.local.apache_kafka import cluster
 
 
 def test_an_id_that_would_start_with_a_dash_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stream_infer.apache_kafka import distribution
 from stream_infer.errors import BrokerError
+from stream_infer.local.apache_kafka import distribution
 
 
 def test_no_java_is_said_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from stream_infer.loadgen import synthetic_events
+from stream_infer.local.loadgen import synthetic_events
 from stream_infer.settings import load_topology
 
 TOPOLOGY = Path(__file__).resolve().parents[2] / "topologies" / "phishing.yaml"

@@ -13,12 +13,12 @@ import numpy.typing as npt
 import orjson
 import pytest
 
-from stream_infer import serde
-from stream_infer.events import BatchResult, Record
-from stream_infer.inference.watchdog import Watchdog
-from stream_infer.pipeline import ModelOutput, Pipeline, Serving
-from stream_infer.routing import Route
-from stream_infer.serde import FeatureDecoder
+from stream_infer.core import serde
+from stream_infer.core.events import BatchResult, Record
+from stream_infer.core.pipeline import ModelOutput, Pipeline, Serving
+from stream_infer.core.routing import Route
+from stream_infer.core.serde import FeatureDecoder
+from stream_infer.core.watchdog import Watchdog
 
 FEATURES = ("f0", "f1")
 NOW = 1_700_000_000.0

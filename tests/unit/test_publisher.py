@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from stream_infer.broker import free_port
-from stream_infer.events import OutRecord
+from stream_infer.core.events import OutRecord
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Publisher, Ticket
+from stream_infer.local.tansu import free_port
 
 Delivery = Callable[[KafkaError | None, Any], None]
 

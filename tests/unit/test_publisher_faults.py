@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from stream_infer.core.events import OutRecord
 from stream_infer.errors import DeliveryError
-from stream_infer.events import OutRecord
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Failure, Publisher, Ticket, classify
 from tests.unit.test_publisher import Delivery, FakeProducer, _wait_for

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from stream_infer.routing import BUCKETS, Route, key_buckets
+from stream_infer.core.routing import BUCKETS, Route, key_buckets
 
 KEYS = [f"user-{i}".encode() for i in range(20_000)]
 

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from stream_infer import serde
-from stream_infer.events import DeadLetter
-from stream_infer.pipeline import ModelOutput, Pipeline, Serving
-from stream_infer.routing import Route
-from stream_infer.serde import FeatureDecoder, encode_dead_letter, encode_predictions
+from stream_infer.core import serde
+from stream_infer.core.events import DeadLetter
+from stream_infer.core.pipeline import ModelOutput, Pipeline, Serving
+from stream_infer.core.routing import Route
+from stream_infer.core.serde import FeatureDecoder, encode_dead_letter, encode_predictions
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_NAMES = ("feature-event", "prediction", "dead-letter", "control-command", "control-ack")

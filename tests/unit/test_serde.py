@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_infer import serde
+from stream_infer.core import serde
+from stream_infer.core.events import DeadLetter, FeatureBatch
+from stream_infer.core.serde import FeatureDecoder, encode_dead_letter, encode_predictions
 from stream_infer.errors import InvalidEvent
-from stream_infer.events import DeadLetter, FeatureBatch
-from stream_infer.serde import FeatureDecoder, encode_dead_letter, encode_predictions
 
 FEATURES = ("a", "b", "c")
 MAX_EVENT_BYTES = 4096

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from stream_infer import serde
+from stream_infer.core import serde
+from stream_infer.core.events import Record
+from stream_infer.core.serde import FeatureDecoder, encode_dead_letter
 from stream_infer.errors import InvalidEvent
-from stream_infer.events import Record
-from stream_infer.serde import FeatureDecoder, encode_dead_letter
 
 FEATURES = ("a", "b", "c")
 MAX_EVENT_BYTES = 512

@@ -23,8 +23,8 @@ import pytest
 from confluent_kafka import Message
 from jsonschema import Draft202012Validator
 
+from stream_infer.core.events import BatchResult, OutRecord
 from stream_infer.errors import DeliveryError
-from stream_infer.events import BatchResult, OutRecord
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch

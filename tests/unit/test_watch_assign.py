@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING
 
 from stream_infer.errors import BrokerError
-from stream_infer.watch import assign_all
+from stream_infer.io.watch import assign_all
 
 
 class FakeConsumer:

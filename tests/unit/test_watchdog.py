@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from stream_infer.core.watchdog import Watchdog
 from stream_infer.errors import InferenceTimeout
-from stream_infer.inference.watchdog import Watchdog
 
 KEY = ("risk", "v1")
 OTHER = ("risk", "v2")

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_infer.events import FeatureBatch
+from stream_infer.core.events import FeatureBatch
 from stream_infer.observability import Metrics
 from stream_infer.online.joiner import LabelJoiner
 from stream_infer.online.learner import OnlineLearner
@@ -323,7 +323,7 @@ def test_labels_that_are_not_labels_become_dead_letters_of_their_batch(
     assert [d.reason for d in dead] == ["invalid_label", "invalid_label"]
     assert [d.record for d in dead] == bad
     assert _value(svc, "stream_infer_labels_total", {"status": "invalid"}) == 2.0
-    from stream_infer.serde import encode_dead_letter
+    from stream_infer.core.serde import encode_dead_letter
 
     for letter in dead:
         validators["dead-letter"].validate(orjson.loads(encode_dead_letter(letter)))

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_infer.control import parse_command
+from stream_infer.core.control import parse_command
+from stream_infer.core.routing import Route
 from stream_infer.online.drift import DriftEvent
 from stream_infer.online.policy import POLICY_ACTIONS, Policy, commands_for
-from stream_infer.routing import Route
 
 SPLIT = Route(weights=(("v1", 0.9), ("v2", 0.1)))
 SOLE = Route.single("v1")
@@ -180,7 +180,7 @@ def test_an_error_that_fell_is_only_an_alert() -> None:
 def test_a_policy_command_applies_only_at_the_generation_it_was_computed_from() -> None:
     """A late copy, or one from a worker that had not read as far, is stale: it must not undo
     the operator's newer command."""
-    from stream_infer.control import STALE, RoutingTable
+    from stream_infer.core.control import STALE, RoutingTable
     from stream_infer.errors import ControlError
 
     table = RoutingTable.initial({"risk": ("v1", "v2", "v3")}, {"risk": "v1"}, 0.0)

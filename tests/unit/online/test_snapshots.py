@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_infer.control import parse_command
+from stream_infer.core.control import parse_command
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.runtime.serving import InferenceRuntime
 from stream_infer.settings import LearnerSettings, Topology, parse_topology

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_infer.control import seal
+from stream_infer.core.control import seal
 from stream_infer.errors import BrokerError
 from stream_infer.io.clients import consume_ready
 from stream_infer.settings import Topology

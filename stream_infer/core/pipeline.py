@@ -12,18 +12,27 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from stream_infer import serde
+from stream_infer.core import serde
+from stream_infer.core.events import BatchResult, DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.core.routing import Route
+from stream_infer.core.watchdog import Watchdog
 from stream_infer.errors import InferenceTimeout, ModelOutputError
-from stream_infer.events import BatchResult, DeadLetter, FeatureBatch, OutRecord, Record
-from stream_infer.inference.predictor import Predictor
-from stream_infer.inference.watchdog import Watchdog
-from stream_infer.routing import Route
 
 log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """Anything that scores a float32 matrix (n, features) into n outputs."""
+
+    model: str
+    version: str
+
+    def predict_many(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]: ...
 
 
 @dataclass(frozen=True)

@@ -30,18 +30,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stream_infer.broker import EmbeddedBroker, free_port
-from stream_infer.controller import Controller, new_command
 from stream_infer.examples import phishing
 from stream_infer.io.clients import ensure_topology_topics
-from stream_infer.loadgen import (
+from stream_infer.io.controller import Controller, new_command
+from stream_infer.io.watch import OutputWatcher
+from stream_infer.local.loadgen import (
     OpenLoopProducer,
     close_producer,
     synthetic_events,
     with_bad_events,
 )
+from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import ENV_PREFIX, Topology, load_topology
-from stream_infer.watch import OutputWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOPOLOGY = ROOT / "topologies" / "phishing-online.yaml"

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from stream_infer.core.events import SCHEMA_VERSION, DeadLetter, FeatureBatch, Record
 from stream_infer.errors import InvalidEvent
-from stream_infer.events import SCHEMA_VERSION, DeadLetter, FeatureBatch, Record
 
 _NUMBER = (int, float)
 MAX_ID_CHARS = 512

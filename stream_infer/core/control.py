@@ -35,8 +35,8 @@ from typing import Any
 
 import orjson
 
+from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
-from stream_infer.routing import Route
 
 COMMANDS = ("swap", "split", "shadow", "unshadow", "rollback", "status", "reset_learner")
 # Commands that act on something other than the routing; the routing stays as it is.

@@ -5,8 +5,12 @@ the fault tests and the benchmark (the demo's default stays the embedded tansu b
 KRaft node or several on loopback and injects faults.
 """
 
-from stream_infer.apache_kafka.cluster import KafkaCluster, KafkaNode, Listener
-from stream_infer.apache_kafka.distribution import kafka_classpath, kafka_version, missing_tools
+from stream_infer.local.apache_kafka.cluster import KafkaCluster, KafkaNode, Listener
+from stream_infer.local.apache_kafka.distribution import (
+    kafka_classpath,
+    kafka_version,
+    missing_tools,
+)
 
 __all__ = [
     "KafkaCluster",

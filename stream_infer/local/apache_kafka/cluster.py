@@ -36,8 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from stream_infer.apache_kafka.distribution import LOG4J_CONFIG, kafka_classpath, kafka_version
 from stream_infer.errors import BrokerError
+from stream_infer.local.apache_kafka.distribution import (
+    LOG4J_CONFIG,
+    kafka_classpath,
+    kafka_version,
+)
 
 log = logging.getLogger(__name__)
 
