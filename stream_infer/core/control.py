@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from stream_infer.core.events import ModelVersion
 from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
 
@@ -268,7 +269,7 @@ class RoutingTable:
     history: dict[str, list[Route]] = field(default_factory=dict)
     changed_at: float = 0.0
     applied: int = 0
-    learners: frozenset[tuple[str, str]] | None = None
+    learners: frozenset[ModelVersion] | None = None
     seen: set[str] = field(default_factory=set)
     generation: int = 0
 
@@ -279,7 +280,7 @@ class RoutingTable:
         serving: Mapping[str, str],
         now: float,
         *,
-        learners: set[tuple[str, str]] | frozenset[tuple[str, str]] | None = None,
+        learners: set[ModelVersion] | frozenset[ModelVersion] | None = None,
     ) -> RoutingTable:
         """``learners``: the (model, version) pairs that are online learners (None: not
         checked, any declared version may be reset)."""
@@ -401,13 +402,13 @@ class RoutingTable:
         }
 
 
-def required_versions(routes: Mapping[str, Route]) -> set[tuple[str, str]]:
+def required_versions(routes: Mapping[str, Route]) -> set[ModelVersion]:
     """Every (model, version) the routes need loaded: serving and shadow."""
-    needed: set[tuple[str, str]] = set()
+    needed: set[ModelVersion] = set()
     for model, route in routes.items():
-        needed.update((model, v) for v in route.versions)
+        needed.update(ModelVersion(model, v) for v in route.versions)
         if route.shadow:
-            needed.add((model, route.shadow))
+            needed.add(ModelVersion(model, route.shadow))
     return needed
 
 

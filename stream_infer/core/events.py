@@ -8,12 +8,30 @@ Records from Kafka are read through the small :class:`Record` protocol, which
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 SCHEMA_VERSION = 1
+
+
+class ModelVersion(NamedTuple):
+    """One version of one model: what a predictor, a learner, a metric series or a watchdog
+    slot belongs to.
+
+    >>> key = ModelVersion("risk", "v2")
+    >>> key.model, key.version, key == ("risk", "v2")
+    ('risk', 'v2', True)
+    >>> f"{key}"
+    'risk:v2'
+    """
+
+    model: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.version}"
 
 
 class Record(Protocol):
@@ -80,8 +98,8 @@ class BatchResult:
 
     records: list[OutRecord] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    served: dict[tuple[str, str], int] = field(default_factory=dict)
-    shadowed: dict[tuple[str, str], int] = field(default_factory=dict)
+    served: dict[ModelVersion, int] = field(default_factory=dict)
+    shadowed: dict[ModelVersion, int] = field(default_factory=dict)
     inference_s: float = 0.0
     n_in: int = 0
     event_ts: list[float] = field(default_factory=list)

@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_infer.core import serde
-from stream_infer.core.events import BatchResult, DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.core.events import (
+    BatchResult,
+    DeadLetter,
+    FeatureBatch,
+    ModelVersion,
+    OutRecord,
+    Record,
+)
 from stream_infer.core.routing import Route
 from stream_infer.core.watchdog import Watchdog
 from stream_infer.errors import InferenceTimeout, ModelOutputError
@@ -52,7 +59,7 @@ class Serving:
     """
 
     routes: Mapping[str, Route]
-    predictors: Mapping[tuple[str, str], Predictor]
+    predictors: Mapping[ModelVersion, Predictor]
     changed_at: float = 0.0
 
 
@@ -90,10 +97,10 @@ class Pipeline:
                 route = serving.routes[out.name]
                 for version, rows in route.assign(batch.keys):
                     part = batch if rows.size == len(batch) else batch.select(rows)
-                    predictor = serving.predictors[(out.name, version)]
+                    predictor = serving.predictors[ModelVersion(out.name, version)]
                     self._serve(records, part, predictor, out.topic, result, failed, result.served)
                 if route.shadow is not None and self.shadow_topic is not None:
-                    shadow = serving.predictors[(out.name, route.shadow)]
+                    shadow = serving.predictors[ModelVersion(out.name, route.shadow)]
                     self._serve(
                         records, batch, shadow, self.shadow_topic, result, None, result.shadowed
                     )
@@ -122,7 +129,7 @@ class Pipeline:
         topic: str,
         result: BatchResult,
         failed: dict[int, DeadLetter] | None,
-        counts: dict[tuple[str, str], int],
+        counts: dict[ModelVersion, int],
     ) -> None:
         started = time.perf_counter()
         values, errors = predict_isolating(predictor, batch.x, self.watchdog)
@@ -150,7 +157,7 @@ class Pipeline:
         if self.track_scores and len(good):
             result.scored.append((predictor.model, predictor.version, good.ids, good_values))
         if len(good):
-            key = (predictor.model, predictor.version)
+            key = ModelVersion(predictor.model, predictor.version)
             counts[key] = counts.get(key, 0) + len(good)
 
 
@@ -205,7 +212,7 @@ def _predict(
         values = predictor.predict_many(x)
     else:
         values = watchdog.call(
-            (predictor.model, predictor.version), lambda: predictor.predict_many(x)
+            ModelVersion(predictor.model, predictor.version), lambda: predictor.predict_many(x)
         )
     if values.ndim not in (1, 2) or values.shape[0] != n:
         msg = f"returned shape {values.shape} for a batch of {n}; expected ({n},...)"

@@ -23,11 +23,12 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
 
+from stream_infer.core.events import ModelVersion
 from stream_infer.errors import InferenceTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Key = tuple[str, str]
+Key = ModelVersion
 
 
 class _Job(Generic[T]):

@@ -32,7 +32,7 @@ from stream_infer.core.control import (
     parse_command,
     required_versions,
 )
-from stream_infer.core.events import BatchResult, DeadLetter, OutRecord
+from stream_infer.core.events import BatchResult, DeadLetter, ModelVersion, OutRecord
 from stream_infer.core.pipeline import ModelOutput, Pipeline, Predictor, Serving
 from stream_infer.core.serde import UNDELIVERABLE, FeatureDecoder, encode_dead_letter
 from stream_infer.core.watchdog import Watchdog
@@ -85,7 +85,7 @@ class InferenceRuntime:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         declared = {m.name: topology.versions_of(m.name) for m in topology.models}
         serving = {m.name: m.serving for m in topology.models}
-        learners = {(x.model, x.version) for x in topology.online.learners}
+        learners = {ModelVersion(x.model, x.version) for x in topology.online.learners}
         self.table = RoutingTable.initial(declared, serving, time.time(), learners=learners)
         # Why this worker cannot serve the routing the control log names (None: it serves it).
         self.load_problem: str | None = None
