@@ -385,7 +385,7 @@ def test_the_worker_prints_one_line_when_really_ready() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from stream_infer.cli import announce_when_ready
+    from stream_infer.cli.serve import announce_when_ready
 
     answers = [503, 503, 200]
 
