@@ -2,7 +2,14 @@
 
 Decoding splits a batch into good events (one float32 matrix) and dead letters (the raw record
 plus a reason). It never raises for bad input: a bad record is data. The reasons are short
-codes, documented in schemas/dead-letter.schema.json.
+codes, documented in schemas/dead-letter.schema.json. Records of the labels topic are decoded
+here too (:func:`decode_labels`): ``(event id, label)`` pairs, or ``invalid_label`` dead letters.
+
+>>> decoder = FeatureDecoder(["amount", "age"], max_event_bytes=1024)
+>>> decoder.decode_one(b'{"id": "e-1", "features": {"age": 41, "amount": 12.5}}')
+('e-1', [12.5, 41], None)
+>>> decode_label(b'{"id": "e-1", "label": true}')
+('e-1', 1.0)
 """
 
 from __future__ import annotations
@@ -159,6 +166,45 @@ class FeatureDecoder:
                 dead.append(DeadLetter(NON_FINITE_FEATURE, detail, record))
             batch = batch.select(np.flatnonzero(finite))
         return batch, dead
+
+
+def decode_label(raw: bytes | None) -> tuple[str, float]:
+    """``{"id": str, "label": number | bool}`` -> (id, label); raise InvalidEvent
+    (``invalid_label``) if it is not one.
+
+    >>> decode_label(b'{"id": "e-7", "label": 0}')
+    ('e-7', 0.0)
+    >>> decode_label(b'{"label": 1}')
+    Traceback (most recent call last):
+    ...
+    stream_infer.errors.InvalidEvent: invalid_label: 'id' must be a non-empty string
+    """
+    try:
+        doc = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(INVALID_LABEL, f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidEvent(INVALID_LABEL, "a label is a JSON object")
+    event_id, label = doc.get("id"), doc.get("label")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEvent(INVALID_LABEL, "'id' must be a non-empty string")
+    if not isinstance(label, (bool, int, float)) or not math.isfinite(label):
+        msg = f"'label' must be a number or a boolean, got {label!r}"
+        raise InvalidEvent(INVALID_LABEL, msg)
+    return event_id, float(label)
+
+
+def decode_labels(records: Sequence[Record]) -> tuple[list[tuple[str, float]], list[DeadLetter]]:
+    """Split a batch of label records into labels ``(event id, label)`` and dead letters
+    (``invalid_label``, with the reason). Never raises for bad input."""
+    decoded: list[tuple[str, float]] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        try:
+            decoded.append(decode_label(record.value()))
+        except InvalidEvent as exc:
+            dead.append(DeadLetter(exc.reason, exc.detail, record))
+    return decoded, dead
 
 
 # What a dead letter's key and value may take, unless the topology says otherwise

@@ -17,7 +17,6 @@ in the audit log and every worker applies it.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -31,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from stream_infer.core.control import seal
 from stream_infer.core.events import DeadLetter, FeatureBatch, OutRecord, Record
 from stream_infer.core.routing import Route
-from stream_infer.core.serde import INVALID_LABEL
+from stream_infer.core.serde import decode_labels
 from stream_infer.observability import Metrics
 from stream_infer.online.drift import FEATURE_PREFIX, DriftEvent, DriftMonitor, error_of
 from stream_infer.online.joiner import Joined, LabelJoiner, Served
@@ -115,22 +114,6 @@ class LearningMetrics:
         )
 
 
-def decode_label(raw: bytes | None) -> tuple[str, float]:
-    """``{"id": str, "label": number | bool}`` -> (id, label). Raises ValueError."""
-    try:
-        doc = orjson.loads(raw or b"")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("a label is a JSON object")
-    event_id, label = doc.get("id"), doc.get("label")
-    if not isinstance(event_id, str) or not event_id:
-        raise ValueError("'id' must be a non-empty string")
-    if not isinstance(label, (bool, int, float)) or not math.isfinite(label):
-        raise ValueError(f"'label' must be a number or a boolean, got {label!r}")
-    return event_id, float(label)
-
-
 class LearningService:
     def __init__(
         self,
@@ -184,13 +167,7 @@ class LearningService:
         """Decode a batch's label records: the labels ``(event id, label)``, and a dead letter
         (``invalid_label``) for each record that is not one. On the inference thread, so the
         dead letters go out under the batch's ticket (its offsets wait for them)."""
-        decoded: list[tuple[str, float]] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            try:
-                decoded.append(decode_label(record.value()))
-            except ValueError as exc:
-                dead.append(DeadLetter(INVALID_LABEL, str(exc), record))
+        decoded, dead = decode_labels(records)
         if dead:
             self.metrics.labels.labels("invalid").inc(len(dead))
         return decoded, dead

@@ -134,7 +134,7 @@ def test_every_decode_reason_is_exercised() -> None:
         serde.MODEL_OUTPUT_INVALID,
         serde.MODEL_TIMEOUT,
         serde.UNDELIVERABLE,
-        serde.INVALID_LABEL,  # the labels topic's: runtime/learning.py
+        serde.INVALID_LABEL,  # the labels topic's: decode_labels
     }
     tested = {c[2] for c in BAD_EVENTS} | {serde.NON_FINITE_FEATURE}
     assert tested == set(serde.REASONS) - not_decoding
