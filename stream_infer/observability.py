@@ -1,7 +1,8 @@
-"""Prometheus metrics and logging set-up.
+"""Prometheus metrics and logging set-up: the one place a worker's metrics are defined.
 
 Names follow Prometheus conventions (``stream_infer_..._total``, ``..._seconds``). Each worker
-owns a :class:`Metrics` with its own registry, served by the worker's web endpoint.
+owns a :class:`Metrics` with its own registry, served by the worker's web endpoint; with online
+learning, :class:`LearningMetrics` adds the learning thread's metrics to that registry.
 """
 
 from __future__ import annotations
@@ -199,6 +200,80 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LearningMetrics:
+    """The online-learning metrics (stream_infer.runtime.learning), registered in a worker's
+    :class:`Metrics` registry when its topology enables online learning."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = self.registry = metrics.registry
+        self.labels = Counter(
+            "stream_infer_labels_total",
+            "Labels by outcome: joined, duplicate, invalid",
+            ["status"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "stream_infer_labels_waiting",
+            "Labels that arrived before their event and wait for it (early), and events that"
+            " wait for their label (pending)",
+            ["kind"],
+            registry=r,
+        )
+        self.expired = Counter(
+            "stream_infer_labels_missed_total",
+            "Events whose label never came within the TTL (or evicted)",
+            registry=r,
+        )
+        self.learned = Counter(
+            "stream_infer_learner_learned_total",
+            "Labelled events learned",
+            ["model", "version"],
+            registry=r,
+        )
+        self.prequential = Gauge(
+            "stream_infer_prequential",
+            "Prequential (test-then-train) metrics per version",
+            ["model", "version", "metric"],
+            registry=r,
+        )
+        self.drift_events = Counter(
+            "stream_infer_drift_events_total",
+            "Drift events published",
+            ["model", "version", "signal"],
+            registry=r,
+        )
+        self.lost = Counter(
+            "stream_infer_labels_lost_total",
+            "Joins lost, by cause: rebalance (an event expired unlabelled after its partition"
+            " moved to another worker), orphan (a label expired waiting for an event this worker"
+            " never saw: moved, lost in a restart, or keyed unlike it), dropped (labels dropped"
+            " from a full learning queue or with the learning thread stopped)",
+            ["cause"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "stream_infer_learning_dropped_total",
+            "Scored events and labels not handed to the learning thread (queue full for"
+            " queue_wait_s, or the thread not running)",
+            ["kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "stream_infer_learning_errors_total",
+            "Failures on the learning thread, by stage (scored, labels, housekeeping, snapshot);"
+            " the thread goes on",
+            ["stage"],
+            registry=r,
+        )
+        self.snapshots_refused = Counter(
+            "stream_infer_learner_snapshots_refused_total",
+            "Learner snapshots not restored at start (unreadable, corrupt, mismatch: made for"
+            " another topology); the learner started afresh",
+            ["model", "version", "reason"],
+            registry=r,
+        )
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -7,8 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from stream_infer.observability import Metrics
-from stream_infer.runtime.learning import LearningMetrics
+from stream_infer.observability import LearningMetrics, Metrics
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or"}
 _KEYWORDS |= {"unless", "offset", "inf", "nan", "atan2"}
@@ -59,9 +58,9 @@ def dashboard_metric_names(dashboard: dict[str, Any]) -> set[str]:
 
 
 def worker_registry() -> CollectorRegistry:
-    """The registry a worker serves on /metrics, with every metric it can register: the
-    serving metrics (stream_infer.observability.Metrics) and, when the topology enables online
-    learning, the learning metrics (stream_infer.runtime.learning.LearningMetrics)."""
+    """The registry a worker serves on /metrics, with every metric it can register (all defined
+    in stream_infer.observability): the serving metrics (Metrics) and, when the topology
+    enables online learning, the learning metrics (LearningMetrics)."""
     metrics = Metrics()
     LearningMetrics(metrics)
     return metrics.registry

@@ -1,8 +1,8 @@
 """The Grafana dashboard (deploy/grafana/dashboards/stream-infer.json): it parses, every metric
-name in its PromQL is one that a worker exposes (stream_infer.observability.Metrics, plus the
-online-learning metrics of stream_infer.runtime.learning, read from the registry: a renamed or
-misspelled metric fails here), every one of those is on it, and the histograms are shown as
-quantiles with histogram_quantile.
+name in its PromQL is one that a worker exposes (stream_infer.observability: Metrics, plus
+LearningMetrics for online learning, read from the registry: a renamed or misspelled metric
+fails here), every one of those is on it, and the histograms are shown as quantiles with
+histogram_quantile.
 """
 
 from __future__ import annotations
