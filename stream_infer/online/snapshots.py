@@ -18,16 +18,19 @@ start.
 
 Writes are atomic: a temporary file in the same folder, flushed and fsynced, renamed over the
 old snapshot, then the folder fsynced. A failed write (full disk, no permission) leaves the
-previous snapshot whole and raises :class:`OSError` to the caller.
+previous snapshot whole and raises :class:`OSError` to the caller. The learning thread calls
+:meth:`SnapshotStore.write_all` (every ``snapshot_interval_s``, as :meth:`SnapshotStore.due`
+says, and at stop), which logs a failure and goes on to the next learner.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +44,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def worker_name(name: str) -> str:
-    """A worker identity usable as a file name (anything but ``[A-Za-z0-9._-]`` becomes ``_``)."""
+    """A worker identity usable as a file name (anything but ``[A-Za-z0-9._-]`` becomes ``_``).
+
+    >>> worker_name("pod/7:eu-west")
+    'pod_7_eu-west'
+    >>> worker_name("..")
+    'worker'
+    """
     safe = _UNSAFE.sub("_", name).strip(".") or "worker"
     return safe[:128]
 
@@ -58,11 +67,42 @@ class Restored:
 
 
 class SnapshotStore:
-    """The snapshots of one worker's learners under ``folder``."""
+    """The snapshots of one worker's learners under ``folder``, written every ``interval_s``
+    (``clock``: monotonic seconds).
 
-    def __init__(self, folder: Path, worker: str) -> None:
+    >>> now = [0.0]
+    >>> store = SnapshotStore(Path("state"), "pod-0", interval_s=60.0, clock=lambda: now[0])
+    >>> store.path("risk", "online").as_posix()
+    'state/risk/online/pod-0.snapshot'
+    >>> store.due()
+    False
+    >>> now[0] = 60.0
+    >>> store.due(), store.due()
+    (True, False)
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        worker: str,
+        *,
+        interval_s: float = math.inf,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.folder = folder
         self.worker = worker_name(worker)
+        self.interval_s = interval_s
+        self._clock = clock
+        self._due_from = clock()  # the first write is one interval after the start
+
+    def due(self) -> bool:
+        """Whether the next periodic write is due (``interval_s`` since the last one, or since
+        the start); when it is, the next interval starts now."""
+        now = self._clock()
+        if now - self._due_from < self.interval_s:
+            return False
+        self._due_from = now
+        return True
 
     def path(self, model: str, version: str) -> Path:
         """This worker's snapshot file of one learner."""
@@ -108,6 +148,55 @@ class SnapshotStore:
             raise
         _fsync_dir(path.parent)
         return path
+
+    def write_all(self, learners: Iterable[OnlineLearner]) -> int:
+        """Write every learner's snapshot. Never raises: a failure (full disk, no permission)
+        is an ERROR line, the previous snapshot stays whole and the next learner is written.
+        Returns how many failed."""
+        failed = 0
+        for learner in learners:
+            try:
+                self.write(learner)
+            except Exception as exc:
+                failed += 1
+                log.error(
+                    "snapshot of learner %s:%s not written (%s: %s); the previous one stays",
+                    learner.model,
+                    learner.version,
+                    type(exc).__name__,
+                    exc,
+                )
+        return failed
+
+    def restore(
+        self,
+        model: str,
+        version: str,
+        *,
+        features: Sequence[str],
+        kind: str,
+        scale: bool,
+    ) -> Restored:
+        """:meth:`load`, logged: INFO when a learner is restored, ERROR when a snapshot is
+        refused (the learner starts afresh)."""
+        found = self.load(model, version, features=features, kind=kind, scale=scale)
+        if found.learner is not None:
+            log.info(
+                "restored learner %s:%s from %s (%d learned)",
+                model,
+                version,
+                found.path,
+                found.learner.n_learned,
+            )
+        elif found.refused is not None:
+            log.error(
+                "learner %s:%s starts afresh: snapshot %s refused: %s",
+                model,
+                version,
+                found.path,
+                found.refused,
+            )
+        return found
 
     def load(
         self,

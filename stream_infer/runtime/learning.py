@@ -76,7 +76,6 @@ class LearningService:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learning", daemon=True)
         self._last_export = 0.0
-        self._last_snapshot = time.monotonic()
         self._progress_at = time.monotonic()  # when the thread last took an item or idled
         self._expired_seen = 0
         self._dup_seen = 0
@@ -84,8 +83,10 @@ class LearningService:
         self._moved_seen = 0
         # The input partitions this worker owns (set from the consumer thread; read here).
         self._owned: frozenset[int] | None = None
-        folder = self.online.snapshot_dir
-        self.snapshots = SnapshotStore(folder, worker) if folder is not None else None
+        folder, every_s = self.online.snapshot_dir, self.online.snapshot_interval_s
+        self.snapshots = (
+            SnapshotStore(folder, worker, interval_s=every_s) if folder is not None else None
+        )
 
     # --- called from the inference thread ---------------------------------------------------
 
@@ -342,8 +343,7 @@ class LearningService:
         for (model, version), preq in self.prequential.items():
             for metric, value in preq.report().items():
                 self.metrics.prequential.labels(model, version, metric).set(value)
-        if now - self._last_snapshot >= self.online.snapshot_interval_s:
-            self._last_snapshot = now
+        if self.snapshots is not None and self.snapshots.due():
             self.snapshot()
 
     def snapshot(self) -> int:
@@ -353,20 +353,9 @@ class LearningService:
         snapshots failed."""
         if self.snapshots is None:
             return 0
-        failed = 0
-        for learner in self._learners():
-            try:
-                self.snapshots.write(learner)
-            except Exception as exc:
-                failed += 1
-                self.metrics.errors.labels("snapshot").inc()
-                log.error(
-                    "snapshot of learner %s:%s not written (%s: %s); the previous one stays",
-                    learner.model,
-                    learner.version,
-                    type(exc).__name__,
-                    exc,
-                )
+        failed = self.snapshots.write_all(self._learners())
+        if failed:
+            self.metrics.errors.labels("snapshot").inc(failed)
         return failed
 
     def learner_for(self, spec: LearnerSettings) -> OnlineLearner:
@@ -375,26 +364,12 @@ class LearningService:
         cannot be used is an ERROR line and a count, never a failed start."""
         features = self.topology.features
         if self.snapshots is not None:
-            found = self.snapshots.load(
+            found = self.snapshots.restore(
                 spec.model, spec.version, features=features, kind=spec.kind, scale=spec.scale
             )
             if found.learner is not None:
-                log.info(
-                    "restored learner %s:%s from %s (%d learned)",
-                    spec.model,
-                    spec.version,
-                    found.path,
-                    found.learner.n_learned,
-                )
                 return found.learner
             if found.refused is not None:
                 reason = found.reason or "corrupt"
                 self.metrics.snapshots_refused.labels(spec.model, spec.version, reason).inc()
-                log.error(
-                    "learner %s:%s starts afresh: snapshot %s refused: %s",
-                    spec.model,
-                    spec.version,
-                    found.path,
-                    found.refused,
-                )
         return OnlineLearner(spec.model, spec.version, features, kind=spec.kind, scale=spec.scale)
