@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,7 @@ DUPLICATE = "duplicate_command"
 SHADOW_SERVES = "shadow_serves"
 EXPIRED = "expired"
 STALE = "stale"
-# The longest command id accepted (new_command makes 16 characters, drift policies 38).
+# The longest command id accepted (new_command_id makes 16 characters, derived_command_id 38).
 MAX_ID_CHARS = 128
 
 # Ack statuses: applied; rejected (nothing changed); applied to the routing table, as on every
@@ -113,14 +114,47 @@ def canonical_forms(doc: Mapping[str, Any]) -> list[bytes]:
     return forms
 
 
+def new_command_id() -> str:
+    """A fresh unique command id, for a command an operator sends: ``cmd-`` and 12 random hex
+    digits. The one place such ids are minted (drift policies derive theirs:
+    :func:`derived_command_id`).
+
+    >>> command_id = new_command_id()
+    >>> command_id.startswith("cmd-"), len(command_id), command_id == new_command_id()
+    (True, 16, False)
+    """
+    return f"cmd-{uuid.uuid4().hex[:12]}"
+
+
+def derived_command_id(body: Mapping[str, Any], generation: int) -> str:
+    """The id of a command computed from the control log (a drift policy's): ``drift-`` and a
+    digest of the command (without ``id``) and the routing ``generation`` it was computed at.
+
+    Every worker that sees the drift computes the same command at the same generation, so they
+    all mint the same id and the log applies it once (the later copies are rejected
+    ``duplicate_command``). The digest is part of the wire contract between workers of
+    different releases: it must not change.
+
+    >>> body = {"command": "swap", "model": "risk", "version": "v2", "if_generation": 3}
+    >>> derived_command_id(body, 3)
+    'drift-7f1ca516f79008230bf4406c797712db'
+    """
+    digest = hashlib.sha256(
+        orjson.dumps([generation, dict(body)], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    return f"drift-{digest[:32]}"
+
+
 def sign(doc: Mapping[str, Any], key: bytes) -> str:
+    """Hex HMAC-SHA256 of the command's :func:`canonical` form (its ``signature`` left out)."""
     return hmac.new(key, canonical(doc), hashlib.sha256).hexdigest()
 
 
 def seal(doc: Mapping[str, Any], key: bytes | None, now: float) -> dict[str, Any]:
     """A command as it is sent: stamped ``issued_at`` (``now``, unless it has one) and, with
     a key, signed over both. The one place commands are stamped and signed (the operator's
-    client and the drift policies)."""
+    client and the drift policies).
+    """
     out = {"issued_at": now} | dict(doc)
     if key is not None:
         out["signature"] = sign(out, key)
@@ -335,7 +369,7 @@ class RoutingTable:
 
         if cmd.command == "reset_learner":
             version = known(cmd.version or "")
-            if self.learners is not None and (model, version) not in self.learners:
+            if self.learners is not None and ModelVersion(model, version) not in self.learners:
                 msg = f"{model}:{version} is not an online learner"
                 raise ControlError(NOT_A_LEARNER, msg, command_id=cmd.id)
             return dict(self.routes)

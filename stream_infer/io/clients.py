@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -43,6 +44,43 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "fetch.wait.max.ms": 10,
     }
     return conf | group_protocol_config(kafka) | kafka.extra | overrides
+
+
+def groupless_consumer_config(conf: Mapping[str, Any], purpose: str) -> dict[str, Any]:
+    """``conf`` for a consumer that joins no group: its partitions are assigned
+    (:func:`assign_partitions`), never subscribed, and it commits nothing.
+
+    librdkafka requires a ``group.id`` all the same: each such consumer gets one of its own,
+    ``stream-infer-{purpose}-`` and a random suffix, so it shares no group with another.
+
+    >>> conf = groupless_consumer_config({"bootstrap.servers": "kafka:9092"}, "watch")
+    >>> conf["group.id"].startswith("stream-infer-watch-"), conf["enable.auto.commit"]
+    (True, False)
+    """
+    return dict(conf) | {
+        "group.id": f"stream-infer-{purpose}-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+    }
+
+
+def assign_partitions(
+    consumer: Consumer,
+    partitions: Mapping[str, Iterable[int]],
+    start: int | Callable[[str, int], int],
+) -> list[TopicPartition]:
+    """Assign these partitions of each topic to a consumer that joins no group, in one call (an
+    assignment replaces the one before); return what was assigned.
+
+    ``start``: where each partition is read from, a logical offset for all of them
+    (``OFFSET_BEGINNING``, ``OFFSET_END``) or a function of (topic, partition).
+    """
+    assigned = [
+        TopicPartition(topic, p, start if isinstance(start, int) else start(topic, p))
+        for topic, numbers in partitions.items()
+        for p in sorted(numbers)
+    ]
+    consumer.assign(assigned)
+    return assigned
 
 
 def group_protocol_config(kafka: KafkaSettings) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from confluent_kafka import (
 
 from stream_infer.errors import BrokerError
 from stream_infer.io.access import AccessRefusals, is_refusal
-from stream_infer.io.clients import consume_ready
+from stream_infer.io.clients import assign_partitions, consume_ready, groupless_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,8 @@ class ControlLog:
         self.topic = topic
         self.access = access if access is not None else AccessRefusals()
         self._consumer = Consumer(
-            conf
+            groupless_consumer_config(conf, "control")
             | {
-                # Required by librdkafka but never joined: partitions are assigned directly.
-                "group.id": f"stream-infer-control-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 # The replay's end: an event when a partition is read to its end.
                 "enable.partition.eof": True,
@@ -69,8 +65,7 @@ class ControlLog:
                 self.topic,
                 len(meta.partitions),
             )
-        parts = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        self._consumer.assign(parts)
+        parts = assign_partitions(self._consumer, {self.topic: meta.partitions}, OFFSET_BEGINNING)
         # The end is the high watermark when the replay begins. A partition is read to it when
         # the consumer's position (the offset after the last record or transaction marker it
         # went past) reaches it, or librdkafka says the partition is at its end. Not from the

@@ -7,21 +7,21 @@ acks topic. This module is what ``stream-infer control`` uses.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_infer.core.control import seal
+from stream_infer.core.control import new_command_id, seal
 from stream_infer.errors import BrokerError
-from stream_infer.io.clients import consume_ready
+from stream_infer.io.clients import assign_partitions, groupless_consumer_config
+from stream_infer.io.watch import collect_acks
 from stream_infer.settings import Topology
 
 
 def new_command(command: str, **fields: Any) -> dict[str, Any]:
-    """A command document with a fresh unique id."""
-    return {"id": f"cmd-{uuid.uuid4().hex[:12]}", "command": command, **fields}
+    """A command document with a fresh unique id (see :func:`new_command_id`)."""
+    return {"id": new_command_id(), "command": command, **fields}
 
 
 class Controller:
@@ -36,17 +36,15 @@ class Controller:
         conf = topology.kafka.librdkafka()
         # Idempotent: a retried send must not write a command twice.
         self._producer = Producer(conf | {"acks": "all", "enable.idempotence": True})
-        self._acks = Consumer(
-            conf | {"group.id": f"stream-infer-ctl-{uuid.uuid4().hex}", "enable.auto.commit": False}
-        )
+        self._acks = Consumer(groupless_consumer_config(conf, "ctl"))
         meta = self._acks.list_topics(self.acks_topic, timeout=10).topics[self.acks_topic]
-        parts = []
-        for p in meta.partitions:
-            _low, high = self._acks.get_watermark_offsets(
-                TopicPartition(self.acks_topic, p), timeout=10
-            )
-            parts.append(TopicPartition(self.acks_topic, p, max(high, 0)))
-        self._acks.assign(parts)
+        # From each partition's end as it is now (OFFSET_END would be looked up only at the
+        # first fetch): an ack to a command sent after this is never skipped.
+        assign_partitions(self._acks, {self.acks_topic: meta.partitions}, self._end_now)
+
+    def _end_now(self, topic: str, partition: int) -> int:
+        _low, high = self._acks.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        return max(high, 0)
 
     def send(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Sign (when the topology has a key) and produce one command; return what was sent."""
@@ -62,18 +60,7 @@ class Controller:
         self, command_id: str | None, *, wait_s: float, workers: int | None = None
     ) -> list[dict[str, Any]]:
         """Acks for a command (all acks if None): until ``workers`` answered or ``wait_s``."""
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            for msg in consume_ready(self._acks, 100, 0.2):
-                if msg.error() is not None:
-                    continue
-                ack = orjson.loads(msg.value() or b"{}")
-                if command_id is None or ack.get("command_id") == command_id:
-                    out.append(ack)
-            if workers is not None and len({a["worker"] for a in out}) >= workers:
-                break
-        return out
+        return collect_acks(self._acks, command_id, wait_s=wait_s, workers=workers)
 
     def close(self) -> None:
         self._acks.close()

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer
 
 from stream_infer.errors import BrokerError
-from stream_infer.io.clients import consume_ready
+from stream_infer.io.clients import assign_partitions, consume_ready, groupless_consumer_config
 from stream_infer.settings import KafkaSettings
 
 
@@ -61,21 +61,20 @@ def assign_all(
                 on_missing(absent)
                 told = True
         time.sleep(0.1 if deadline is not None else 0.5)
-    consumer.assign(
-        [TopicPartition(t, p, start) for t in topics for p in meta.topics[t].partitions]
-    )
+    assign_partitions(consumer, {t: meta.topics[t].partitions for t in topics}, start)
 
 
 def collect_acks(
     consumer: Consumer,
-    command_id: str,
+    command_id: str | None,
     *,
     wait_s: float,
     workers: int | None = None,
     on_ack: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The answers to one command on an assigned acks consumer: until ``workers`` distinct
-    workers answered, or ``wait_s`` passed."""
+    """The answers to one command (to every command, when ``command_id`` is None) on an
+    assigned acks consumer: until ``workers`` distinct workers answered, or ``wait_s`` passed.
+    A record that is not an ack (not a JSON object) is skipped."""
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -86,7 +85,9 @@ def collect_acks(
                 ack = orjson.loads(msg.value() or b"")
             except orjson.JSONDecodeError:
                 continue
-            if not isinstance(ack, dict) or ack.get("command_id") != command_id:
+            if not isinstance(ack, dict):
+                continue
+            if command_id is not None and ack.get("command_id") != command_id:
                 continue
             out.append(ack)
             if on_ack is not None:
@@ -109,12 +110,8 @@ class OutputWatcher:
         window_s: float = 5.0,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
-        conf = kafka.librdkafka() | {
-            "group.id": "stream-infer-watch",  # required by librdkafka; never joined (assign)
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-        }
-        self._consumer = Consumer(conf)
+        conf = groupless_consumer_config(kafka.librdkafka(), "watch")
+        self._consumer = Consumer(conf | {"fetch.wait.max.ms": 10})
         self.prediction_topics = prediction_topics
         self.dead_letter_topic = dead_letter_topic
         self.from_beginning = from_beginning

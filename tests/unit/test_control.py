@@ -25,7 +25,9 @@ from stream_infer.core.control import (
     Command,
     RoutingTable,
     canonical,
+    derived_command_id,
     encode_ack,
+    new_command_id,
     parse_command,
     required_versions,
     sign,
@@ -33,6 +35,8 @@ from stream_infer.core.control import (
 from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
 from stream_infer.io.controller import new_command
+from stream_infer.online.drift import DriftEvent
+from stream_infer.online.policy import Policy, commands_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
@@ -231,6 +235,17 @@ def test_new_command_makes_a_fresh_id_and_a_valid_command(
         assert (cmd.id, cmd.command) == (doc["id"], doc["command"])
     assert list(docs[0]) == ["id", "command", "model", "version"]
     assert parse_command(raw(docs[1])).weights == {"v1": 0.5, "v2": 0.5}
+
+
+def test_a_drift_policy_command_id_is_the_one_derived_from_its_body_and_generation() -> None:
+    # Workers of different releases must mint the same id for the same command: pinned.
+    split = {"risk": Route(weights=(("v1", 0.9), ("v2", 0.1)))}
+    event = DriftEvent("risk", "v2", "adwin", "error", 5055, 1.0, 0.5, 320, previous=0.1)
+    (sent,) = commands_for(Policy("error", "rollback_canary"), event, split, generation=3)
+    body = {k: v for k, v in sent.items() if k != "id"}
+    assert sent["id"] == derived_command_id(body, 3) == "drift-169b2f134d21c04ecb4d042df20e8771"
+    assert derived_command_id(body, 4) != sent["id"]
+    assert len(sent["id"]) <= control.MAX_ID_CHARS and len(new_command_id()) <= control.MAX_ID_CHARS
 
 
 # --- parse_command: rejections --------------------------------------------------------------
