@@ -144,7 +144,8 @@ class Ticket:
     """Delivery state of one batch's records.
 
     Make it on the event loop's thread (it holds an asyncio future, or none when ``loop`` is
-    None, for synchronous use); delivery callbacks complete it from the publisher's thread.
+    None: records nothing awaits, such as drift events); delivery callbacks complete it from
+    the publisher's thread.
     ``done``: every record acknowledged; ``error``: why one of them never will be.
     """
 
@@ -185,10 +186,6 @@ class Ticket:
     def done(self) -> bool:
         """Every record is acknowledged."""
         return self._done.is_set() and self.error is None
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait until every record is acknowledged or one failed for good (see ``error``)."""
-        return self._done.wait(timeout_s)
 
     async def delivered(self) -> None:
         """Wait, on the event loop, until every record is acknowledged. Raises

@@ -39,6 +39,7 @@ from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import KafkaSettings
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, good_events, metric, scrape
+from tests.tickets import settled
 
 FREEZE_S = 20.0
 
@@ -468,13 +469,13 @@ def test_a_producer_the_broker_fences_after_a_timeout_is_replaced_and_delivers(
     try:
         before = Ticket()
         pub.publish([OutRecord(topic, None, f"a{i}".encode()) for i in range(100)], before)
-        assert before.wait(15)
+        assert settled(before, 15)
         own_broker.pause()
         during = Ticket()
         pub.publish([OutRecord(topic, None, f"b{i}".encode()) for i in range(100)], during)
         time.sleep(2.5)  # past message.timeout.ms: the records time out
         own_broker.resume()
-        assert during.wait(30), f"never delivered after the freeze; delivery errors: {errors}"
+        assert settled(during, 30), f"never delivered after the freeze; delivery errors: {errors}"
         assert errors["_MSG_TIMED_OUT"] > 0
         print(f"delivery errors: {dict(errors)}, producers replaced: {pub.rebuilds}")
     finally:

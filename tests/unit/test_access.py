@@ -16,6 +16,7 @@ from stream_infer.io import publisher as publisher_module
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource
+from tests.tickets import settled
 from tests.unit.test_publisher import Delivery, FakeMessage, FakeProducer, _wait_for
 
 REFUSED = KafkaError.TOPIC_AUTHORIZATION_FAILED
@@ -144,7 +145,7 @@ def test_a_refused_topic_is_reported_once_retried_slowly_and_holds_only_its_own_
     try:
         pub.publish([OutRecord("acks", b"w", b"ack")], ack)  # refused
         pub.publish([OutRecord("preds", b"k", v) for v in (b"p1", b"p2")], preds)
-        assert preds.wait(2.0), "a refused topic held up the records of another"
+        assert settled(preds, 2.0), "a refused topic held up the records of another"
         _wait_for(lambda: len(retries) >= 3, 3.0)
         assert not ack.done and ack.pending == 1
         assert set(retries) == {("acks", "TOPIC_AUTHORIZATION_FAILED")}
@@ -161,7 +162,7 @@ def test_a_refused_topic_is_reported_once_retried_slowly_and_holds_only_its_own_
 
         producer.refused.clear()  # granted
         producer.refused_now.clear()
-        assert ack.wait(2.0), "the ack was not delivered once Write was granted"
+        assert settled(ack, 2.0), "the ack was not delivered once Write was granted"
         assert producer.acked == Counter({b"ack": 1, b"p1": 1, b"p2": 1})
         assert access.problems() == []
     finally:
@@ -260,7 +261,7 @@ def test_while_a_topic_is_refused_deliveries_elsewhere_take_the_lock_once_per_po
                     (FakeMessage("preds", None, b"%d" % i), pub._callback(ticket))
                 )
             ticket._expect(200)
-        assert ticket.wait(2.0)
+        assert settled(ticket, 2.0)
         assert calls == [("preds", "Write")], calls
     finally:
         pub.close(timeout_s=0.5)

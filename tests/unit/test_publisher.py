@@ -21,6 +21,7 @@ from stream_infer.core.events import OutRecord
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.local.tansu import free_port
+from tests.tickets import settled
 
 Delivery = Callable[[KafkaError | None, Any], None]
 
@@ -120,7 +121,7 @@ def test_a_failed_delivery_is_produced_again_and_holds_the_ticket_until_acked(
         assert ticket.pending == 1
         assert len(pub) >= 1
         producer.down.clear()
-        assert ticket.wait(5.0)
+        assert settled(ticket, 5.0)
         assert producer.acked == Counter({b"a": 1, b"b": 1, b"c": 1})
         assert ticket.failures == len(retries) >= 3
         assert set(retries) == {("preds", "_MSG_TIMED_OUT")}
@@ -193,7 +194,7 @@ def test_a_producer_that_can_no_longer_deliver_is_replaced_and_its_records_deliv
     values = [f"r{i}".encode() for i in range(50)]
     try:
         pub.publish([OutRecord("preds", None, v) for v in values], ticket)
-        assert ticket.wait(5.0), "the records were never delivered"
+        assert settled(ticket, 5.0), "the records were never delivered"
         second = fake.last
         assert second is not None and second is not first
         assert pub.rebuilds >= 1
@@ -247,10 +248,10 @@ def test_a_record_produce_refuses_for_good_is_set_aside_and_its_ticket_fails(
     try:
         pub.publish([OutRecord("dlq", None, b"x" * 2000)], big)
         pub.publish([OutRecord("preds", None, b"p")], small)
-        assert small.wait(2.0), "a record set aside held up the others"
+        assert settled(small, 2.0), "a record set aside held up the others"
         time.sleep(0.3)  # 30 back-offs: a retry loop would have produced it ~30 times
         assert producer.attempts["dlq"] == 1, producer.attempts
-        assert big.wait(0) and not big.done and big.pending == 1  # failed, never delivered
+        assert settled(big, 0) and not big.done and big.pending == 1  # failed, never delivered
         assert big.error is not None and big.error.topic == "dlq"
         assert retries == [("dlq", "MSG_SIZE_TOO_LARGE")]
         assert not [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -278,7 +279,7 @@ def test_a_topic_produce_does_not_know_yet_is_retried_until_it_exists(
         _wait_for(lambda: producer.attempts["preds"] >= 3, 2.0)
         assert not ticket.done and pub.problem is None
         del producer.raising["preds"]  # created
-        assert ticket.wait(2.0)
+        assert settled(ticket, 2.0)
         assert producer.acked == Counter({b"p": 1})
     finally:
         assert pub.close(timeout_s=1.0) == 0

@@ -23,6 +23,7 @@ from stream_infer.core.events import OutRecord
 from stream_infer.errors import DeliveryError
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Failure, Publisher, Ticket, classify
+from tests.tickets import settled
 from tests.unit.test_publisher import Delivery, FakeProducer, _wait_for
 
 FATAL = KafkaError(KafkaError._FATAL, "Producing not allowed after a fatal error", fatal=True)
@@ -136,7 +137,7 @@ def test_a_fatal_producer_is_replaced_and_every_record_delivered_once_in_order(
             tickets.append(ticket)
             time.sleep(0.01)
         for ticket in tickets:
-            assert ticket.wait(5.0) and ticket.done, "a ticket never completed"
+            assert settled(ticket, 5.0) and ticket.done, "a ticket never completed"
         assert first.fatal and len(Broker.made) >= 2 and pub.rebuilds >= 1
         assert pub.problem is None and pub._thread.is_alive()
         # Each record once, and in the order published (one key: Kafka must keep it).
@@ -155,7 +156,7 @@ def test_the_review_reproduction_a_fatal_error_at_the_first_delivery(broker: typ
         pub.publish([OutRecord("preds", b"k", b"v")], first_ticket)
         _wait_for(lambda: Broker.made[0].fatal or pub.rebuilds > 0, 2.0)
         pub.publish([OutRecord("preds", b"k", b"w")], second_ticket)
-        assert first_ticket.wait(3.0) and second_ticket.wait(3.0)
+        assert settled(first_ticket, 3.0) and settled(second_ticket, 3.0)
         assert first_ticket.done and second_ticket.done
         assert _delivered("preds").count(b"w") == 1
     finally:
@@ -234,7 +235,7 @@ def test_a_record_its_topic_refuses_for_good_becomes_a_dead_letter_under_the_sam
     ticket = Ticket()
     try:
         pub.publish([OutRecord("preds", b"k", v) for v in (b"a", b"bad", b"c")], ticket)
-        assert ticket.wait(2.0) and ticket.done
+        assert settled(ticket, 2.0) and ticket.done
         time.sleep(0.1)  # ten back-offs: a retry loop would have produced it again
         assert producer.produced[b"bad"] == 1
         assert _delivered("preds") == [b"a", b"c"]
@@ -282,7 +283,7 @@ def test_a_topic_that_stays_unknown_is_dead_lettered_after_the_bound(
     started = time.monotonic()
     try:
         pub.publish([OutRecord("gone", None, b"x")], ticket)
-        assert ticket.wait(3.0) and ticket.done
+        assert settled(ticket, 3.0) and ticket.done
         assert time.monotonic() - started >= 0.3  # retried while it may be being created
         assert producer.produced[b"x"] >= 3
         assert len(_delivered("dlq")) == 1
@@ -302,7 +303,7 @@ def test_the_oldest_unacknowledged_ticket_is_measured(broker: type[Broker]) -> N
         time.sleep(0.3)
         assert 0.3 <= pub.oldest_unacked_s < 2.0
         producer.refused.clear()
-        assert ticket.wait(2.0)
+        assert settled(ticket, 2.0)
         assert pub.oldest_unacked_s == 0.0
     finally:
         pub.close(timeout_s=1.0)
@@ -328,7 +329,7 @@ def test_a_full_queue_never_blocks_publish_nor_deadlocks_the_poll_thread(
         started = time.monotonic()
         pub.publish(records, ticket)
         assert time.monotonic() - started < 0.05, "publish waited for the producer"
-        assert ticket.wait(10.0) and ticket.done, "the poll thread is stuck"
+        assert settled(ticket, 10.0) and ticket.done, "the poll thread is stuck"
         assert _delivered("preds") == [r.value for r in records]
         assert pub._thread.is_alive()
     finally:
@@ -352,7 +353,7 @@ def test_records_published_while_a_topic_is_refused_go_out_after_the_refused_one
         _wait_for(lambda: pub.access.active, 2.0)
         producer.refused.clear()  # granted
         pub.publish(_records("preds", "b", 3), later)
-        assert first.wait(3.0) and later.wait(3.0)
+        assert settled(first, 3.0) and settled(later, 3.0)
         assert _delivered("preds") == [b"a0", b"a1", b"a2", b"b0", b"b1", b"b2"]
     finally:
         pub.close(timeout_s=1.0)
@@ -376,7 +377,7 @@ def test_a_fenced_producer_with_records_published_during_its_replacement_keeps_t
             pub.publish(records, tickets[-1])
             time.sleep(0.03)  # some before the replacement, some during, some after
         for ticket in tickets:
-            assert ticket.wait(5.0) and ticket.done
+            assert settled(ticket, 5.0) and ticket.done
         assert _delivered("preds") == published
         assert pub.rebuilds >= 1
     finally:
@@ -392,8 +393,8 @@ def test_a_refused_topic_does_not_hold_up_other_topics(broker: type[Broker]) -> 
         pub.publish([OutRecord("acks", None, b"ack")], ack)
         _wait_for(lambda: pub.access.active, 2.0)
         pub.publish([OutRecord("preds", None, b"p")], prediction)
-        assert prediction.wait(1.0)
-        assert not ack.wait(0)
+        assert settled(prediction, 1.0)
+        assert not settled(ack, 0)
     finally:
         pub.close(timeout_s=0.2)
 
@@ -423,7 +424,7 @@ def test_records_that_come_back_wait_for_the_topics_records_still_inside(
     with producer._lock:
         producer._queue = rest + producer._queue
     producer.paused = False
-    assert ticket.wait(2.0)
+    assert settled(ticket, 2.0)
     assert _delivered("t") == [b"two", b"one"]  # (a timeout's gap: see the module docstring)
     pub.close(timeout_s=0.5)
 
@@ -441,7 +442,7 @@ def test_publish_from_a_delivery_callback_thread_meets_no_lock_it_holds(
         for ticket in tickets:
             pub.publish(_records("preds", "bad", 50), ticket)
         for ticket in tickets:
-            assert ticket.wait(5.0) and ticket.done
+            assert settled(ticket, 5.0) and ticket.done
         assert len(_delivered("dlq")) == 1000
     finally:
         pub.close(timeout_s=1.0)

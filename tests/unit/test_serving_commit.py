@@ -28,8 +28,9 @@ from stream_infer.errors import DeliveryError
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.publisher import Publisher, Ticket
 from stream_infer.io.source import BatchSource, SourceBatch
-from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import parse_topology
+from tests.tickets import settled
 from tests.unit.conftest import FakeRecord
 from tests.unit.test_publisher import FakeProducer
 from tests.unit.test_settings import minimal
@@ -46,14 +47,14 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[InferenceRuntime]:
             minimal(topics=topics | {"acks": "acks"}, limits={"max_unacked_s": 0.2}), env={}
         )
     )
-    rt.publisher = Publisher({}, retry_backoff_s=0.01, undeliverable=rt._undeliverable)
-    rt.source = BatchSource(
+    rt.kafka.publisher = Publisher({}, retry_backoff_s=0.01, undeliverable=rt.kafka.undeliverable)
+    rt.kafka.source = BatchSource(
         {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=8, hand_off=lambda _: None
     )
     yield rt
-    rt.publisher.close(timeout_s=0.2)
-    rt.executor.shutdown(wait=False)
-    rt.loader.shutdown(wait=False)
+    rt.kafka.publisher.close(timeout_s=0.2)
+    rt.threads.inference.shutdown(wait=False)
+    rt.threads.loader.shutdown(wait=False)
     FakeProducer.last = None
 
 
@@ -71,8 +72,8 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
 ) -> None:
     """faust restarts the agent after app.crash; it went on taking batches during the
     shutdown, served them and marked them done, and close committed past the failed one."""
-    assert runtime.source is not None
-    b0, b1, b2 = _handed(runtime.source, 3)
+    assert runtime.kafka.source is not None
+    b0, b1, b2 = _handed(runtime.kafka.source, 3)
     served: list[int] = []
 
     def process(batch: SourceBatch, ticket: Ticket) -> BatchResult:
@@ -82,18 +83,18 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
         ticket._expect(0)
         return BatchResult()
 
-    monkeypatch.setattr(runtime, "_process", process)
+    monkeypatch.setattr(runtime.batches, "_process", process)
 
     async def scenario() -> None:
         runtime._commits = asyncio.Queue()
-        await runtime.handle(b0)
+        await runtime.batches.handle(b0)
         with pytest.raises(RuntimeError, match="publish raised"):
-            await runtime.handle(b1)
-        await runtime.handle(b2)  # the restarted agent: skipped
+            await runtime.batches.handle(b1)
+        await runtime.batches.handle(b2)  # the restarted agent: skipped
 
     asyncio.run(scenario())
     assert served == [0]
-    assert runtime.source.checkpoint.failed_at == 1
+    assert runtime.kafka.source.checkpoint.failed_at == 1
     assert runtime._commits is not None and runtime._commits.qsize() == 1  # b0 only
     status, body = runtime.health()
     assert status == 500
@@ -106,8 +107,8 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
 def test_a_batch_whose_record_cannot_be_delivered_fails_and_stops_the_commits(
     runtime: InferenceRuntime,
 ) -> None:
-    assert runtime.source is not None
-    b0, b1, b2 = _handed(runtime.source, 3)
+    assert runtime.kafka.source is not None
+    b0, b1, b2 = _handed(runtime.kafka.source, 3)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -119,10 +120,10 @@ def test_a_batch_whose_record_cannot_be_delivered_fails_and_stops_the_commits(
         tickets[2]._expect(0)
         tickets[1]._fail(DeliveryError("refused for good", topic="dlq"))
         with pytest.raises(DeliveryError):
-            await asyncio.wait_for(runtime.commit_in_order(), 2.0)
+            await asyncio.wait_for(runtime.batches.commits.run(), 2.0)
 
     asyncio.run(scenario())
-    checkpoint = runtime.source.checkpoint
+    checkpoint = runtime.kafka.source.checkpoint
     assert checkpoint.failed_at == 1
     assert checkpoint.release() == {("in", 0): 1}  # b0's; never b2's
 
@@ -130,13 +131,13 @@ def test_a_batch_whose_record_cannot_be_delivered_fails_and_stops_the_commits(
 def test_healthz_reports_the_oldest_unacknowledged_batch_and_a_problem_past_the_bound(
     runtime: InferenceRuntime,
 ) -> None:
-    assert runtime.publisher is not None
+    assert runtime.kafka.publisher is not None
     producer = FakeProducer.last
     assert producer is not None
     producer.failing = {b"p"}
     producer.down.set()
     ticket = Ticket()
-    runtime.publisher.publish([OutRecord("out", b"k", b"p")], ticket)
+    runtime.kafka.publisher.publish([OutRecord("out", b"k", b"p")], ticket)
     status, body = runtime.health()
     assert status == 200 and 0.0 <= body["oldest_unacked_s"] < 0.2
     time.sleep(0.3)
@@ -146,14 +147,14 @@ def test_healthz_reports_the_oldest_unacknowledged_batch_and_a_problem_past_the_
     assert problem.startswith("the oldest batch not acknowledged by the broker has waited")
     assert "limits.max_unacked_s=0.2" in problem
     # A refused Read (a quiet control topic, once) says nothing of deliveries: still a stall.
-    runtime.access.refused("topic", "ctl", "Read", "TOPIC_AUTHORIZATION_FAILED")
+    runtime.kafka.access.refused("topic", "ctl", "Read", "TOPIC_AUTHORIZATION_FAILED")
     assert runtime.health()[0] == 500
     # While Kafka refuses a Write the wait is its warning's, not a restart's business.
-    runtime.access.refused("topic", "out", "Write", "TOPIC_AUTHORIZATION_FAILED")
+    runtime.kafka.access.refused("topic", "out", "Write", "TOPIC_AUTHORIZATION_FAILED")
     assert runtime.health()[0] == 200
-    runtime.access.allowed("topic", "out", "Write")
+    runtime.kafka.access.allowed("topic", "out", "Write")
     producer.down.clear()
-    assert ticket.wait(2.0)
+    assert settled(ticket, 2.0)
     status, body = runtime.health()
     assert status == 200 and body["oldest_unacked_s"] == 0.0
 
@@ -162,7 +163,7 @@ def test_a_record_refused_for_good_becomes_a_valid_undeliverable_dead_letter(
     runtime: InferenceRuntime,
 ) -> None:
     record = OutRecord("out", b"key-1", b'{"id": "e-1", "prediction": 0.5}')
-    letter = runtime._undeliverable(record, "topic 'out' refused it for good (INVALID_RECORD)")
+    letter = runtime.kafka.undeliverable(record, "topic 'out' refused it for good (INVALID_RECORD)")
     assert letter is not None and letter.topic == "dlq" and letter.key == b"key-1"
     doc = orjson.loads(letter.value)
     schema = orjson.loads((SCHEMAS / "dead-letter.schema.json").read_bytes())
@@ -178,13 +179,13 @@ def test_a_record_refused_for_good_becomes_a_valid_undeliverable_dead_letter(
     ticket.records = [record, made]
     found = ticket.find("out", b"key-2", b'{"id": "e-2", "prediction": 0.5}')
     assert found is made, "a delivery report's bytes find their record"
-    letter = runtime._undeliverable(found, "topic 'out' refused it for good (MSG_SIZE_TOO_LARGE)")
+    letter = runtime.kafka.undeliverable(found, "topic 'out' refused it for good (MSG_SIZE_TOO_LARGE)")
     assert letter is not None
     doc = orjson.loads(letter.value)
     Draft202012Validator(schema).validate(doc)
     assert (doc["topic"], doc["partition"], doc["offset"]) == ("in", 3, 41)
     # A dead letter refused for good has nowhere else to go.
-    assert runtime._undeliverable(OutRecord("dlq", None, b"x"), "why") is None
+    assert runtime.kafka.undeliverable(OutRecord("dlq", None, b"x"), "why") is None
     assert (
         runtime.metrics.registry.get_sample_value(
             "stream_infer_dead_letters_total", {"reason": "undeliverable"}
@@ -213,12 +214,12 @@ def test_stop_runs_every_step_whatever_an_earlier_one_raised_within_one_deadline
     still queued were never delivered (and the control log never closed)."""
     source_stop, learning_stop = _Step(takes_s=0.3), _Step(fails=True)
     publisher_close, control_close = _Step(), _Step(fails=True)
-    assert runtime.source is not None and runtime.publisher is not None
-    real_close = runtime.publisher.close
-    monkeypatch.setattr(runtime.source, "stop", source_stop)
-    monkeypatch.setattr(runtime.publisher, "close", publisher_close)
+    assert runtime.kafka.source is not None and runtime.kafka.publisher is not None
+    real_close = runtime.kafka.publisher.close
+    monkeypatch.setattr(runtime.kafka.source, "stop", source_stop)
+    monkeypatch.setattr(runtime.kafka.publisher, "close", publisher_close)
     runtime.learning = type("L", (), {"stop": learning_stop})()
-    runtime.control_log = type("C", (), {"close": control_close})()
+    runtime.kafka.control_log = type("C", (), {"close": control_close})()
     asyncio.run(runtime.stop(timeout_s=2.0))
     assert len(learning_stop.calls) == len(publisher_close.calls) == len(control_close.calls) == 1
     (source_left,) = source_stop.calls
@@ -227,7 +228,7 @@ def test_stop_runs_every_step_whatever_an_earlier_one_raised_within_one_deadline
     # What the drain left of the one deadline (and at least a second for the last acks).
     assert publisher_left is not None and 1.0 <= publisher_left <= 1.75
     runtime.learning = None
-    runtime.control_log = None
+    runtime.kafka.control_log = None
     real_close(timeout_s=0.2)
 
 
@@ -235,18 +236,18 @@ def test_an_ack_is_produced_off_the_event_loop(
     runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It was produced on the event loop, which slept on a full local queue (BufferError)."""
-    assert runtime.publisher is not None
+    assert runtime.kafka.publisher is not None
     threads: list[str] = []
-    publish = runtime.publisher.publish
+    publish = runtime.kafka.publisher.publish
 
     def spy(records: Any, ticket: Ticket) -> None:
         threads.append(threading.current_thread().name)
         publish(records, ticket)
 
-    monkeypatch.setattr(runtime.publisher, "publish", spy)
+    monkeypatch.setattr(runtime.kafka.publisher, "publish", spy)
 
     async def one_command() -> str:
-        await asyncio.wait_for(runtime.handle_control(b"not json"), timeout=2.0)
+        await asyncio.wait_for(runtime.control.handle(b"not json"), timeout=2.0)
         return threading.current_thread().name
 
     loop_thread = asyncio.run(one_command())
