@@ -15,12 +15,19 @@ T = TypeVar("T")
 class MicroBatcher(Generic[T]):
     """Collects items into batches bounded in size and in waiting time.
 
-    >>> clock = iter([0.0, 0.0, 0.02]).__next__
-    >>> b = MicroBatcher(max_batch_size=3, max_wait_ms=10, clock=clock)
-    >>> b.add_many([1, 2])
+    >>> now = [0.0]  # a fake monotonic clock, in seconds
+    >>> b = MicroBatcher(max_batch_size=3, max_wait_ms=10, clock=lambda: now[0])
+    >>> b.add_many([1, 2])  # the batch opens with its first item; not full yet
     []
+    >>> b.poll() is None, b.time_left_s()
+    (True, 0.01)
+    >>> now[0] = 0.010  # 10 ms later: its wait is over
     >>> b.poll()
     [1, 2]
+    >>> b.add_many([3, 4, 5, 6])  # full batches close at once; 6 waits in the next
+    [[3, 4, 5]]
+    >>> len(b), b.flush()
+    (1, [6])
     """
 
     def __init__(

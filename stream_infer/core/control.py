@@ -154,6 +154,17 @@ def seal(doc: Mapping[str, Any], key: bytes | None, now: float) -> dict[str, Any
     """A command as it is sent: stamped ``issued_at`` (``now``, unless it has one) and, with
     a key, signed over both. The one place commands are stamped and signed (the operator's
     client and the drift policies).
+
+    >>> doc = seal({"id": "c6", "command": "status"}, b"s3cret", now=1_700_000_000.0)
+    >>> doc["issued_at"], len(doc["signature"])
+    (1700000000.0, 64)
+    >>> cmd = parse_command(orjson.dumps(doc), hmac_key=b"s3cret")
+    >>> cmd.id, cmd.command, cmd.issued_at
+    ('c6', 'status', 1700000000.0)
+    >>> parse_command(orjson.dumps(doc), hmac_key=b"another key")
+    Traceback (most recent call last):
+      ...
+    stream_infer.errors.ControlError: bad_signature: the signature does not match the command
     """
     out = {"issued_at": now} | dict(doc)
     if key is not None:
@@ -296,6 +307,24 @@ class RoutingTable:
     whatever became of the first. ``generation`` counts the commands that changed something
     (a route, or a learner reset): a pure function of the log, the same on every worker that
     has read as far (drift policies derive their command ids from it).
+
+    >>> table = RoutingTable.initial({"risk": ("v1", "v2")}, {"risk": "v1"}, now=0.0)
+    >>> split = orjson.dumps(
+    ...     {"id": "c2", "command": "split", "model": "risk", "weights": {"v1": 0.9, "v2": 0.1}}
+    ... )
+    >>> table.apply(parse_command(split), now=1.0), table.generation
+    (True, 1)
+    >>> table.routes["risk"].weights
+    (('v1', 0.9), ('v2', 0.1))
+    >>> table.apply(parse_command(b'{"id": "c5", "command": "rollback", "model": "risk"}'), 2.0)
+    True
+    >>> table.routes["risk"] == Route.single("v1"), table.applied
+    (True, 2)
+    >>> try:  # the same command again
+    ...     table.apply(parse_command(split), now=3.0)
+    ... except ControlError as exc:
+    ...     print(exc.reason, table.routes["risk"] == Route.single("v1"))
+    duplicate_command True
     """
 
     declared: Mapping[str, tuple[str, ...]]

@@ -5,6 +5,16 @@ versions; never Python's ``hash()``) into one of ``BUCKETS`` buckets. Versions o
 bucket ranges in a fixed order (the order the topology declares them), so a key stays on its
 version while the weights stand, and when one version's weight grows at the expense of the
 others next to it, keys move only toward it.
+
+>>> keys = [b"user-1", b"user-2", b"user-3", b"user-4", b"user-5"]
+>>> key_buckets(keys).tolist()
+[7524, 3150, 584, 7483, 1629]
+>>> canary = Route.split({"v1": 0.5, "v2": 0.5}, order=("v1", "v2"))
+>>> [(version, rows.tolist()) for version, rows in canary.assign(keys)]
+[('v1', [1, 2, 4]), ('v2', [0, 3])]
+>>> grown = Route.split({"v1": 0.2, "v2": 0.8}, order=("v1", "v2"))
+>>> [(version, rows.tolist()) for version, rows in grown.assign(keys)]
+[('v1', [2, 4]), ('v2', [0, 1, 3])]
 """
 
 from __future__ import annotations
@@ -40,7 +50,15 @@ class Route:
 
     @classmethod
     def split(cls, weights: Mapping[str, float], order: Sequence[str]) -> Route:
-        """A split with versions in the model's declared order; zero weights are dropped."""
+        """A split with versions in the model's declared order; zero weights are dropped.
+
+        >>> Route.split({"v2": 0.25, "v1": 0.75, "v3": 0.0}, order=("v1", "v2", "v3")).weights
+        (('v1', 0.75), ('v2', 0.25))
+        >>> Route.split({"v1": 0.5}, order=("v1", "v2"))
+        Traceback (most recent call last):
+          ...
+        ValueError: weights must sum to 1, they sum to 0.5
+        """
         if any(w < 0 for w in weights.values()):
             msg = f"weights must not be negative: {dict(weights)}"
             raise ValueError(msg)

@@ -11,6 +11,25 @@ Abandoned threads are counted per version while they are still hung. Once a vers
 than parking one more thread for ``timeout_s`` each: its events go to the dead-letter topic
 quickly, and :attr:`Watchdog.hung` tells the health check that only a restart reclaims those
 threads. A hung call that returns late frees its slot.
+
+>>> key = ModelVersion("risk", "v1")
+>>> dog = Watchdog(timeout_s=0.05, max_hung=1)
+>>> dog.call(key, lambda: 42)
+42
+>>> release = threading.Event()
+>>> dog.call(key, release.wait)  # hangs until released
+Traceback (most recent call last):
+  ...
+stream_infer.errors.InferenceTimeout: model 'risk' version 'v1': no answer within 0.05s
+>>> dog.hung
+{ModelVersion(model='risk', version='v1'): 1}
+>>> try:  # refused at once: max_hung calls of risk:v1 are hung
+...     dog.call(key, lambda: 42)
+... except InferenceTimeout as exc:
+...     print("refused:", exc.refused)
+refused: True
+>>> release.set()  # the hung call returns late, and frees its slot
+>>> dog.close()
 """
 
 from __future__ import annotations
@@ -28,7 +47,6 @@ from stream_infer.errors import InferenceTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Key = ModelVersion
 
 
 class _Job(Generic[T]):
@@ -69,7 +87,7 @@ class Watchdog:
         timeout_s: float,
         *,
         max_hung: int = 4,
-        on_hung: Callable[[Key, int, bool], None] | None = None,
+        on_hung: Callable[[ModelVersion, int, bool], None] | None = None,
     ) -> None:
         if timeout_s <= 0 or max_hung < 1:
             msg = "timeout_s must be > 0 and max_hung >= 1"
@@ -77,7 +95,7 @@ class Watchdog:
         self.timeout_s = timeout_s
         self.max_hung = max_hung
         self._on_hung = on_hung
-        self._hung: dict[Key, int] = {}
+        self._hung: dict[ModelVersion, int] = {}
         self._lock = threading.Lock()
         self._spawned = 0
         self._runner = self._new_runner()
@@ -89,16 +107,16 @@ class Watchdog:
         return runner
 
     @property
-    def hung(self) -> dict[Key, int]:
+    def hung(self) -> dict[ModelVersion, int]:
         """Calls still running past their limit, per (model, version)."""
         with self._lock:
             return {k: n for k, n in self._hung.items() if n}
 
-    def saturated(self) -> list[Key]:
+    def saturated(self) -> list[ModelVersion]:
         """Versions whose calls are refused because ``max_hung`` of them are still hung."""
         return [k for k, n in self.hung.items() if n >= self.max_hung]
 
-    def call(self, key: Key, fn: Callable[[], T]) -> T:
+    def call(self, key: ModelVersion, fn: Callable[[], T]) -> T:
         """``fn()`` on the runner thread; its result, its exception, or InferenceTimeout."""
         model, version = key
         with self._lock:
@@ -136,7 +154,7 @@ class Watchdog:
         msg = f"no answer within {self.timeout_s:g}s"
         raise InferenceTimeout(msg, model=model, version=version, timeout_s=self.timeout_s)
 
-    def _returned(self, key: Key) -> None:
+    def _returned(self, key: ModelVersion) -> None:
         with self._lock:
             self._hung[key] = hung = max(0, self._hung.get(key, 0) - 1)
         log.warning("a hung call of %s:%s returned late (%d still hung)", *key, hung)

@@ -32,7 +32,13 @@ _REFUSALS = frozenset(
 
 
 def is_refusal(err: KafkaError) -> bool:
-    """Whether ``err`` is the broker refusing a permission (an ACL is missing)."""
+    """Whether ``err`` is the broker refusing a permission (an ACL is missing).
+
+    >>> is_refusal(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    True
+    >>> is_refusal(KafkaError(KafkaError._TRANSPORT))  # a lost connection: passing
+    False
+    """
     return err.code() in _REFUSALS
 
 
@@ -54,7 +60,21 @@ class Refusal:
 
 
 class AccessRefusals:
-    """The resources currently refusing this worker, safe to note from any thread."""
+    """The resources currently refusing this worker, safe to note from any thread.
+
+    >>> now = [0.0]  # a fake monotonic clock, in seconds
+    >>> refusals = AccessRefusals(clock=lambda: now[0])
+    >>> first = refusals.refused("topic", "preds", "Write", "TOPIC_AUTHORIZATION_FAILED")
+    >>> again = refusals.refused("topic", "preds", "Write", "TOPIC_AUTHORIZATION_FAILED")
+    >>> first.since, again, refusals.refuses("Write"), refusals.refuses("Read")
+    (0.0, None, True, False)
+    >>> now[0] = 90.0
+    >>> [line] = refusals.problems()
+    >>> line.removeprefix("Kafka has refused this worker's principal ")
+    "Write on topic 'preds' (TOPIC_AUTHORIZATION_FAILED) for 90 s: grant it"
+    >>> refusals.allowed("topic", "preds", "Write") == first, refusals.active
+    (True, False)
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

@@ -33,7 +33,22 @@ Offsets = dict[tuple[str, int], int]
 
 
 class Checkpoint:
-    """Offsets of a contiguous prefix of delivered batches, and a latch for a failed one."""
+    """Offsets of a contiguous prefix of delivered batches, and a latch for a failed one.
+
+    >>> cp = Checkpoint()
+    >>> first, second = cp.begin({("events", 0): 10}), cp.begin({("events", 0): 20})
+    >>> cp.delivered(second)
+    >>> cp.release()  # the second waits for the first
+    {}
+    >>> cp.delivered(first)
+    >>> cp.release()  # both, merged: the later offset wins
+    {('events', 0): 20}
+    >>> third, fourth = cp.begin({("events", 1): 5}), cp.begin({("events", 1): 9})
+    >>> cp.fail(third, "a record cannot be delivered")
+    >>> cp.delivered(fourth)
+    >>> cp.release(), cp.failed, cp.settled  # nothing at or after the failed batch, ever
+    ({}, True, True)
+    """
 
     def __init__(self) -> None:
         self._next = 0  # sequence number of the next batch handed out

@@ -125,7 +125,16 @@ def classify(
     error not known to be passing is permanent (the record never left); a delivery report's
     unknown error is retried. ``unknown_for_s``: how long the record's topic has been unknown
     (a topic deleted stays unknown). ``fits_alone``: the record with a batch's framing is
-    within its topic's max.message.bytes, so a size refusal was its batch's (retried)."""
+    within its topic's max.message.bytes, so a size refusal was its batch's (retried).
+
+    >>> classify(KafkaError(KafkaError.NOT_ENOUGH_REPLICAS))
+    <Failure.RETRY: 'retry'>
+    >>> classify(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    <Failure.REFUSED: 'refused'>
+    >>> too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    >>> classify(too_large), classify(too_large, fits_alone=True)
+    (<Failure.PERMANENT: 'permanent'>, <Failure.RETRY: 'retry'>)
+    """
     code = err.code()
     if code in _BATCH_TOO_LARGE and fits_alone and not at_produce:
         return Failure.RETRY
