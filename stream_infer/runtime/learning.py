@@ -11,7 +11,13 @@ housekeeping or of a snapshot (logged and counted in ``stream_infer_learning_err
 :attr:`LearningService.problem` reports it dead or stalled (``/healthz``).
 
 Drift events go to the drift topic; policy actions go to the control topic, so every action is
-in the audit log and every worker applies it.
+in the audit log and every worker applies it. They are sealed (stamped, and signed with the
+topology's key) by :func:`stream_infer.core.control.seal`, as the operator's commands are.
+
+This module is the thread and the wiring only. Label records are decoded by
+:func:`stream_infer.core.serde.decode_labels`, the metrics are defined in
+:class:`stream_infer.observability.LearningMetrics`, and snapshot files (paths, when to write,
+which to restore) are :class:`stream_infer.online.snapshots.SnapshotStore`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 import orjson
 
 from stream_infer.core.control import seal
-from stream_infer.core.events import DeadLetter, FeatureBatch, OutRecord, Record
+from stream_infer.core.events import DeadLetter, FeatureBatch, ModelVersion, OutRecord, Record
 from stream_infer.core.routing import Route
 from stream_infer.core.serde import decode_labels
 from stream_infer.observability import LearningMetrics, Metrics
@@ -49,7 +55,7 @@ class LearningService:
         metrics: Metrics,
         *,
         publish: Callable[[list[OutRecord]], None],
-        predictors: Callable[[], Mapping[tuple[str, str], Any]],
+        predictors: Callable[[], Mapping[ModelVersion, Any]],
         routes: Callable[[], Mapping[str, Route]],
         generation: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
@@ -65,7 +71,7 @@ class LearningService:
         self._routes = routes
         self._generation = generation
         self.joiner = LabelJoiner(self.online.label_ttl_s, self.online.max_pending)
-        self.prequential: dict[tuple[str, str], Prequential] = {}
+        self.prequential: dict[ModelVersion, Prequential] = {}
         self.monitors: dict[tuple[str, str, str], DriftMonitor] = {}
         self.policies = [
             Policy(p.signal, p.action, p.model, p.online_version) for p in self.online.policies
@@ -273,13 +279,13 @@ class LearningService:
         features = self.topology.features
         events: list[DriftEvent] = []
         for item in joined:
-            scored_by = set()
+            scored_by: set[ModelVersion] = set()
             for s in item.served:
-                scored_by.add((s.model, s.version))
+                scored_by.add(ModelVersion(s.model, s.version))
                 events += self._score(s.model, s.version, item.label, s.prediction)
             x = dict(zip(features, item.features, strict=True))
             for learner in learners:
-                key = (learner.model, learner.version)
+                key = ModelVersion(learner.model, learner.version)
                 if key not in scored_by:  # not serving: test, then train, on this label
                     events += self._score(*key, item.label, learner.predict_proba_one(x))
                 learner.learn_one(x, item.label >= 0.5)
@@ -287,7 +293,7 @@ class LearningService:
         self._drifted(events)
 
     def _score(self, model: str, version: str, label: float, prediction: float) -> list[DriftEvent]:
-        key = (model, version)
+        key = ModelVersion(model, version)
         if key not in self.prequential:
             self.prequential[key] = Prequential("classification", self.online.metrics_window)
         self.prequential[key].update_one(label, prediction)
