@@ -29,6 +29,8 @@ from pydantic import (
 )
 
 from stream_infer.errors import ConfigError
+from stream_infer.inference import DEVICES, parse_device
+from stream_infer.online import LearnerKind, PolicyAction, parse_signal
 
 ENV_PREFIX = "STREAM_INFER_"
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -330,7 +332,7 @@ class LearnerSettings(_Frozen):
 
     model: str
     version: str = "online"
-    kind: Literal["logistic_regression", "hoeffding_tree", "arf"] = "logistic_regression"
+    kind: LearnerKind = "logistic_regression"
     scale: bool = Field(default=True, description="StandardScaler before a linear model")
 
 
@@ -345,9 +347,7 @@ class MonitorSettings(_Frozen):
     @field_validator("signal")
     @classmethod
     def _signal(cls, value: str) -> str:
-        if value not in {"error", "prediction"} and not value.startswith("feature:"):
-            msg = f"{value!r} is not a signal; expected error, prediction or feature:<name>"
-            raise ValueError(msg)
+        parse_signal(value)
         return value
 
 
@@ -355,7 +355,7 @@ class PolicySettings(_Frozen):
     """What to do when a monitor of ``signal`` reports drift."""
 
     signal: str
-    action: Literal["alert", "rollback_canary", "shift_to_online", "reset_learner"]
+    action: PolicyAction
     model: str | None = Field(default=None, description="only for this model; default all")
     online_version: str | None = Field(
         default=None, description="the learner version for shift_to_online / reset_learner"
@@ -394,7 +394,7 @@ class Topology(_Frozen):
     worker: WorkerSettings = WorkerSettings()
     control: ControlSettings = ControlSettings()
     online: OnlineSettings = OnlineSettings()
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field(default="auto", description=DEVICES)
 
     @field_validator("name")
     @classmethod
@@ -407,9 +407,7 @@ class Topology(_Frozen):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            msg = f"{value!r} is not a device; expected auto, cpu, cuda or cuda:N"
-            raise ValueError(msg)
+        parse_device(value)
         return value
 
     @field_validator("features")
@@ -648,24 +646,3 @@ def load_topology(path: str | Path, *, env: Mapping[str, str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError("a topology must be a YAML mapping", source=str(path))
     return parse_topology(data, base_dir=path.parent, env=env, source=str(path))
-
-
-def bootstrap_for_tests(env: Mapping[str, str] | None = None) -> str | None:
-    """The external broker the tests should use instead of starting their own, if any."""
-    return (os.environ if env is None else env).get(ENV_PREFIX + "TEST_BOOTSTRAP_SERVERS")
-
-
-def docker_requested(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the tests were asked to run Kafka in a testcontainer."""
-    value = (os.environ if env is None else env).get(ENV_PREFIX + "TEST_DOCKER", "")
-    return value.lower() in {"1", "true", "yes"}
-
-
-def test_broker_engine(env: Mapping[str, str] | None = None) -> str:
-    """Which local broker the tests start: ``kafka`` (Apache Kafka, needs Java and Maven),
-    ``tansu`` (the embedded one), or ``auto`` (Apache Kafka where it can run, else tansu)."""
-    value = (os.environ if env is None else env).get(ENV_PREFIX + "TEST_BROKER", "auto").lower()
-    if value not in {"auto", "kafka", "tansu"}:
-        msg = f"{ENV_PREFIX}TEST_BROKER must be auto, kafka or tansu, got {value!r}"
-        raise ConfigError(msg)
-    return value

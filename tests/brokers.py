@@ -7,12 +7,39 @@ conftest whose header hooks pytest calls; the integration fixtures import the re
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
 
 from stream_infer.local.apache_kafka import kafka_version, missing_tools
-from stream_infer.settings import bootstrap_for_tests, docker_requested, test_broker_engine
+from stream_infer.settings import ENV_PREFIX
+
+# The tests' own variables (STREAM_INFER_TEST_*): never topology overrides (settings skips them).
+TEST_PREFIX = ENV_PREFIX + "TEST_"
+
+
+def bootstrap_for_tests(env: Mapping[str, str] | None = None) -> str | None:
+    """The external broker the tests should use instead of starting their own, if any."""
+    return (os.environ if env is None else env).get(TEST_PREFIX + "BOOTSTRAP_SERVERS")
+
+
+def docker_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the tests were asked to run Kafka in a testcontainer."""
+    value = (os.environ if env is None else env).get(TEST_PREFIX + "DOCKER", "")
+    return value.lower() in {"1", "true", "yes"}
+
+
+def test_broker_engine(env: Mapping[str, str] | None = None) -> str:
+    """Which local broker the tests start: ``kafka`` (Apache Kafka, needs Java and Maven),
+    ``tansu`` (the embedded one), or ``auto`` (Apache Kafka where it can run, else tansu)."""
+    value = (os.environ if env is None else env).get(TEST_PREFIX + "BROKER", "auto").lower()
+    if value not in {"auto", "kafka", "tansu"}:
+        msg = f"{TEST_PREFIX}BROKER must be auto, kafka or tansu, got {value!r}"
+        raise pytest.UsageError(msg)
+    return value
+
 
 # Filled by the session's broker fixture: what the integration broker took to start.
 started: dict[str, float] = {}

@@ -38,10 +38,10 @@ from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import (
     ENV_PREFIX,
     Topology,
-    bootstrap_for_tests,
     load_topology,
 )
 from tests.brokers import (
+    bootstrap_for_tests,
     broker_choice,
     started,
 )
