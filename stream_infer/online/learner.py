@@ -1,11 +1,11 @@
 """A river classifier behind the Predictor protocol: it serves, and it learns from labels.
 
 :class:`OnlineLearner` scores batches like any other version (``predict_many``) while the
-runtime feeds it labelled events (``learn_many``). Learning is river's ``learn_one`` on each row
-in order, so a learner fed the same rows in the same order holds the same model as river's own
-one-at-a-time loop: predictions are identical, bit for bit.
+runtime feeds it labelled events one at a time (``learn_one``, in the order they were joined).
+Learning is river's ``learn_one``, so a learner fed the same rows in the same order holds the
+same model as river's own one-at-a-time loop: predictions are identical, bit for bit.
 
-Kinds (``LEARNER_KINDS``):
+Kinds (``LEARNER_KINDS``, defined in :mod:`stream_infer.online`):
 
 * ``logistic_regression``: ``StandardScaler() | LogisticRegression()`` with river's defaults, or
   ``LogisticRegression()`` alone when ``scale`` is False;
@@ -15,8 +15,7 @@ Kinds (``LEARNER_KINDS``):
 ``scale`` applies to logistic regression only; the trees are used as river builds them.
 
 Thread-safety: inference and learning run on different threads, so every call that reads or
-changes the river model holds one lock. ``learn_many`` holds it for its whole batch: keep the
-batches it is given small (hundreds of rows) so that serving waits little.
+changes the river model holds one lock (``predict_many`` for its whole batch).
 """
 
 from __future__ import annotations
@@ -34,11 +33,10 @@ import numpy.typing as npt
 from river import compose, forest, linear_model, preprocessing, tree
 
 from stream_infer.errors import ModelError
+from stream_infer.online import LEARNER_KINDS, LearnerKind
 
 if TYPE_CHECKING:
     from stream_infer.core.pipeline import Predictor
-
-LEARNER_KINDS = ("logistic_regression", "hoeffding_tree", "arf")
 
 # Snapshot format: MAGIC, format version (u16), sha256 of the payload, payload length (u64),
 # then the payload (a pickle of the learner's state).
@@ -47,7 +45,7 @@ SNAPSHOT_FORMAT = 1
 _HEADER = struct.Struct(">8sH32sQ")
 
 
-def _build(kind: str, scale: bool, seed: int) -> Any:
+def _build(kind: LearnerKind, scale: bool, seed: int) -> Any:
     if kind == "logistic_regression":
         model = linear_model.LogisticRegression()
         return compose.Pipeline(preprocessing.StandardScaler(), model) if scale else model
@@ -71,7 +69,7 @@ class OnlineLearner:
     model, version
         What this learner serves as (the Predictor protocol's attributes).
     features
-        The feature names, in the column order of the arrays given to ``*_many``.
+        The feature names, in the column order of the arrays given to ``predict_many``.
     kind
         One of ``LEARNER_KINDS``.
     scale
@@ -85,7 +83,7 @@ class OnlineLearner:
         model: str,
         version: str,
         features: Sequence[str],
-        kind: str = "logistic_regression",
+        kind: LearnerKind = "logistic_regression",
         scale: bool = True,
         seed: int = 0,
     ) -> None:
@@ -138,7 +136,7 @@ class OnlineLearner:
         it, since the restored state already follows them."""
         return self._control_offset
 
-    # -- batches (the Predictor protocol and the runtime's learning side) --------------------
+    # -- batches (the Predictor protocol) ------------------------------------------------------
 
     def _rows(self, x: npt.NDArray[Any], where: str) -> list[dict[str, float]]:
         if x.ndim != 2 or x.shape[1] != len(self.features):
@@ -166,23 +164,6 @@ class OnlineLearner:
             for i, row in enumerate(rows):
                 out[i] = _p_true(predict(row))
         return out
-
-    def learn_many(self, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
-        """Learn each row of ``x`` with its label in ``y`` (0/1 or bool), in order."""
-        rows = self._rows(x, "learn_many")
-        labels = np.asarray(y)
-        if labels.shape != (len(rows),):
-            msg = (
-                f"OnlineLearner.learn_many ({self.model}/{self.version}): y must have shape "
-                f"({len(rows)},), got {labels.shape}"
-            )
-            raise ValueError(msg)
-        targets = [self._target(v, "learn_many") for v in labels.tolist()]
-        with self._lock:
-            learn = self._river.learn_one
-            for row, target in zip(rows, targets, strict=True):
-                learn(row, target)
-            self._n_learned += len(rows)
 
     # -- one at a time ------------------------------------------------------------------------
 

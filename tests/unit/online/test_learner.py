@@ -11,7 +11,8 @@ import pytest
 from river import datasets, forest, linear_model, preprocessing, tree
 
 from stream_infer.errors import ModelError
-from stream_infer.online.learner import LEARNER_KINDS, OnlineLearner
+from stream_infer.online import LEARNER_KINDS
+from stream_infer.online.learner import OnlineLearner
 
 PHISHING = list(datasets.Phishing())
 FEATURES = tuple(PHISHING[0][0])
@@ -31,6 +32,13 @@ def p_true(proba: dict[Any, float]) -> float:
     return proba.get(True, 0.0) if proba else 0.5
 
 
+def learn(learner: OnlineLearner, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> None:
+    """Learn each row of ``x`` with its label in ``y``, in order, as the runtime does (its
+    learning thread gives every joined event to ``learn_one``)."""
+    for row, label in zip(x.tolist(), y.tolist(), strict=True):
+        learner.learn_one(dict(zip(FEATURES, row, strict=True)), label >= 0.5)
+
+
 @pytest.mark.parametrize(
     ("kind", "n"), [("logistic_regression", 1250), ("hoeffding_tree", 1250), ("arf", 300)]
 )
@@ -45,7 +53,8 @@ def test_one_at_a_time_matches_river_exactly(kind: str, n: int) -> None:
 
 
 def test_batches_match_river_one_by_one_exactly() -> None:
-    """predict_many then learn_many per batch of 50 gives river's one-by-one predictions."""
+    """predict_many per batch of 50, then learn_one on its rows, gives river's one-by-one
+    predictions."""
     learner = OnlineLearner("risk", "online", FEATURES)
     reference = river_model("logistic_regression")
     got: list[float] = []
@@ -54,7 +63,7 @@ def test_batches_match_river_one_by_one_exactly() -> None:
         batch = slice(start, start + 50)
         got.extend(learner.predict_many(X[batch]).tolist())
         expected.extend(p_true(reference.predict_proba_one(x)) for x, _ in PHISHING[batch])
-        learner.learn_many(X[batch], Y[batch].astype(np.float64))
+        learn(learner, X[batch], Y[batch].astype(np.float64))
         for x, y in PHISHING[batch]:
             reference.learn_one(x, y)
     assert got == expected
@@ -65,7 +74,7 @@ def test_batches_match_river_one_by_one_exactly() -> None:
 
 def test_float32_batches_are_served() -> None:
     learner = OnlineLearner("risk", "online", FEATURES)
-    learner.learn_many(X[:100].astype(np.float32), Y[:100])
+    learn(learner, X[:100].astype(np.float32), Y[:100])
     out = learner.predict_many(X[100:110].astype(np.float32))
     assert out.shape == (10,) and np.all((out >= 0) & (out <= 1))
 
@@ -87,7 +96,7 @@ def test_unscaled_logistic_regression_is_river_logistic_regression() -> None:
 
 def test_reset_forgets() -> None:
     learner = OnlineLearner("risk", "online", FEATURES)
-    learner.learn_many(X[:200], Y[:200])
+    learn(learner, X[:200], Y[:200])
     learner.reset()
     assert learner.n_learned == 0
     assert learner.predict_many(X[:2]).tolist() == [0.5, 0.5]
@@ -96,13 +105,13 @@ def test_reset_forgets() -> None:
 @pytest.mark.parametrize("kind", ["logistic_regression", "hoeffding_tree"])
 def test_snapshot_round_trip_predicts_and_learns_identically(kind: str) -> None:
     learner = OnlineLearner("risk", "online", FEATURES, kind=kind)
-    learner.learn_many(X[:600], Y[:600])
+    learn(learner, X[:600], Y[:600])
     restored = OnlineLearner.restore(learner.snapshot(), model="risk", version="online")
     assert (restored.model, restored.version, restored.kind) == ("risk", "online", kind)
     assert restored.features == FEATURES and restored.n_learned == 600
     assert restored.predict_many(X[600:]).tolist() == learner.predict_many(X[600:]).tolist()
-    learner.learn_many(X[600:900], Y[600:900])
-    restored.learn_many(X[600:900], Y[600:900])
+    learn(learner, X[600:900], Y[600:900])
+    learn(restored, X[600:900], Y[600:900])
     assert restored.predict_many(X[900:]).tolist() == learner.predict_many(X[900:]).tolist()
 
 
@@ -134,7 +143,7 @@ def _corrupt(name: str, good: bytes) -> bytes:
 )
 def test_corrupt_snapshot_raises_model_error(name: str) -> None:
     learner = OnlineLearner("risk", "online", FEATURES)
-    learner.learn_many(X[:50], Y[:50])
+    learn(learner, X[:50], Y[:50])
     with pytest.raises(ModelError, match="snapshot"):
         OnlineLearner.restore(_corrupt(name, learner.snapshot()))
 
@@ -159,10 +168,8 @@ def test_invalid_arguments_raise_value_error() -> None:
         learner.predict_many(X[:, :3])
     with pytest.raises(ValueError, match="not finite"):
         learner.predict_many(np.full((2, len(FEATURES)), np.nan))
-    with pytest.raises(ValueError, match="y must have shape"):
-        learner.learn_many(X[:3], Y[:2])
     with pytest.raises(ValueError, match="0/1"):
-        learner.learn_many(X[:2], np.array([0.0, 0.7]))
+        learner.learn_one(PHISHING[0][0], 0.7)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="0/1"):
         learner.learn_one(PHISHING[0][0], 2)  # type: ignore[arg-type]
     assert learner.n_learned == 0
@@ -172,14 +179,14 @@ def test_predicting_while_learning_on_another_thread() -> None:
     learner = OnlineLearner("risk", "online", FEATURES)
     errors: list[BaseException] = []
 
-    def learn() -> None:
+    def learn_all() -> None:
         try:
             for start in itertools.islice(itertools.cycle(range(0, 1200, 100)), 30):
-                learner.learn_many(X[start : start + 100], Y[start : start + 100])
+                learn(learner, X[start : start + 100], Y[start : start + 100])
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    thread = threading.Thread(target=learn)
+    thread = threading.Thread(target=learn_all)
     thread.start()
     while thread.is_alive():
         out = learner.predict_many(X[:64])
