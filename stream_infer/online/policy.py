@@ -1,10 +1,10 @@
 """What to do about drift: a policy turns a DriftEvent into control commands.
 
-A :class:`Policy` names a signal (as in ``drift.SIGNALS``), an action (``POLICY_ACTIONS``) and
-optionally the model it is for (None: every model). :func:`commands_for` returns the command
-documents to produce to the control topic (the format of ``stream_infer.core.control``), or ``[]``
-when nothing is to be done. It decides from the routes in force; the workers still validate
-each command as they would an operator's.
+A :class:`Policy` names a signal (as in ``SIGNALS``), an action (``POLICY_ACTIONS``; both
+defined in :mod:`stream_infer.online`) and optionally the model it is for (None: every model).
+:func:`commands_for` returns the command documents to produce to the control topic (the format
+of ``stream_infer.core.control``), or ``[]`` when nothing is to be done. It decides from the
+routes in force; the workers still validate each command as they would an operator's.
 
 Command ids: ``drift-`` and 32 hex digits of a hash of the command and of the routing table's
 ``generation`` (the count of changes the control log has made, the same on every worker that
@@ -37,6 +37,17 @@ Input drift (a ``feature:<name>`` signal) is of no one model or version (its eve
 and version ``*``): only ``alert``, and ``reset_learner`` of a policy that names its ``model``,
 act on it; a policy that pairs it with another action, or resets without a model, is refused
 (:func:`policy_problem`).
+
+A canary that drifts is rolled back to the version with the largest weight:
+
+>>> from stream_infer.core.routing import Route
+>>> policy = Policy("error", "rollback_canary")
+>>> event = DriftEvent("risk", "v2", "adwin", "error", at=223, ts=0.0, estimation=0.4,
+...                    width=56, previous=0.1)
+>>> route = Route(weights=(("v1", 0.9), ("v2", 0.1)))
+>>> [cmd] = commands_for(policy, event, {"risk": route}, generation=7)
+>>> cmd["command"], cmd["version"], cmd["if_generation"], cmd["id"].startswith("drift-")
+('swap', 'v1', 7, True)
 """
 
 from __future__ import annotations
@@ -49,9 +60,9 @@ from typing import Any
 import orjson
 
 from stream_infer.core.routing import Route
-from stream_infer.online.drift import DriftEvent, parse_signal
+from stream_infer.online import POLICY_ACTIONS, PolicyAction, parse_signal
+from stream_infer.online.drift import DriftEvent
 
-POLICY_ACTIONS = ("alert", "rollback_canary", "shift_to_online", "reset_learner")
 _NEEDS_ONLINE_VERSION = ("shift_to_online", "reset_learner")
 # What a drift event of a feature signal names as its model and version.
 ANY = "*"
@@ -81,7 +92,7 @@ class Policy:
     """On drift of ``signal`` (of ``model``, or of any model when None), do ``action``."""
 
     signal: str
-    action: str
+    action: PolicyAction
     model: str | None = None
     online_version: str | None = None
 

@@ -10,8 +10,9 @@ import pytest
 
 from stream_infer.core.control import parse_command
 from stream_infer.core.routing import Route
+from stream_infer.online import POLICY_ACTIONS
 from stream_infer.online.drift import DriftEvent
-from stream_infer.online.policy import POLICY_ACTIONS, Policy, commands_for
+from stream_infer.online.policy import Policy, commands_for
 
 SPLIT = Route(weights=(("v1", 0.9), ("v2", 0.1)))
 SOLE = Route.single("v1")
