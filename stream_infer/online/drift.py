@@ -1,9 +1,9 @@
 """Drift monitors: river's ADWIN on one signal of one (model, version), with damping.
 
-Signals (``SIGNALS``, checked by :func:`parse_signal`):
+Signals (``SIGNALS``, checked by :func:`parse_signal`; both defined in :mod:`stream_infer.online`):
 
-* ``"error"``: one value per labelled event, the 0/1 misclassification of a classifier or the
-  absolute error of a regressor (:func:`error_of` computes it);
+* ``"error"``: one value per labelled event, the 0/1 misclassification of the classifier
+  (:func:`error_of` computes it);
 * ``"prediction"``: the served prediction value;
 * ``"feature:<name>"``: the value of input feature ``<name>``.
 
@@ -16,6 +16,13 @@ standalone ADWIN fed the same values (river's ADWIN also starts afresh after a d
 With ``grace=g``, a detection among the ``g`` values that follow an event (or a
 :meth:`DriftMonitor.reset`) is suppressed: the detector still starts afresh, no event is
 returned, ``n_suppressed`` counts it, and the grace period is not extended.
+
+An error rate that jumps from 0 to 1 after 200 events is detected 24 values later:
+
+>>> monitor = DriftMonitor("risk", "v1", "error", clock=lambda: 0.0)
+>>> [event] = monitor.update_many([0.0] * 200 + [1.0] * 200)
+>>> event.at, event.previous, event.rose
+(223, 0.0, True)
 """
 
 from __future__ import annotations
@@ -24,44 +31,44 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import orjson
 from river import drift
 
-SIGNALS = ("error", "prediction", "feature:<name>")
-FEATURE_PREFIX = "feature:"
+from stream_infer.online import FEATURE_PREFIX, SIGNALS, parse_signal
+
+# The signal grammar is stream_infer.online's; this module passes it on with its own names.
+__all__ = [
+    "DETECTOR",
+    "FEATURE_PREFIX",
+    "SIGNALS",
+    "DriftEvent",
+    "DriftMonitor",
+    "error_of",
+    "parse_signal",
+]
+
 DETECTOR = "adwin"
 
 # river.drift.ADWIN has no annotations; called through this name, mypy strict accepts it.
 _ADWIN: Callable[..., Any] = drift.ADWIN
 
 
-def parse_signal(signal: str) -> tuple[str, str | None]:
-    """``"error"`` -> ("error", None); ``"feature:age"`` -> ("feature", "age"). Else ValueError."""
-    if signal in ("error", "prediction"):
-        return signal, None
-    if isinstance(signal, str) and signal.startswith(FEATURE_PREFIX):
-        name = signal[len(FEATURE_PREFIX) :]
-        if name:
-            return "feature", name
-    msg = f"a drift signal is one of {', '.join(SIGNALS)}; got {signal!r}"
-    raise ValueError(msg)
+def error_of(task: Literal["classification"], label: float, prediction: float) -> float:
+    """The ``"error"`` signal of one labelled event of a classifier: 1.0 when
+    ``prediction > 0.5`` disagrees with the 0/1 ``label`` (the same threshold as
+    :class:`~stream_infer.online.prequential.Prequential`), else 0.0.
 
+    ``task`` must be ``"classification"``, the only task the runtime serves.
 
-def error_of(task: str, label: float, prediction: float) -> float:
-    """The ``"error"`` signal of one labelled event.
-
-    Classification: 1.0 when ``prediction > 0.5`` disagrees with the 0/1 ``label`` (the same
-    threshold as :class:`~stream_infer.online.prequential.Prequential`), else 0.0. Regression:
-    ``abs(label - prediction)``.
+    >>> error_of("classification", 1.0, 0.7), error_of("classification", 1.0, 0.5)
+    (0.0, 1.0)
     """
-    if task == "classification":
-        return float((prediction > 0.5) != (label >= 0.5))
-    if task == "regression":
-        return abs(label - prediction)
-    msg = f"error_of: task must be classification or regression, got {task!r}"
-    raise ValueError(msg)
+    if task != "classification":
+        msg = f"error_of: task must be classification, got {task!r}"
+        raise ValueError(msg)
+    return float((prediction > 0.5) != (label >= 0.5))
 
 
 @dataclass(frozen=True)

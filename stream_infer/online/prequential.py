@@ -1,26 +1,29 @@
-"""Prequential (test-then-train) metrics for one (model, version).
+"""Prequential (test-then-train) metrics for one (model, version) of a binary classifier.
 
 Each labelled event is scored with the prediction the version served *before* it learned that
 event (for a fixed model, before any label at all), then the metrics are updated. With one
 event at a time this is exactly river's ``evaluate.progressive_val_score``: the accuracy of a
 model scored here equals the accuracy river reports for the same stream in the same order.
 
-Classification: ``y_pred`` is P(label = 1); the predicted class is ``y_pred > 0.5`` (a tie at
-0.5 predicts 0, as river's ``predict_one`` does for ``{False: 0.5, True: 0.5}``). Reported:
-``accuracy``, ``log_loss``, ``roc_auc`` over everything, and ``rolling_accuracy``,
-``rolling_log_loss`` over the last ``window`` events. Regression: ``mae``, ``rmse``,
-``rolling_mae``, ``rolling_rmse``. Both add ``n``, the number of events scored.
+``y_pred`` is P(label = 1); the predicted class is ``y_pred > 0.5`` (a tie at 0.5 predicts 0,
+as river's ``predict_one`` does for ``{False: 0.5, True: 0.5}``). Reported: ``accuracy``,
+``log_loss``, ``roc_auc`` over everything, ``rolling_accuracy``, ``rolling_log_loss`` over the
+last ``window`` events, and ``n``, the number of events scored.
+
+>>> preq = Prequential(window=2)
+>>> for label, p in [(1, 0.9), (0, 0.6), (1, 0.2), (1, 0.7)]:
+...     preq.update_one(label, p)
+>>> report = preq.report()
+>>> report["n"], report["accuracy"], report["rolling_accuracy"]
+(4, 0.5, 0.5)
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from river import metrics, utils
-
-TASKS = ("classification", "regression")
 
 # river.metrics has no annotations on these; through Any, mypy strict accepts the calls.
 _metrics: Any = metrics
@@ -32,8 +35,8 @@ class Prequential:
     Parameters
     ----------
     task
-        ``"classification"`` (binary, labels 0/1, predictions are probabilities) or
-        ``"regression"``.
+        ``"classification"`` (binary, labels 0/1, predictions are probabilities): the only task
+        the runtime serves.
     window
         The number of most recent events the rolling metrics cover.
 
@@ -41,9 +44,11 @@ class Prequential:
     one lock.
     """
 
-    def __init__(self, task: str = "classification", window: int = 1000) -> None:
-        if task not in TASKS:
-            msg = f"Prequential: task must be one of {', '.join(TASKS)}; got {task!r}"
+    def __init__(
+        self, task: Literal["classification"] = "classification", window: int = 1000
+    ) -> None:
+        if task != "classification":
+            msg = f"Prequential: task must be classification, got {task!r}"
             raise ValueError(msg)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             msg = f"Prequential: window must be an int >= 1, got {window!r}"
@@ -52,22 +57,13 @@ class Prequential:
         self.window = window
         self._lock = threading.Lock()
         self._n = 0
-        self._metrics: dict[str, Any]
-        if task == "classification":
-            self._metrics = {
-                "accuracy": _metrics.Accuracy(),
-                "log_loss": _metrics.LogLoss(),
-                "roc_auc": _metrics.ROCAUC(),
-                "rolling_accuracy": utils.Rolling(metrics.Accuracy, window_size=window),
-                "rolling_log_loss": utils.Rolling(metrics.LogLoss, window_size=window),
-            }
-        else:
-            self._metrics = {
-                "mae": _metrics.MAE(),
-                "rmse": _metrics.RMSE(),
-                "rolling_mae": utils.Rolling(metrics.MAE, window_size=window),
-                "rolling_rmse": utils.Rolling(metrics.RMSE, window_size=window),
-            }
+        self._metrics: dict[str, Any] = {
+            "accuracy": _metrics.Accuracy(),
+            "log_loss": _metrics.LogLoss(),
+            "roc_auc": _metrics.ROCAUC(),
+            "rolling_accuracy": utils.Rolling(metrics.Accuracy, window_size=window),
+            "rolling_log_loss": utils.Rolling(metrics.LogLoss, window_size=window),
+        }
 
     @property
     def n(self) -> int:
@@ -76,12 +72,6 @@ class Prequential:
 
     def update_one(self, y_true: float, y_pred: float) -> None:
         """Score one labelled event with the prediction served for it before learning it."""
-        if self.task == "classification":
-            self._update_classification(y_true, y_pred)
-        else:
-            self._update_regression(y_true, y_pred)
-
-    def _update_classification(self, y_true: float, y_pred: float) -> None:
         if float(y_true) not in (0.0, 1.0):
             msg = f"Prequential.update_one: a classification label is 0/1, got {y_true!r}"
             raise ValueError(msg)
@@ -98,17 +88,6 @@ class Prequential:
             m["log_loss"].update(label, p)
             m["rolling_log_loss"].update(label, p)
             m["roc_auc"].update(label, p)
-            self._n += 1
-
-    def _update_regression(self, y_true: float, y_pred: float) -> None:
-        t, p = float(y_true), float(y_pred)
-        if not (math.isfinite(t) and math.isfinite(p)):
-            msg = f"Prequential.update_one: values must be finite, got {y_true!r}, {y_pred!r}"
-            raise ValueError(msg)
-        m = self._metrics
-        with self._lock:
-            for metric in m.values():
-                metric.update(t, p)
             self._n += 1
 
     def report(self) -> dict[str, float]:
