@@ -24,6 +24,19 @@ With ``max_entries`` 200,000 and 30 features: about 270 MiB of pending events at
 about 40 MiB of early labels and 25 MiB of joined ids.
 
 The joiner is not thread-safe: it is owned by one thread (the learning side of the runtime).
+
+A label that arrives before its event waits for it, and joins when it comes:
+
+>>> import numpy as np
+>>> joiner = LabelJoiner(ttl_s=60.0, max_entries=1000, clock=lambda: 0.0)
+>>> joiner.add_label_one("e1", 1.0) is None, joiner.early
+(True, 1)
+>>> served = [Served("e1", "risk", "v1", 0.8, 0.0)]
+>>> [joined] = joiner.add_event_many(["e1"], np.array([[0.5, 2.0]]), served)
+>>> joined.label, joined.features, [s.version for s in joined.served]
+(1.0, (0.5, 2.0), ['v1'])
+>>> joiner.add_label_one("e1", 0.0) is None, joiner.duplicate_labels
+(True, 1)
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
+
+from stream_infer.core.events import ModelVersion
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +225,10 @@ class LabelJoiner:
                 continue
             waiting = events.get(event_id)
             if waiting is not None:
-                seen = {(s.model, s.version) for s in waiting.served}
-                waiting.served.extend(s for s in versions if (s.model, s.version) not in seen)
+                seen = {ModelVersion(s.model, s.version) for s in waiting.served}
+                waiting.served.extend(
+                    s for s in versions if ModelVersion(s.model, s.version) not in seen
+                )
                 continue
             label = early.pop(event_id, None)
             if label is not None:
