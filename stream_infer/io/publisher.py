@@ -164,7 +164,6 @@ class Ticket:
         "_loop",
         "_on_settled",
         "error",
-        "failures",
         "pending",
         "records",
         "sent_at",
@@ -172,7 +171,6 @@ class Ticket:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.pending = 0
-        self.failures = 0
         # What was published under it: a failed delivery finds its record (and the input
         # record it was made from) here; the callback only sees the bytes.
         self.records: Sequence[OutRecord] = ()
@@ -453,7 +451,6 @@ class Publisher:
     ) -> Failure:
         """Classify a failure, count it, and set when its topic may be produced to again."""
         now = time.monotonic()
-        ticket.failures += 1
         if self._on_retry:
             self._on_retry(record.topic, err.name())
         if err.code() in _UNKNOWN_TOPIC and state.unknown_since is None:

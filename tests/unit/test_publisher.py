@@ -123,7 +123,7 @@ def test_a_failed_delivery_is_produced_again_and_holds_the_ticket_until_acked(
         producer.down.clear()
         assert settled(ticket, 5.0)
         assert producer.acked == Counter({b"a": 1, b"b": 1, b"c": 1})
-        assert ticket.failures == len(retries) >= 3
+        assert len(retries) >= 3  # each failure reported once (on_retry)
         assert set(retries) == {("preds", "_MSG_TIMED_OUT")}
         assert len(pub) == 0
     finally:
@@ -134,7 +134,8 @@ def test_the_ticket_resolves_on_the_event_loop_only_after_every_retry_succeeds(
     fake: type[FakeProducer],
 ) -> None:
     async def scenario() -> None:
-        pub = Publisher({}, retry_backoff_s=0.02)
+        retries: list[tuple[str, str]] = []
+        pub = Publisher({}, retry_backoff_s=0.02, on_retry=lambda t, e: retries.append((t, e)))
         producer = fake.last
         assert producer is not None
         producer.failing = {b"x", b"y"}
@@ -147,7 +148,7 @@ def test_the_ticket_resolves_on_the_event_loop_only_after_every_retry_succeeds(
         producer.down.clear()
         await asyncio.wait_for(waiter, 5.0)
         assert producer.acked == Counter({b"x": 1, b"y": 1, b"z": 1})
-        assert ticket.failures >= 2
+        assert len(retries) >= 2
         assert pub.close(timeout_s=1.0) == 0
 
     asyncio.run(scenario())
@@ -170,7 +171,7 @@ def test_real_delivery_timeouts_are_retried_and_counted_and_never_complete_the_t
         assert set(retries) == {("preds", "_MSG_TIMED_OUT")}
         assert not ticket.done
         assert ticket.pending == 2
-        assert ticket.failures >= 4
+        assert len(retries) >= 4
     finally:
         left = pub.close(timeout_s=0.3)
     assert left == 2, "undelivered records must be reported at shutdown, not dropped"
