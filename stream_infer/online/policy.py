@@ -6,14 +6,15 @@ defined in :mod:`stream_infer.online`) and optionally the model it is for (None:
 of ``stream_infer.core.control``), or ``[]`` when nothing is to be done. It decides from the
 routes in force; the workers still validate each command as they would an operator's.
 
-Command ids: ``drift-`` and 32 hex digits of a hash of the command and of the routing table's
-``generation`` (the count of changes the control log has made, the same on every worker that
-has read it as far). Every worker that sees the drift (each sees its own partitions, so each
-may alarm) mints the same id for the same command, and the table applies one copy: the rest
-are ``duplicate_command``. Each command also carries ``if_generation``: a copy computed from
-an older routing (a worker that had not read as far, a late delivery, a routing the operator
-changed since) is rejected ``stale`` rather than undoing what came after it. After the
-command applies, the generation moves on, so the next drift's command gets a new id.
+Command ids (:func:`stream_infer.core.control.derived_command_id`): ``drift-`` and 32 hex
+digits of a hash of the command and of the routing table's ``generation`` (the count of changes
+the control log has made, the same on every worker that has read it as far). Every worker that
+sees the drift (each sees its own partitions, so each may alarm) mints the same id for the same
+command, and the table applies one copy: the rest are ``duplicate_command``. Each command also
+carries ``if_generation``: a copy computed from an older routing (a worker that had not read as
+far, a late delivery, a routing the operator changed since) is rejected ``stale`` rather than
+undoing what came after it. After the command applies, the generation moves on, so the next
+drift's command gets a new id.
 
 Direction: on the ``error`` signal, only a rise acts (the error got worse); a fall (a version
 or a freshly reset learner getting better) is only an alert. ``prediction`` and feature
@@ -52,13 +53,11 @@ A canary that drifts is rolled back to the version with the largest weight:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from stream_infer.core.control import derived_command_id
 from stream_infer.core.routing import Route
 from stream_infer.online import POLICY_ACTIONS, PolicyAction, parse_signal
 from stream_infer.online.drift import DriftEvent
@@ -124,10 +123,7 @@ class Policy:
 
 def _command(command: str, generation: int, **fields: Any) -> dict[str, Any]:
     body = {"command": command, **fields, "if_generation": generation}
-    digest = hashlib.sha256(
-        orjson.dumps([generation, body], option=orjson.OPT_SORT_KEYS)
-    ).hexdigest()
-    return {"id": f"drift-{digest[:32]}", **body}
+    return {"id": derived_command_id(body, generation), **body}
 
 
 def commands_for(
