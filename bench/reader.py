@@ -25,6 +25,7 @@ import numpy.typing as npt
 import orjson
 from confluent_kafka import Consumer, Message
 
+from stream_infer.io.clients import groupless_consumer_config
 from stream_infer.io.watch import assign_all
 
 # librdkafka's own lines through Python logging (info, such as tansu closing idle
@@ -69,17 +70,14 @@ class PredictionReader:
     """Reads prediction topics from the beginning and keeps per-phase arrival statistics."""
 
     def __init__(self, bootstrap_servers: str, topics: list[str]) -> None:
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap_servers,
-                "group.id": "bench-reader",  # librdkafka wants one; never joined (assign only)
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-                "fetch.wait.max.ms": 5,
-                "client.id": "bench-reader",
-                "logger": RDKAFKA_LOG,
-            }
-        )
+        conf = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 5,
+            "client.id": "bench-reader",
+            "logger": RDKAFKA_LOG,
+        }
+        self._consumer = Consumer(groupless_consumer_config(conf, "bench-reader"))
         self.topics = topics
         self.errors = 0
         self.undecodable = 0

@@ -142,7 +142,11 @@ def tail(
     answered within --wait, naming who did)."""
     from confluent_kafka import Consumer
 
-    from stream_infer.io.clients import check_reachable, consume_ready
+    from stream_infer.io.clients import (
+        check_reachable,
+        consume_ready,
+        groupless_consumer_config,
+    )
     from stream_infer.io.watch import assign_all
 
     if command_id is not None and what != "acks":
@@ -167,7 +171,8 @@ def tail(
     topic_names = [n for n in dict.fromkeys(names) if n]
     if not topic_names:
         raise ConfigError(f"the topology declares no {what} topic")
-    consumer = Consumer(topo.kafka.librdkafka() | {"group.id": "stream-infer-tail"})
+    # Assigned, never subscribed: it joins no group and commits nothing.
+    consumer = Consumer(groupless_consumer_config(topo.kafka.librdkafka(), "tail"))
 
     def missing(names: list[str]) -> None:
         which = f"topic {names[0]} does not" if len(names) == 1 else f"topics {names} do not"
