@@ -51,8 +51,9 @@ class ModelOutput:
 
 
 @dataclass(frozen=True)
-class Serving:
-    """An immutable snapshot of what serves: routes plus the loaded predictors they name.
+class RoutingSnapshot:
+    """An immutable snapshot of the routing a worker serves: routes plus the loaded
+    predictors they name.
 
     The runtime swaps the whole snapshot between batches, so a batch is served by one
     consistent routing and never sees a half-applied change.
@@ -60,7 +61,6 @@ class Serving:
 
     routes: Mapping[str, Route]
     predictors: Mapping[ModelVersion, Predictor]
-    changed_at: float = 0.0
 
 
 class Pipeline:
@@ -85,7 +85,7 @@ class Pipeline:
         self.track_scores = track_scores
         self.watchdog = watchdog
 
-    def process(self, records: Sequence[Record], serving: Serving) -> BatchResult:
+    def process(self, records: Sequence[Record], snapshot: RoutingSnapshot) -> BatchResult:
         result = BatchResult(n_in=len(records))
         batch, result.dead_letters = self.decoder.decode_batch(records)
         result.event_ts = [ts for ts in batch.ts if ts is not None]
@@ -94,13 +94,13 @@ class Pipeline:
         failed: dict[int, DeadLetter] = {}
         if len(batch):
             for out in self.outputs:
-                route = serving.routes[out.name]
+                route = snapshot.routes[out.name]
                 for version, rows in route.assign(batch.keys):
                     part = batch if rows.size == len(batch) else batch.select(rows)
-                    predictor = serving.predictors[ModelVersion(out.name, version)]
+                    predictor = snapshot.predictors[ModelVersion(out.name, version)]
                     self._serve(records, part, predictor, out.topic, result, failed, result.served)
                 if route.shadow is not None and self.shadow_topic is not None:
-                    shadow = serving.predictors[ModelVersion(out.name, route.shadow)]
+                    shadow = snapshot.predictors[ModelVersion(out.name, route.shadow)]
                     self._serve(
                         records, batch, shadow, self.shadow_topic, result, None, result.shadowed
                     )

@@ -4,22 +4,24 @@ faust's own Kafka consumer and producer are switched off (``enable_kafka=False``
 move through librdkafka in io/, and the ``serve`` agent receives one item per micro-batch, so
 faust's per-event cost is paid once per batch. faust still runs the agents, their supervision,
 timers, the web server (metrics, health, readiness) and the worker's lifecycle and signals.
+
+This is the only module that imports faust. The work is the runtime's
+(:class:`~stream_infer.runtime.worker.InferenceRuntime`); how it crosses threads is drawn in
+:mod:`stream_infer.runtime.threads`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
 from typing import Any, cast
 
 import faust
-from confluent_kafka import Message
 from faust.app.base import BootStrategy
 
-from stream_infer.io.source import SourceBatch
-from stream_infer.runtime.serving import InferenceRuntime, record_time_s
+from stream_infer.runtime.control_plane import record_time_s
+from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import Topology
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,9 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     async def serve(stream: Any) -> None:
         async for batch in stream:
             try:
-                await rt.handle(batch)
+                await rt.batches.handle(batch)
             except Exception as exc:
-                # rt.handle failed the batch in the source's checkpoint: nothing after it is
+                # handle failed the batch in the source's checkpoint: nothing after it is
                 # served, marked done or committed, even by this agent restarted by faust's
                 # supervisor during the shutdown. Stop the worker; it restarts from the
                 # committed offsets and serves the batch again.
@@ -76,7 +78,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     async def obey(stream: Any) -> None:
         """Control commands, one at a time, in log order; each is answered on the acks topic."""
         async for msg in stream:
-            await rt.handle_control(msg.value(), msg.offset(), record_time_s(msg))
+            await rt.control.handle(msg.value(), msg.offset(), record_time_s(msg))
 
     @app.task  # type: ignore[untyped-decorator]
     async def commit_in_order() -> None:
@@ -85,20 +87,14 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.task  # type: ignore[untyped-decorator]
     async def start_serving() -> None:
-        loop = asyncio.get_running_loop()
-
-        def hand_off(batch: SourceBatch) -> None:
-            # One item per micro-batch: the channel carries plain objects, not faust events.
-            asyncio.run_coroutine_threadsafe(batches.put(cast(Any, batch)), loop)
-
         # faust resumes flow control when its own consumer gets partitions; it has none here.
         app.flow_control.resume()
-
-        def control_hand_off(msg: Message) -> None:
-            asyncio.run_coroutine_threadsafe(commands.put(cast(Any, msg)), loop)
-
         try:
-            await rt.start(hand_off, control_hand_off)
+            # One item per micro-batch: the channels carry plain objects, not faust events.
+            await rt.start(
+                lambda batch: batches.put(cast(Any, batch)),
+                lambda msg: commands.put(cast(Any, msg)),
+            )
         except Exception as exc:
             log.critical("cannot start serving: %s", exc)
             await app.crash(exc)
@@ -110,23 +106,24 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         now = time.monotonic()
-        events = rt.totals["events"]
+        totals = rt.batches.totals
+        events = totals["events"]
         rate = (events - last["events"]) / max(1e-9, now - last["t"])
         last.update(t=now, events=events)
         log.info(
             "events %d (%.0f/s), predictions %d, dead letters %d, batches %d, in flight %d",
             events,
             rate,
-            rt.totals["predictions"],
-            rt.totals["dead_letters"],
-            rt.totals["batches"],
-            rt.source.in_flight if rt.source else 0,
+            totals["predictions"],
+            totals["dead_letters"],
+            totals["batches"],
+            rt.kafka.source.in_flight if rt.kafka.source else 0,
         )
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        if rt.source is not None:  # the lag as last measured (every lag_interval_s)
-            rt.metrics.set_consumer_lag(rt.source.lag, topology.topics.input)
+        if rt.kafka.source is not None:  # the lag as last measured (every lag_interval_s)
+            rt.metrics.set_consumer_lag(rt.kafka.source.lag, topology.topics.input)
         return web.bytes(rt.metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     @app.page("/healthz")
@@ -150,11 +147,11 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
 
 async def _commit_or_crash(app: faust.App, rt: InferenceRuntime) -> None:
-    """Mark batches done in order, forever; a batch with a record that can never be delivered
-    failed (nothing after it is committed): stop the worker, as for a batch that cannot be
-    handled."""
+    """Commit batches after delivery, in order, forever; a batch with a record that can never be
+    delivered failed (nothing after it is committed): stop the worker, as for a batch that
+    cannot be handled."""
     try:
-        await rt.commit_in_order()
+        await rt.batches.commits.run()
     except Exception as exc:
         log.critical("a batch cannot be delivered; stopping the worker", exc_info=True)
         await app.crash(exc)

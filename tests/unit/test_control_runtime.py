@@ -20,7 +20,7 @@ from stream_infer.core.control import encode_ack
 from stream_infer.core.routing import Route
 from stream_infer.inference import predictor as predictor_module
 from stream_infer.inference.store import ModelMeta, save_export, sha256_file
-from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import parse_topology
 from tests.unit.test_control_log import FakeMessage
 
@@ -80,9 +80,9 @@ def runtimes() -> Iterator[list[InferenceRuntime]]:
     made: list[InferenceRuntime] = []
     yield made
     for rt in made:
-        rt.executor.shutdown(wait=False)
-        rt.loader.shutdown(wait=False)
-        rt.watchdog.close()
+        rt.threads.inference.shutdown(wait=False)
+        rt.threads.loader.shutdown(wait=False)
+        rt.models.watchdog.close()
 
 
 def cmd(i: int, command: str, **fields: Any) -> bytes:
@@ -91,11 +91,11 @@ def cmd(i: int, command: str, **fields: Any) -> bytes:
 
 def start(rt: InferenceRuntime, log: list[bytes]) -> None:
     """What _prepare does once the control log is read: rebuild, then load what it names."""
-    rt._rebuild([FakeMessage(i, raw) for i, raw in enumerate(log)])
+    rt.control.rebuild([FakeMessage(i, raw) for i, raw in enumerate(log)])
 
 
 def served(rt: InferenceRuntime) -> dict[str, Route]:
-    return dict(rt.serving.routes)
+    return dict(rt.models.snapshot.routes)
 
 
 def test_a_version_that_fails_warm_up_is_applied_not_loaded_and_nothing_escapes(
@@ -105,9 +105,9 @@ def test_a_version_that_fails_warm_up_is_applied_not_loaded_and_nothing_escapes(
     runtimes.append(rt)
     start(rt, [])
     rt.ready = True
-    command, error = rt._apply(cmd(1, "swap", version="v2"))
+    command, error = rt.control.apply(cmd(1, "swap", version="v2"))
     assert command is not None and error is None
-    assert rt.table.routes["risk"] == Route.single("v2"), "the table is what the log says"
+    assert rt.control.table.routes["risk"] == Route.single("v2"), "the table is what the log says"
     assert served(rt) == {"risk": Route.single("v1")}, "the last routing that loaded serves"
     assert rt.not_ready_reason is not None and "risk:v2" in rt.not_ready_reason
     assert "warm" in rt.not_ready_reason or "shape" in rt.not_ready_reason.lower()
@@ -117,11 +117,11 @@ def test_a_version_that_fails_warm_up_is_applied_not_loaded_and_nothing_escapes(
             command_id="c1",
             command="swap",
             worker="w",
-            table=rt.table,
+            table=rt.control.table,
             error=None,
             now=0.0,
-            not_loaded=rt.load_problem,
-            serving=rt.serving.routes,
+            not_loaded=rt.models.problem,
+            serving=rt.models.snapshot.routes,
         )
     )
     Draft202012Validator(schema).validate(ack)
@@ -143,9 +143,9 @@ def test_out_of_device_memory_on_moving_a_version_is_applied_not_loaded(
         real_init(self, module, **kwargs)
 
     monkeypatch.setattr(predictor_module.TorchPredictor, "__init__", to_device)
-    _command, error = rt._apply(cmd(1, "swap", version="v2"))
+    _command, error = rt.control.apply(cmd(1, "swap", version="v2"))
     assert error is None
-    assert rt.load_problem is not None and "out of memory" in rt.load_problem
+    assert rt.models.problem is not None and "out of memory" in rt.models.problem
     assert served(rt) == {"risk": Route.single("v1")}
     # v1 still resident may be why v2 does not fit: retrying beside it may never succeed, a
     # restart (which loads only what the log names) would. /healthz says so.
@@ -160,9 +160,9 @@ def test_replay_never_raises_and_loads_only_the_routing_the_log_ends_with(
     )
     runtimes.append(rt)
     start(rt, [cmd(1, "swap", version="v2"), cmd(2, "swap", version="v3")])
-    assert rt.load_problem is None
+    assert rt.models.problem is None
     assert served(rt) == {"risk": Route.single("v3")}
-    assert set(rt._predictors) == {("risk", "v3")}, "v1 and v2 were never needed"
+    assert set(rt.models.predictors) == {("risk", "v3")}, "v1 and v2 were never needed"
 
 
 def test_workers_with_and_without_an_artifact_hold_the_same_routing(
@@ -176,11 +176,15 @@ def test_workers_with_and_without_an_artifact_hold_the_same_routing(
     for rt in (has_all, misses_v2):
         start(rt, [])
         for raw in log:
-            assert rt._apply(raw)[1] is None
-    assert has_all.table.routes == misses_v2.table.routes == {"risk": Route.single("v2")}
-    assert served(has_all) == {"risk": Route.single("v2")} and has_all.load_problem is None
+            assert rt.control.apply(raw)[1] is None
+    assert (
+        has_all.control.table.routes
+        == misses_v2.control.table.routes
+        == {"risk": Route.single("v2")}
+    )
+    assert served(has_all) == {"risk": Route.single("v2")} and has_all.models.problem is None
     assert served(misses_v2) == {"risk": Route.single("v3")}, "its last routing that loaded"
-    assert misses_v2.load_problem is not None and "risk:v2" in misses_v2.load_problem
+    assert misses_v2.models.problem is not None and "risk:v2" in misses_v2.models.problem
 
 
 def test_a_worker_that_cannot_load_the_logs_routing_at_start_serves_nothing_until_it_can(
@@ -191,12 +195,16 @@ def test_a_worker_that_cannot_load_the_logs_routing_at_start_serves_nothing_unti
     runtimes.append(rt)
     start(rt, [cmd(1, "swap", version="v2")])
     assert served(rt) == {}, "never the topology's v1: the log says v2"
-    assert rt.load_problem is not None and "risk:v2" in rt.load_problem
-    assert not rt.serves
-    assert rt._load_table() is not None  # a retry while the artifact is still missing
+    assert rt.models.problem is not None and "risk:v2" in rt.models.problem
+    assert not rt.models.serves
+    assert rt.control.load() is not None  # a retry while the artifact is still missing
     shutil.copytree(artifacts["good"], late)
-    assert rt._load_table() is None
-    assert served(rt) == {"risk": Route.single("v2")} and rt.serves and rt.load_problem is None
+    assert rt.control.load() is None
+    assert (
+        served(rt) == {"risk": Route.single("v2")}
+        and rt.models.serves
+        and rt.models.problem is None
+    )
 
 
 def test_versions_no_routing_needs_are_unloaded(
@@ -205,13 +213,13 @@ def test_versions_no_routing_needs_are_unloaded(
     rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good2"], "v3": artifacts["good"]})
     runtimes.append(rt)
     start(rt, [])
-    assert set(rt._predictors) == {("risk", "v1")}
-    rt._apply(cmd(1, "swap", version="v2"))
-    assert set(rt._predictors) == {("risk", "v2")}
-    rt._apply(cmd(2, "shadow", version="v3"))
-    assert set(rt._predictors) == {("risk", "v2"), ("risk", "v3")}
-    rt._apply(cmd(3, "unshadow"))
-    assert set(rt._predictors) == {("risk", "v2")}
+    assert set(rt.models.predictors) == {("risk", "v1")}
+    rt.control.apply(cmd(1, "swap", version="v2"))
+    assert set(rt.models.predictors) == {("risk", "v2")}
+    rt.control.apply(cmd(2, "shadow", version="v3"))
+    assert set(rt.models.predictors) == {("risk", "v2"), ("risk", "v3")}
+    rt.control.apply(cmd(3, "unshadow"))
+    assert set(rt.models.predictors) == {("risk", "v2")}
 
 
 def test_readiness_says_why(artifacts: dict[str, Path], runtimes: list[InferenceRuntime]) -> None:
@@ -221,5 +229,5 @@ def test_readiness_says_why(artifacts: dict[str, Path], runtimes: list[Inference
     assert rt.not_ready_reason == "starting or stopping"
     rt.ready = True
     assert rt.not_ready_reason is None
-    rt._apply(cmd(1, "swap", version="v2"))
+    rt.control.apply(cmd(1, "swap", version="v2"))
     assert rt.not_ready_reason is not None and rt.not_ready_reason.startswith("risk:v2")

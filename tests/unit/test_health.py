@@ -14,7 +14,7 @@ import pytest
 from stream_infer.io import publisher as publisher_module
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher
-from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import parse_topology
 from tests.unit.test_access import RefusingProducer
 from tests.unit.test_publisher import FakeProducer, _wait_for
@@ -28,11 +28,13 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[InferenceRuntime]:
     monkeypatch.setattr(publisher_module, "Producer", RefusingProducer)
     topics = {"input": "in", "predictions": "out", "dead_letter": "dlq", "control": "ctl"}
     rt = InferenceRuntime(parse_topology(minimal(topics=topics | {"acks": "acks"}), env={}))
-    rt.publisher = Publisher({}, retry_backoff_s=0.01, refused_backoff_s=0.05, access=rt.access)
+    rt.kafka.publisher = Publisher(
+        {}, retry_backoff_s=0.01, refused_backoff_s=0.05, access=rt.kafka.access
+    )
     yield rt
-    rt.publisher.close(timeout_s=0.5)
-    rt.executor.shutdown(wait=False)
-    rt.loader.shutdown(wait=False)
+    rt.kafka.publisher.close(timeout_s=0.5)
+    rt.threads.inference.shutdown(wait=False)
+    rt.threads.loader.shutdown(wait=False)
     FakeProducer.last = None
 
 
@@ -43,8 +45,8 @@ def _gauge(rt: InferenceRuntime, name: str) -> float | None:
 def test_a_missing_acl_is_a_warning_at_200_and_counted_for_alerting(
     runtime: InferenceRuntime,
 ) -> None:
-    runtime.access.refused("topic", "acks", "Write", REFUSED)
-    runtime.access.refused("topic", "in", "Read", REFUSED)
+    runtime.kafka.access.refused("topic", "acks", "Write", REFUSED)
+    runtime.kafka.access.refused("topic", "in", "Read", REFUSED)
     status, body = runtime.health()
     assert status == 200 and body["ok"] is True and body["problems"] == [], body
     assert [w.split(" for ")[0] for w in body["warnings"]] == [
@@ -52,8 +54,8 @@ def test_a_missing_acl_is_a_warning_at_200_and_counted_for_alerting(
         f"Kafka has refused this worker's principal Read on topic 'in' ({REFUSED})",
     ]
     assert _gauge(runtime, "stream_infer_kafka_access_refused") == 2.0
-    runtime.access.allowed("topic", "in")
-    runtime.access.allowed("topic", "acks", "Write")
+    runtime.kafka.access.allowed("topic", "in")
+    runtime.kafka.access.allowed("topic", "acks", "Write")
     assert runtime.health() == (200, {"ok": True, "problems": [], "oldest_unacked_s": 0.0})
     assert _gauge(runtime, "stream_infer_kafka_access_refused") == 0.0
 
@@ -61,8 +63,8 @@ def test_a_missing_acl_is_a_warning_at_200_and_counted_for_alerting(
 def test_a_publisher_whose_poll_thread_died_fails_the_health_check(
     runtime: InferenceRuntime,
 ) -> None:
-    assert runtime.publisher is not None
-    runtime.publisher._failure = "the publisher's poll thread died: RuntimeError('x')"
+    assert runtime.kafka.publisher is not None
+    runtime.kafka.publisher._failure = "the publisher's poll thread died: RuntimeError('x')"
     status, body = runtime.health()
     assert status == 500 and body["ok"] is False
     assert body["problems"] == ["the publisher's poll thread died: RuntimeError('x')"]
@@ -76,7 +78,7 @@ def test_a_control_log_thread_that_died_fails_the_health_check(
     log._thread.start()
     log._thread.join()
     log.error = RuntimeError("consumer fatal")
-    runtime.control_log = log
+    runtime.kafka.control_log = log
     assert runtime.health()[0] == 200  # not started yet (or stopping): nothing to run
     runtime.ready = True
     status, body = runtime.health()
@@ -89,17 +91,17 @@ def test_a_control_log_thread_that_died_fails_the_health_check(
 def test_commands_apply_one_after_another_while_the_acks_topic_refuses_write(
     runtime: InferenceRuntime,
 ) -> None:
-    assert runtime.publisher is not None
+    assert runtime.kafka.publisher is not None
     producer = cast(RefusingProducer, RefusingProducer.last)
     producer.refused.add("acks")
 
     async def two_commands() -> None:
         for raw in (b"{}", b"not json"):  # each is rejected, and acknowledged as such
-            await asyncio.wait_for(runtime.handle_control(raw), timeout=2.0)
+            await asyncio.wait_for(runtime.control.handle(raw), timeout=2.0)
 
     asyncio.run(two_commands())
-    _wait_for(lambda: runtime.access.active, 2.0)  # refused at delivery
+    _wait_for(lambda: runtime.kafka.access.active, 2.0)  # refused at delivery
     assert runtime.health()[0] == 200
     producer.refused.clear()  # granted: both acks go out, in order
     _wait_for(lambda: sum(producer.acked.values()) == 2, 2.0)
-    assert len(runtime.publisher) == 0
+    assert len(runtime.kafka.publisher) == 0

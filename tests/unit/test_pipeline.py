@@ -15,7 +15,7 @@ import pytest
 
 from stream_infer.core import serde
 from stream_infer.core.events import BatchResult, Record
-from stream_infer.core.pipeline import ModelOutput, Pipeline, Serving
+from stream_infer.core.pipeline import ModelOutput, Pipeline, RoutingSnapshot
 from stream_infer.core.routing import Route
 from stream_infer.core.serde import FeatureDecoder
 from stream_infer.core.watchdog import Watchdog
@@ -55,8 +55,10 @@ def make_pipeline(
     )
 
 
-def serving(route: Route, *predictors: FakePredictor, model: str = "risk") -> Serving:
-    return Serving(routes={model: route}, predictors={(p.model, p.version): p for p in predictors})
+def serving(route: Route, *predictors: FakePredictor, model: str = "risk") -> RoutingSnapshot:
+    return RoutingSnapshot(
+        routes={model: route}, predictors={(p.model, p.version): p for p in predictors}
+    )
 
 
 def events(make_record: Any, first_features: Sequence[float], prefix: str = "e") -> list[Record]:
@@ -120,7 +122,7 @@ def test_several_outputs_are_predicted_on_their_own_topics(make_record: Any) -> 
     pipeline = make_pipeline([ModelOutput("risk", PRED), ModelOutput("churn", "t.churn")])
     risk = FakePredictor("risk", "v1")
     churn = FakePredictor("churn", "c3", lambda x: np.full(len(x), 0.25))
-    state = Serving(
+    state = RoutingSnapshot(
         routes={"risk": Route.single("v1"), "churn": Route.single("c3")},
         predictors={("risk", "v1"): risk, ("churn", "c3"): churn},
     )
@@ -342,7 +344,7 @@ def test_the_first_model_to_fail_an_event_names_the_reason(make_record: Any) -> 
         return np.full(len(x), np.nan)
 
     pipeline = make_pipeline([ModelOutput("a", "t.a"), ModelOutput("b", "t.b")])
-    state = Serving(
+    state = RoutingSnapshot(
         routes={"a": Route.single("v1"), "b": Route.single("v1")},
         predictors={
             ("a", "v1"): FakePredictor("a", "v1", raises),

@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator
 
 from stream_infer.core import serde
 from stream_infer.core.events import DeadLetter
-from stream_infer.core.pipeline import ModelOutput, Pipeline, Serving
+from stream_infer.core.pipeline import ModelOutput, Pipeline, RoutingSnapshot
 from stream_infer.core.routing import Route
 from stream_infer.core.serde import FeatureDecoder, encode_dead_letter, encode_predictions
 
@@ -232,7 +232,7 @@ def test_dead_letters_from_the_model_validate(
     pipeline = Pipeline(
         decoder, [ModelOutput("m", "preds")], dead_letter_topic="dlq", shadow_topic=None
     )
-    serving = Serving(
+    serving = RoutingSnapshot(
         routes={"m": Route.single("v1")}, predictors={("m", "v1"): FailingPredictor()}
     )
     records = [make_record(raw({"id": f"e{i}", "features": [i, 0, 0]})) for i in (1, 7, 13)]

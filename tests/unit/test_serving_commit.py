@@ -86,7 +86,6 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
     monkeypatch.setattr(runtime.batches, "_process", process)
 
     async def scenario() -> None:
-        runtime._commits = asyncio.Queue()
         await runtime.batches.handle(b0)
         with pytest.raises(RuntimeError, match="publish raised"):
             await runtime.batches.handle(b1)
@@ -95,7 +94,7 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
     asyncio.run(scenario())
     assert served == [0]
     assert runtime.kafka.source.checkpoint.failed_at == 1
-    assert runtime._commits is not None and runtime._commits.qsize() == 1  # b0 only
+    assert len(runtime.batches.commits) == 1  # b0 only
     status, body = runtime.health()
     assert status == 500
     assert body["problems"] == [
@@ -112,10 +111,9 @@ def test_a_batch_whose_record_cannot_be_delivered_fails_and_stops_the_commits(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        runtime._commits = asyncio.Queue()
         tickets = [Ticket(loop) for _ in range(3)]
         for batch, ticket in zip((b0, b1, b2), tickets, strict=True):
-            await runtime._commits.put((batch, ticket))
+            await runtime.batches.commits.add(batch, ticket)
         tickets[0]._expect(0)
         tickets[2]._expect(0)
         tickets[1]._fail(DeliveryError("refused for good", topic="dlq"))
@@ -179,7 +177,9 @@ def test_a_record_refused_for_good_becomes_a_valid_undeliverable_dead_letter(
     ticket.records = [record, made]
     found = ticket.find("out", b"key-2", b'{"id": "e-2", "prediction": 0.5}')
     assert found is made, "a delivery report's bytes find their record"
-    letter = runtime.kafka.undeliverable(found, "topic 'out' refused it for good (MSG_SIZE_TOO_LARGE)")
+    letter = runtime.kafka.undeliverable(
+        found, "topic 'out' refused it for good (MSG_SIZE_TOO_LARGE)"
+    )
     assert letter is not None
     doc = orjson.loads(letter.value)
     Draft202012Validator(schema).validate(doc)

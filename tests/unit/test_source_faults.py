@@ -287,18 +287,18 @@ class _Record:
 
 
 def test_a_group_that_refuses_the_session_timeout_fails_the_health_check() -> None:
-    from stream_infer.runtime.serving import InferenceRuntime
+    from stream_infer.runtime.worker import InferenceRuntime
     from stream_infer.settings import parse_topology
     from tests.unit.test_settings import minimal
 
     runtime = InferenceRuntime(parse_topology(minimal(), env={}))
     try:
-        runtime.source = _source(**{"session.timeout.ms": 3000})
+        runtime.kafka.source = _source(**{"session.timeout.ms": 3000})
         assert runtime.health()[0] == 200
         err = KafkaError(KafkaError.INVALID_SESSION_TIMEOUT, "JoinGroup failed")
-        runtime.source._errors([cast(Message, _Failed(err))])
+        runtime.kafka.source._errors([cast(Message, _Failed(err))])
         status, body = runtime.health()
-        assert status == 500 and body["problems"] == [runtime.source.group_problem], body
+        assert status == 500 and body["problems"] == [runtime.kafka.source.group_problem], body
     finally:
-        runtime.executor.shutdown(wait=False)
-        runtime.loader.shutdown(wait=False)
+        runtime.threads.inference.shutdown(wait=False)
+        runtime.threads.loader.shutdown(wait=False)

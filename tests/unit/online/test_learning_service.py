@@ -232,13 +232,13 @@ def test_a_stuck_learning_thread_drops_after_the_wait_and_is_a_health_problem(
 
 
 def test_the_runtime_reports_a_stuck_learning_thread_in_healthz() -> None:
-    from stream_infer.runtime.serving import InferenceRuntime
+    from stream_infer.runtime.worker import InferenceRuntime
 
     rt = InferenceRuntime(topology())
     learning = rt.learning
     assert learning is not None
     learner = StuckLearner()
-    rt._predictors[("risk", "online")] = learner
+    rt.models.predictors[("risk", "online")] = learner
     learning.queue_wait_s, learning.stall_s = 0.05, 0.2
     try:
         rt.ready = True
@@ -251,9 +251,9 @@ def test_the_runtime_reports_a_stuck_learning_thread_in_healthz() -> None:
         learner.release.set()
         learning._stop.set()
         learning._thread.join(5)
-        rt.executor.shutdown(wait=False)
-        rt.loader.shutdown(wait=False)
-        rt.watchdog.close()
+        rt.threads.inference.shutdown(wait=False)
+        rt.threads.loader.shutdown(wait=False)
+        rt.models.watchdog.close()
 
 
 # --- item 13: lost joins are measured -----------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from stream_infer.core.control import parse_command
 from stream_infer.online.learner import OnlineLearner
-from stream_infer.runtime.serving import InferenceRuntime
+from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import LearnerSettings, Topology, parse_topology
 
 TOPICS = {
@@ -53,9 +53,9 @@ def runtime(topo: Topology) -> InferenceRuntime:
 
 
 def close(rt: InferenceRuntime) -> None:
-    rt.executor.shutdown(wait=False)
-    rt.loader.shutdown(wait=False)
-    rt.watchdog.close()
+    rt.threads.inference.shutdown(wait=False)
+    rt.threads.loader.shutdown(wait=False)
+    rt.models.watchdog.close()
 
 
 def trained(n: int, features: tuple[str, ...] = ("a", "b"), **kw: Any) -> OnlineLearner:
@@ -67,8 +67,9 @@ def trained(n: int, features: tuple[str, ...] = ("a", "b"), **kw: Any) -> Online
 
 def start_learner(rt: InferenceRuntime) -> OnlineLearner:
     spec = rt.topology.online.learners[0]
-    learner = rt._make_learner(spec)
-    rt._predictors[(spec.model, spec.version)] = learner
+    assert rt.learning is not None
+    learner = rt.learning.learner_for(spec)
+    rt.models.predictors[(spec.model, spec.version)] = learner
     return learner
 
 
@@ -156,7 +157,7 @@ def test_workers_on_one_volume_write_their_own_files_and_restore_their_own(
     a, b = runtime(topology(tmp_path, worker="pod-a")), runtime(topology(tmp_path, worker="pod-b"))
     try:
         for rt, n in ((a, 30), (b, 70)):
-            rt._predictors[("risk", "online")] = trained(n)
+            rt.models.predictors[("risk", "online")] = trained(n)
             assert rt.learning is not None and rt.learning.snapshot() == 0
         files = sorted(p.name for p in (tmp_path / "risk" / "online").iterdir())
         assert files == ["pod-a.snapshot", "pod-b.snapshot"]
@@ -208,7 +209,7 @@ def test_replay_does_not_wipe_a_learner_restored_after_the_reset(tmp_path: Path)
     try:
         learner = start_learner(before)
         learner.learn_one({"a": 1.0, "b": 1.0}, True)
-        before._reset_learner(parse_command(command(RESET)), 1)
+        before.control.reset_learner(parse_command(command(RESET)), 1)
         for i in range(1000):
             learner.learn_one({"a": float(i % 7), "b": 1.0}, i % 2 == 0)
         assert before.learning is not None and before.learning.snapshot() == 0
@@ -220,11 +221,11 @@ def test_replay_does_not_wipe_a_learner_restored_after_the_reset(tmp_path: Path)
         restored = start_learner(rt)
         assert restored.n_learned == 1000 and restored.control_offset == 1
         for offset, doc in enumerate((SWAP, RESET)):
-            _, error = rt._apply(command(doc), replay=True, offset=offset)
+            _, error = rt.control.apply(command(doc), replay=True, offset=offset)
             assert error is None, error
-        assert rt._predictors[("risk", "online")].n_learned == 1000  # type: ignore[attr-defined]
+        assert rt.models.predictors[("risk", "online")].n_learned == 1000  # type: ignore[attr-defined]
         # A reset the snapshot has not seen (a later offset) still resets.
-        _, error = rt._apply(command(RESET | {"id": "c-3"}), replay=True, offset=2)
+        _, error = rt.control.apply(command(RESET | {"id": "c-3"}), replay=True, offset=2)
         assert error is None and restored.n_learned == 0 and restored.control_offset == 2
     finally:
         close(rt)
@@ -238,7 +239,7 @@ def test_a_snapshot_without_a_control_offset_replays_every_reset(tmp_path: Path)
         assert learner.control_offset == -1
         write_own(rt, learner)
         restored = start_learner(rt)
-        rt._reset_learner(parse_command(command(RESET)), 0)
+        rt.control.reset_learner(parse_command(command(RESET)), 0)
         assert restored.n_learned == 0
     finally:
         close(rt)
@@ -260,7 +261,8 @@ def test_learner_settings_still_build_a_fresh_learner_without_a_folder() -> None
     )
     rt = runtime(topo)
     try:
-        learner = rt._make_learner(LearnerSettings(model="risk"))
+        assert rt.learning is not None
+        learner = rt.learning.learner_for(LearnerSettings(model="risk"))
         assert learner.n_learned == 0 and learner.features == ("a", "b")
     finally:
         close(rt)

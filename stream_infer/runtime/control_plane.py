@@ -1,0 +1,216 @@
+"""This worker's side of the control plane: the control log applied to the routing table, what
+the table routes loaded and served, and each live command acknowledged.
+
+At start the whole log is replayed onto a fresh table (:meth:`ControlPlane.rebuild`) and only
+what it ends with is loaded. Live, each command is parsed, validated and applied on the loader
+thread (:meth:`ControlPlane.apply`); applied or rejected is decided by the table from the log
+alone, so the table is the same on every worker. A routing that does not load is not a
+rejection: the last routing that loaded keeps serving, :attr:`Models.problem` says why, and
+the load is retried every ``retry_s``. Once the inference thread has finished every batch
+served by the old routing, the ack goes to the acks topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message
+
+from stream_infer.core import control
+from stream_infer.core.control import Command, RoutingTable, encode_ack, parse_command
+from stream_infer.core.events import ModelVersion, OutRecord
+from stream_infer.errors import ControlError
+from stream_infer.observability import Metrics
+from stream_infer.runtime.kafka import KafkaClients
+from stream_infer.runtime.models import Models
+from stream_infer.runtime.threads import Threads
+from stream_infer.settings import Topology
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    """The routing table and the commands applied to it.
+
+    ``on_reset``: a learner of this model was reset (its monitors start afresh).
+    ``on_served``: after each live command and load retry (the worker starts consuming once a
+    routing serves).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        metrics: Metrics,
+        models: Models,
+        kafka: KafkaClients,
+        threads: Threads,
+        *,
+        worker_id: str,
+        on_reset: Callable[[str], None] = lambda _model: None,
+        on_served: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.topology = topology
+        self.metrics = metrics
+        self.models = models
+        self.kafka = kafka
+        self.threads = threads
+        self.worker_id = worker_id
+        self.retry_s = 10.0  # how often a routing that does not load is loaded again
+        declared = {m.name: topology.versions_of(m.name) for m in topology.models}
+        serving = {m.name: m.serving for m in topology.models}
+        self.table = RoutingTable.initial(
+            declared, serving, time.time(), learners=set(models.learner_keys)
+        )
+        key = topology.control.hmac_key
+        self._hmac_key = key.get_secret_value().encode() if key else None
+        self._on_reset = on_reset
+        self._on_served = on_served
+
+    def load(self) -> str | None:
+        """Load what the table routes and serve it; else say why (loader thread)."""
+        return self.models.serve(self.table)
+
+    def rebuild(self, replayed: Sequence[Message]) -> None:
+        """The routing table planned over the whole log, then only what it ends with loaded.
+
+        Never raises because of one command: a command is applied or rejected by the table
+        (which depends on the log alone), and a routing that does not load leaves this worker
+        serving nothing, not ready, until it does (:meth:`load`, retried).
+        """
+        # Online learners are always loaded (they learn whether they serve or not), before the
+        # replay: the resets it goes through apply to them.
+        self.models.load(self.models.learner_keys)
+        for msg in replayed:
+            self.apply(msg.value(), replay=True, offset=msg.offset(), record_ts=record_time_s(msg))
+        problem = self.load()
+        log.info(
+            "routing rebuilt from %d control commands: %s%s",
+            len(replayed),
+            self.table.as_dict()["routes"],
+            f"; NOT serving it: {problem}" if problem else "",
+        )
+
+    def apply(
+        self,
+        raw: bytes | None,
+        *,
+        replay: bool = False,
+        offset: int | None = None,
+        record_ts: float | None = None,
+    ) -> tuple[Command | None, ControlError | None]:
+        """Parse, validate and apply to the routing table, then (live) load what it routes and
+        switch. Runs on the loader thread.
+
+        Applied or rejected is decided by the table, from the log alone (``record_ts``: the
+        record's Kafka timestamp, for ``issued_at``): the same on every worker. A rejected
+        command leaves the routing untouched. A routing that does not load is not a rejection:
+        ``models.problem`` says why, and the last routing that loaded keeps serving. During the
+        replay nothing is loaded; :meth:`rebuild` loads what the whole log ends with.
+        """
+        cmd: Command | None = None
+        try:
+            cmd = parse_command(
+                raw,
+                hmac_key=self._hmac_key,
+                max_age_s=self.topology.control.max_command_age_s,
+                record_ts=record_ts,
+            )
+            changed = self.table.apply(cmd, time.time())
+            if cmd.command == "reset_learner":  # the table checked that it names a learner
+                self.reset_learner(cmd, offset)
+            elif not replay and (changed or self.models.problem is not None):
+                self.load()
+        except ControlError as exc:
+            self.metrics.control_commands.labels(cmd.command if cmd else "?", "rejected").inc()
+            log.warning(
+                "control command %s rejected%s: %s",
+                exc.command_id,
+                " (replay)" if replay else "",
+                exc,
+            )
+            return cmd, exc
+        self.metrics.control_commands.labels(cmd.command, "applied").inc()
+        log.info(
+            "control command %s (%s) applied%s: %s",
+            cmd.id,
+            cmd.command,
+            " (replay)" if replay else "",
+            self.table.as_dict()["routes"],
+        )
+        return cmd, None
+
+    def reset_learner(self, cmd: Command, offset: int | None = None) -> None:
+        """Reset a learner, unless its state already follows this command: a learner restored
+        from a snapshot records the control-log offset of the last reset it went through, and
+        the replay at start skips the resets at or below it (so a restart restores exactly
+        what was learned). ``offset``: the command's control-log offset (None: not known)."""
+        learner = self.models.learner(ModelVersion(cmd.model or "", cmd.version or ""))
+        if learner is None:
+            msg = f"{cmd.model}:{cmd.version} is not an online learner"
+            raise ControlError(control.NOT_A_LEARNER, msg, command_id=cmd.id)
+        if offset is not None and offset <= learner.control_offset:
+            log.info(
+                "reset of %s:%s at control offset %d skipped: its snapshot already follows "
+                "the reset at offset %d",
+                cmd.model,
+                cmd.version,
+                offset,
+                learner.control_offset,
+            )
+            return
+        learner.reset(offset)
+        self._on_reset(learner.model)  # its error starts afresh: so do the model's monitors
+
+    async def handle(
+        self, raw: bytes | None, offset: int | None = None, timestamp_s: float | None = None
+    ) -> None:
+        """Apply one live command (``offset``: its control-log offset, ``timestamp_s``: its
+        record's timestamp) off the serving path, then acknowledge it on the acks topic."""
+        apply = functools.partial(self.apply, raw, offset=offset, record_ts=timestamp_s)
+        cmd, error = await self.threads.on_loader(apply)
+        self._on_served()
+        if error is None:
+            # A batch that read the old snapshot may still be on the inference thread. That
+            # thread runs batches in order, so once a no-op has run there, every batch served
+            # by the old routing is done: what the ack promises is then true of everything after.
+            await self.threads.inference_barrier()
+        acks = self.topology.topics.acks
+        if acks is None or self.kafka.publisher is None:
+            return
+        value = encode_ack(
+            command_id=cmd.id if cmd else getattr(error, "command_id", None),
+            command=cmd.command if cmd else None,
+            worker=self.worker_id,
+            table=self.table,
+            error=error,
+            now=time.time(),
+            not_loaded=self.models.problem if error is None else None,
+            serving=self.models.snapshot.routes,
+        )
+        # Not awaited: an ack gates no offset (the control log is replayed, not committed), and
+        # waiting on it would hold every later command (a rollback) while the acks topic
+        # refuses Write. It is still delivered with retries, in order. Published on the loader
+        # thread (one thread: acks keep their order), not on the event loop.
+        ack = [OutRecord(acks, self.worker_id.encode(), value)]
+        if not self.threads.later_on_loader(functools.partial(self.kafka.publish_untracked, ack)):
+            log.warning("ack of %s not sent: the worker is stopping", cmd.id if cmd else None)
+
+    async def retry_loads(self) -> None:
+        """Forever: every ``retry_s``, while the log's routing is not served, load it again (on
+        the loader thread, in order with the commands)."""
+        while True:
+            await asyncio.sleep(self.retry_s)
+            if self.models.problem is not None:
+                await self.threads.on_loader(self.load)
+                self._on_served()
+
+
+def record_time_s(msg: Message) -> float | None:
+    """When the broker wrote the record, in seconds: None unless its timestamp is the broker's
+    (LogAppendTime; with CreateTime the sender chooses it, so it proves nothing)."""
+    kind, ms = msg.timestamp()
+    return ms / 1000.0 if kind == TIMESTAMP_LOG_APPEND_TIME else None

@@ -1,0 +1,280 @@
+"""One worker's runtime, on the event loop side (no faust imports here): its parts built,
+started and stopped in order, and its health.
+
+The parts, each in its own module::
+
+    threads        the inference and loader threads, the bridges into the event loop
+    kafka          the Kafka clients: control log, publisher, batch source
+    models         the versions loaded, the routing snapshot they serve, the watchdog
+    control_plane  the routing table, the control log applied to it, acks
+    batches        the per-batch path: pipeline on the inference thread, publish, then
+    commits        commit after delivery, in order
+    learning       online learning (labels, learners, drift), when the topology enables it
+
+A batch that cannot be served (an exception on the serving path, or a record no retry delivers
+and nothing else can take) fails: nothing after it is served, marked done or committed, and the
+exception stops the worker, which restarts from the committed offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import torch
+from confluent_kafka import Message
+
+from stream_infer.core.control import RoutingTable
+from stream_infer.core.events import ModelVersion
+from stream_infer.io.source import SourceBatch
+from stream_infer.observability import Metrics
+from stream_infer.runtime.batches import BatchHandler
+from stream_infer.runtime.control_plane import ControlPlane
+from stream_infer.runtime.kafka import KafkaClients
+from stream_infer.runtime.learning import LearningService
+from stream_infer.runtime.models import Models
+from stream_infer.runtime.threads import Threads
+from stream_infer.settings import Topology
+
+log = logging.getLogger(__name__)
+
+
+class InferenceRuntime:
+    def __init__(self, topology: Topology, metrics: Metrics | None = None) -> None:
+        self.topology = topology
+        self.metrics = metrics or Metrics()
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.threads = Threads()
+        self.kafka = KafkaClients(topology, self.metrics)
+        self.learning: LearningService | None = None
+        if topology.online.enabled:
+            self.learning = LearningService(
+                topology,
+                self.metrics,
+                publish=self.kafka.publish_untracked,
+                predictors=lambda: self.models.predictors,
+                # The table's routes and generation, not what serves here (which may lag a
+                # load): a policy command is judged against the table, on every worker.
+                routes=lambda: self.control.table.routes,
+                generation=lambda: self.control.table.generation,
+                worker=topology.worker.id or socket.gethostname(),
+            )
+        self.models = Models(
+            topology,
+            make_learner=self.learning.learner_for if self.learning is not None else None,
+            on_switch=self._switched,
+            on_hung=self._on_hung,
+        )
+        self.control = ControlPlane(
+            topology,
+            self.metrics,
+            self.models,
+            self.kafka,
+            self.threads,
+            worker_id=self.worker_id,
+            on_reset=self._learner_reset,
+            on_served=self._serve_once_loaded,
+        )
+        self.batches = BatchHandler(
+            topology, self.metrics, self.models, self.kafka, self.threads, self.learning
+        )
+        self.ready = False
+        self.started = asyncio.Event()
+        self._source_started = False
+        self._retry_task: asyncio.Task[None] | None = None
+        # Read at scrape time: ready once started, and while the log's routing serves.
+        self.metrics.ready.set_function(lambda: 1 if self.not_ready_reason is None else 0)
+
+    def _on_hung(self, key: ModelVersion, hung: int, timed_out: bool) -> None:
+        self.metrics.hung_calls.labels(*key).set(hung)
+        if timed_out:
+            self.metrics.inference_timeouts.labels(*key).inc()
+
+    def _switched(self, table: RoutingTable, changed: set[str]) -> None:
+        """The models serve a new snapshot of ``table``'s routes (loader thread)."""
+        self.metrics.set_routes({m: dict(r.weights) for m, r in table.routes.items()})
+        self.metrics.routing_changed.set(table.changed_at)
+        if changed and self.learning is not None:
+            self.learning.serving_changed(changed)
+
+    def _learner_reset(self, model: str) -> None:
+        if self.learning is not None:  # its error starts afresh: so do the model's monitors
+            self.learning.serving_changed({model})
+
+    def _assigned(self, parts: list[tuple[str, int]]) -> None:
+        """The consumer thread's assignment changed (after a revocation or an assignment)."""
+        owned = [p for topic, p in parts if topic == self.topology.topics.input]
+        self.metrics.assigned_partitions.set(len(owned))
+        if self.learning is not None:
+            self.learning.assigned(owned)
+
+    # --- health ----------------------------------------------------------------------------
+
+    def health_problems(self) -> list[str]:
+        """Why this worker should be restarted (empty when it is healthy)."""
+        problems = []
+        models, source, publisher = self.models, self.kafka.source, self.kafka.publisher
+        if models.problem is not None and models.out_of_memory:
+            problems.append(
+                f"out of memory loading what the control log routes ({models.problem}) "
+                "while earlier versions are resident: a restart loads only what the log names"
+            )
+        if source is not None and source.error is not None:
+            problems.append(f"the batch source failed: {source.error!r}")
+        if source is not None and source.group_problem is not None:
+            problems.append(source.group_problem)
+        for model, version in models.watchdog.saturated():
+            problems.append(
+                f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
+                "only a restart reclaims their threads"
+            )
+        if source is not None and source.failure is not None:
+            problems.append(
+                f"a batch failed ({source.failure}): nothing after it is committed; a "
+                "restart serves it again"
+            )
+        if publisher is not None and (problem := publisher.problem):
+            problems.append(problem)
+        # A refused Write holds deliveries back: that is a warning, not a stall. A refused
+        # Read (the control log, an idle labels topic) says nothing of deliveries.
+        if publisher is not None and not self.kafka.access.refuses("Write"):
+            waited, limit = publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
+            if waited > limit:
+                problems.append(
+                    f"the oldest batch not acknowledged by the broker has waited {waited:.0f} s "
+                    f"(limits.max_unacked_s={limit:g}): deliveries are stuck"
+                )
+        if self.ready:  # started and not stopping: every background thread must be running
+            control_log = self.kafka.control_log
+            if control_log is not None and not control_log.alive:
+                problems.append(
+                    f"the control-log thread stopped ({control_log.error!r}): "
+                    "later control commands are not applied"
+                )
+            if self.learning is not None and (problem := self.learning.problem):
+                problems.append(problem)
+        return problems
+
+    def health_warnings(self) -> list[str]:
+        """What is wrong but no restart mends: a missing ACL (a restart never grants one; the
+        worker retries and reports the grant), topics no longer partitioned alike."""
+        copartition = self.kafka.copartition_problem
+        warnings = [copartition] if copartition else []
+        return warnings + self.kafka.access.problems()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """/healthz: 500 and the problems a restart mends; ``warnings`` (only when there are
+        some) for what is wrong but would not be mended by a restart (the status stays 200:
+        a liveness probe must not restart the pod in a loop over them)."""
+        problems = self.health_problems()
+        body: dict[str, Any] = {"ok": not problems, "problems": problems}
+        if self.kafka.publisher is not None:  # how long the oldest unacknowledged batch waited
+            body["oldest_unacked_s"] = round(self.kafka.publisher.oldest_unacked_s, 3)
+        if warnings := self.health_warnings():
+            body["warnings"] = warnings
+        return (500 if problems else 200), body
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503 (None: ready)."""
+        if not self.ready:
+            return "starting or stopping"
+        return self.models.problem
+
+    # --- start and stop ----------------------------------------------------------------
+
+    async def start(
+        self,
+        put_batch: Callable[[SourceBatch], Coroutine[Any, Any, object]],
+        put_command: Callable[[Message], Coroutine[Any, Any, object]],
+    ) -> None:
+        """Start serving: ``put_batch`` and ``put_command`` put a micro-batch and a control
+        record on their agents' channels (on this event loop; the source's and the control
+        log's threads reach them through :meth:`Threads.bridge`)."""
+        await self.threads.on_inference(self._prepare)
+        topo = self.topology
+        self.kafka.open(self.threads.bridge(put_batch), self._assigned)
+        if self.learning is not None:
+            self.learning.start()
+        # A worker that cannot load the routing the log names consumes nothing (it does not
+        # join the group: its peers serve every partition) until it can: never a routing the
+        # log does not say. It follows the log, and retries the load, meanwhile.
+        self._serve_once_loaded()
+        assert self.kafka.control_log is not None  # _prepare made it
+        self.kafka.control_log.follow(self.threads.bridge(put_command))
+        self.ready = True
+        self._retry_task = asyncio.create_task(self.control.retry_loads())
+        if not self.models.serves:
+            log.error("not consuming until the routing the control log names loads")
+        log.info(
+            "serving %s on %s: input %s, batches of <= %d within %g ms",
+            ", ".join(f"{m}={dict(r.weights)}" for m, r in self.models.snapshot.routes.items()),
+            self.models.device,
+            topo.topics.input,
+            topo.batching.max_batch_size,
+            topo.batching.max_wait_ms,
+        )
+
+    def _prepare(self) -> None:
+        """Blocking start-up work (inference thread): topics; the routing rebuilt from the
+        control log; the versions it needs loaded and warmed up."""
+        torch.set_num_threads(self.topology.worker.inference_threads)
+        self.control.rebuild(self.kafka.prepare())
+
+    def _serve_once_loaded(self) -> None:
+        """Start consuming once a routing the log names is served (event loop)."""
+        source = self.kafka.source
+        if source is not None and self.models.serves and not self._source_started:
+            self._source_started = True
+            source.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving within one deadline: the source drains its batches in flight and
+        commits, the publisher delivers what is left, in the time that remains. Each step runs
+        whether an earlier one failed or not (logged)."""
+        self.ready = False
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if (source := self.kafka.source) is not None:
+            steps.append(("the batch source", lambda: source.stop(left())))
+        if self.learning is not None:
+            steps.append(("online learning", self.learning.stop))
+        if (publisher := self.kafka.publisher) is not None:
+            # At least a moment for what the drain just acknowledged, even past the deadline.
+            steps.append(("the publisher", lambda: publisher.close(max(1.0, left()))))
+        if self.kafka.control_log is not None:
+            steps.append(("the control log", self.kafka.control_log.close))
+        for name, step in steps:
+            try:
+                await loop.run_in_executor(None, step)
+            except Exception:
+                log.exception("stopping %s failed; stopping the rest", name)
+        closes: list[tuple[str, Callable[[], object]]] = [
+            (
+                "the inference thread",
+                functools.partial(self.threads.inference.shutdown, False, cancel_futures=True),
+            ),
+            ("the watchdog", self.models.watchdog.close),
+            (
+                "the model loader",
+                functools.partial(self.threads.loader.shutdown, False, cancel_futures=True),
+            ),
+        ]
+        for name, close in closes:
+            try:
+                close()
+            except Exception:
+                log.exception("stopping %s failed; stopping the rest", name)
