@@ -15,8 +15,9 @@ import time
 import numpy as np
 
 from stream_infer.examples import phishing
+from stream_infer.online import LEARNER_KINDS
 from stream_infer.online.joiner import LabelJoiner, Served
-from stream_infer.online.learner import LEARNER_KINDS, OnlineLearner
+from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.prequential import Prequential
 
 

@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import orjson
 from river import drift
@@ -55,19 +55,14 @@ DETECTOR = "adwin"
 _ADWIN: Callable[..., Any] = drift.ADWIN
 
 
-def error_of(task: Literal["classification"], label: float, prediction: float) -> float:
+def error_of(label: float, prediction: float) -> float:
     """The ``"error"`` signal of one labelled event of a classifier: 1.0 when
     ``prediction > 0.5`` disagrees with the 0/1 ``label`` (the same threshold as
     :class:`~stream_infer.online.prequential.Prequential`), else 0.0.
 
-    ``task`` must be ``"classification"``, the only task the runtime serves.
-
-    >>> error_of("classification", 1.0, 0.7), error_of("classification", 1.0, 0.5)
+    >>> error_of(1.0, 0.7), error_of(1.0, 0.5)
     (0.0, 1.0)
     """
-    if task != "classification":
-        msg = f"error_of: task must be classification, got {task!r}"
-        raise ValueError(msg)
     return float((prediction > 0.5) != (label >= 0.5))
 
 

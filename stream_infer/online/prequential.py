@@ -21,7 +21,7 @@ last ``window`` events, and ``n``, the number of events scored.
 from __future__ import annotations
 
 import threading
-from typing import Any, Literal
+from typing import Any
 
 from river import metrics, utils
 
@@ -34,9 +34,6 @@ class Prequential:
 
     Parameters
     ----------
-    task
-        ``"classification"`` (binary, labels 0/1, predictions are probabilities): the only task
-        the runtime serves.
     window
         The number of most recent events the rolling metrics cover.
 
@@ -44,16 +41,10 @@ class Prequential:
     one lock.
     """
 
-    def __init__(
-        self, task: Literal["classification"] = "classification", window: int = 1000
-    ) -> None:
-        if task != "classification":
-            msg = f"Prequential: task must be classification, got {task!r}"
-            raise ValueError(msg)
+    def __init__(self, window: int = 1000) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             msg = f"Prequential: window must be an int >= 1, got {window!r}"
             raise ValueError(msg)
-        self.task = task
         self.window = window
         self._lock = threading.Lock()
         self._n = 0

@@ -295,9 +295,9 @@ class LearningService:
     def _score(self, model: str, version: str, label: float, prediction: float) -> list[DriftEvent]:
         key = ModelVersion(model, version)
         if key not in self.prequential:
-            self.prequential[key] = Prequential("classification", self.online.metrics_window)
+            self.prequential[key] = Prequential(self.online.metrics_window)
         self.prequential[key].update_one(label, prediction)
-        error = error_of("classification", label, prediction)
+        error = error_of(label, prediction)
         events = []
         for monitor in self._monitor(model, version, "error"):
             event = monitor.update_one(error)

@@ -148,11 +148,9 @@ def test_signals_and_errors() -> None:
     for bad in ("feature:", "features:age", "latency", ""):
         with pytest.raises(ValueError, match="signal"):
             parse_signal(bad)
-    assert error_of("classification", 1.0, 0.7) == 0.0
-    assert error_of("classification", 1.0, 0.5) == 1.0  # 0.5 predicts 0, as in Prequential
-    assert error_of("classification", 0.0, 0.5) == 0.0
-    with pytest.raises(ValueError, match="task"):
-        error_of("ranking", 1.0, 1.0)
+    assert error_of(1.0, 0.7) == 0.0
+    assert error_of(1.0, 0.5) == 1.0  # 0.5 predicts 0, as in Prequential
+    assert error_of(0.0, 0.5) == 0.0
 
 
 def test_invalid_arguments() -> None:

@@ -67,8 +67,6 @@ def test_report_before_any_event() -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="task"):
-        Prequential("ranking")
     with pytest.raises(ValueError, match="window"):
         Prequential(window=0)
     preq = Prequential()
