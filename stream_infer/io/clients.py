@@ -431,6 +431,13 @@ def check_reachable(kafka: KafkaSettings, timeout_s: float | None = None) -> Non
         raise BrokerError(msg, bootstrap_servers=kafka.bootstrap_servers) from None
 
 
+def missing_topics(kafka: KafkaSettings, names: list[str], timeout_s: float = 15.0) -> list[str]:
+    """The topics among ``names`` the cluster does not have. Asked through the admin client,
+    whose metadata requests never auto-create a topic."""
+    existing = _admin(kafka).list_topics(timeout=timeout_s).topics
+    return [n for n in names if n not in existing]
+
+
 def ensure_topics(
     kafka: KafkaSettings,
     names: list[str],

@@ -14,7 +14,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_infer.core.control import new_command_id, seal
 from stream_infer.errors import BrokerError
-from stream_infer.io.clients import assign_partitions, groupless_consumer_config
+from stream_infer.io.clients import (
+    assign_partitions,
+    groupless_consumer_config,
+    missing_topics,
+)
 from stream_infer.io.watch import collect_acks
 from stream_infer.settings import Topology
 
@@ -33,9 +37,22 @@ class Controller:
             msg = "the topology declares no acks topic (topics.acks)"
             raise BrokerError(msg)
         self.acks_topic = topology.topics.acks
+        # Never a topic as a side effect: a command produced to a missing control topic would
+        # make the broker auto-create it with its default partitions and retention, and the
+        # control log is the routing's only memory (one partition, never expires).
+        missing = missing_topics(topology.kafka, [topology.topics.control, self.acks_topic])
+        if missing:
+            msg = (
+                f"{' and '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist: "
+                "create the topology's topics first (`stream-infer topics TOPOLOGY`, or start a "
+                "worker, which creates them); nothing was sent"
+            )
+            raise BrokerError(msg)
         conf = topology.kafka.librdkafka()
-        # Idempotent: a retried send must not write a command twice.
-        self._producer = Producer(conf | {"acks": "all", "enable.idempotence": True})
+        # Idempotent: a retried send must not write a command twice. No auto-creation either.
+        self._producer = Producer(
+            conf | {"acks": "all", "enable.idempotence": True, "allow.auto.create.topics": False}
+        )
         self._acks = Consumer(groupless_consumer_config(conf, "ctl"))
         meta = self._acks.list_topics(self.acks_topic, timeout=10).topics[self.acks_topic]
         # From each partition's end as it is now (OFFSET_END would be looked up only at the

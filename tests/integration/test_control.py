@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from stream_infer.cli import main
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.controller import Controller, new_command
 from stream_infer.local.loadgen import OpenLoopProducer
@@ -287,3 +288,21 @@ def test_replay_ends_at_a_transaction_marker_and_on_a_log_whose_records_all_expi
         log.close()
     print(f"replay of an all-deleted log: {time.monotonic() - started:.2f} s")
     admin.delete_topics([topic])
+
+
+def test_control_never_creates_the_control_topic(
+    make_setup: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stream-infer control` on a cluster without the control topic: the broker would
+    auto-create it on the first produce, with its default partitions and retention (the issue
+    seen: 4 partitions, 7 days). It refuses instead, names the topic and sends nothing."""
+    setup = make_setup()
+    fresh = f"{setup.topics.control}.fresh"
+    monkeypatch.setenv("STREAM_INFER_TOPICS__CONTROL", fresh)
+    with pytest.raises(SystemExit) as exited:
+        main(["control", str(setup.path), "status", "--wait", "1"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{fresh} does not exist" in err and "stream-infer topics" in err, err
+    admin = AdminClient({"bootstrap.servers": setup.bootstrap})
+    assert fresh not in admin.list_topics(timeout=10).topics
