@@ -8,19 +8,46 @@ learning, :class:`LearningMetrics` adds the learning thread's metrics to that re
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from stream_infer.core.events import BatchResult
 
-# Seconds. Steps of <= 25 % from 1 to 100 ms (5 ms apart around the p99 target of
-# max_wait + 25 ms), so a quantile read from the buckets means something; coarse beyond.
-_LATENCY_BUCKETS = (
-    *(0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008),
+# Each histogram's buckets fit what it measures (seconds), with steps of <= 25-50 % where its
+# values usually fall, so a quantile read from the buckets means something:
+# a model call on one micro-batch: tens of microseconds on a small model, up to the watchdog's
+# limit (limits.inference_timeout_s) on a stuck one.
+_INFERENCE_BUCKETS = (
+    *(0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075),
+    *(0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.010, 0.015, 0.020, 0.030),
+    *(0.050, 0.075, 0.100, 0.150, 0.250, 0.500, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+# A stage of the serving path (fetch delay, batching, queue wait, delivery): from under a
+# millisecond to the max_wait_ms scale (5 ms apart around the p99 target of max_wait + 25 ms),
+# then up to minutes: a delivery may wait limits.max_unacked_s (300 s) before it is a stall.
+_STAGE_BUCKETS = (
+    *(0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008),
     *(0.010, 0.0125, 0.015, 0.0175, 0.020, 0.025, 0.030, 0.035, 0.040, 0.045, 0.050),
     *(0.060, 0.070, 0.080, 0.090, 0.100, 0.125, 0.150, 0.200, 0.250, 0.350, 0.500),
-    *(0.750, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(0.750, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+# Event time to prediction: milliseconds when the worker keeps up, minutes behind a backlog
+# (the overload test measured 160 s); the top bucket is 30 minutes.
+_END_TO_END_BUCKETS = (
+    *(0.001, 0.002, 0.005, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.050),
+    *(0.060, 0.080, 0.100, 0.150, 0.200, 0.300, 0.500, 0.750, 1.0, 2.0, 5.0, 10.0),
+    *(20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0),
 )
 _BATCH_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -29,6 +56,16 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The standard process and platform collectors (resident memory, CPU seconds, open file
+        # descriptors, start time; the Python version), as every Prometheus client exports them.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build = Info(
+            "stream_infer_build",
+            "The stream-infer, Python, torch and librdkafka versions this worker runs",
+            registry=r,
+        )
+        self.build.info(build_info())
         self.events_in = Counter(
             "stream_infer_events_in_total", "Records consumed from the input topic", registry=r
         )
@@ -77,45 +114,45 @@ class Metrics:
         self.inference_seconds = Histogram(
             "stream_infer_inference_seconds",
             "Model time per micro-batch",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_INFERENCE_BUCKETS,
             registry=r,
         )
         self.process_seconds = Histogram(
             "stream_infer_batch_process_seconds",
             "Decode + route + infer + encode time per micro-batch",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_INFERENCE_BUCKETS,
             registry=r,
         )
         self.fetch_delay_seconds = Histogram(
             "stream_infer_fetch_delay_seconds",
             "Record timestamp to the consumer thread receiving it, per fetched chunk (its oldest "
             "record): producer linger, broker, fetch wait and the client's prefetch queue",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.batching_seconds = Histogram(
             "stream_infer_batching_seconds",
             "First record of a batch received to the closed batch handed over: the batcher's "
             "wait (<= max_wait_ms) plus any backpressure pause",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.queue_wait_seconds = Histogram(
             "stream_infer_queue_wait_seconds",
             "Time a closed batch waited before processing began",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.delivery_seconds = Histogram(
             "stream_infer_delivery_seconds",
             "Time from publishing a batch to the broker acknowledging all of it",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.end_to_end_seconds = Histogram(
             "stream_infer_end_to_end_seconds",
             "Event ts to prediction produced (events that carry ts)",
-            buckets=_LATENCY_BUCKETS,
+            buckets=_END_TO_END_BUCKETS,
             registry=r,
         )
         self.in_flight = Gauge(
@@ -200,6 +237,26 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def build_info() -> dict[str, str]:
+    """Versions, read from the installed packages' metadata (torch is not imported here)."""
+    from importlib import metadata
+
+    import confluent_kafka
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version("stream-infer"),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "librdkafka": confluent_kafka.libversion()[0],
+    }
 
 
 class LearningMetrics:

@@ -73,6 +73,7 @@ def exposed_series() -> dict[str, str]:
         "gauge": ("",),
         "histogram": ("_bucket", "_count", "_sum", "_created"),
         "summary": ("", "_count", "_sum", "_created"),
+        "info": ("_info",),
     }
     series = {}
     for family in worker_registry().collect():
