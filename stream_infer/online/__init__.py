@@ -13,6 +13,9 @@ Labels flow: topic -> join -> learn -> score -> drift -> (policy) -> control top
                     one (model, version), one DriftEvent per change.
     policy.py       Policy / commands_for: a DriftEvent becomes control commands (alert, roll a
                     canary back, shift traffic to the online learner, reset the learner).
+    loop.py         LearningLoop: the flow above, one step per item (what a batch scored, or
+                    labels), for the runtime's learning thread; returns the drift events with
+                    their policy commands (unsealed) and the counts the metrics need.
 
 The modules are imported one by one (``from stream_infer.online.joiner import LabelJoiner``);
 this package imports none of them, so using the joiner does not load river.

@@ -14,10 +14,12 @@ Drift events go to the drift topic; policy actions go to the control topic, so e
 in the audit log and every worker applies it. They are sealed (stamped, and signed with the
 topology's key) by :func:`stream_infer.core.control.seal`, as the operator's commands are.
 
-This module is the thread and the wiring only. Label records are decoded by
-:func:`stream_infer.core.serde.decode_labels`, the metrics are defined in
-:class:`stream_infer.observability.LearningMetrics`, and snapshot files (paths, when to write,
-which to restore) are :class:`stream_infer.online.snapshots.SnapshotStore`'s.
+This module is the thread and the wiring only. What one item does (join, score, learn, drift,
+policy commands) is :class:`stream_infer.online.loop.LearningLoop`'s, a pure step this thread
+runs; here its counts become metrics, its drift events records and its commands sealed records.
+Label records are decoded by :func:`stream_infer.core.serde.decode_labels`, the metrics are
+defined in :class:`stream_infer.observability.LearningMetrics`, and snapshot files (paths, when
+to write, which to restore) are :class:`stream_infer.online.snapshots.SnapshotStore`'s.
 """
 
 from __future__ import annotations
@@ -27,23 +29,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 
 from stream_infer.core.control import seal
 from stream_infer.core.events import DeadLetter, FeatureBatch, ModelVersion, OutRecord, Record
-from stream_infer.core.routing import Route
 from stream_infer.core.serde import decode_labels
 from stream_infer.observability import LearningMetrics, Metrics
-from stream_infer.online.drift import FEATURE_PREFIX, DriftEvent, DriftMonitor, error_of
-from stream_infer.online.joiner import Joined, LabelJoiner, Served
 from stream_infer.online.learner import OnlineLearner
-from stream_infer.online.policy import Policy, commands_for
-from stream_infer.online.prequential import Prequential
+from stream_infer.online.loop import Drift, LearningLoop, RoutesReader, Scored
 from stream_infer.online.snapshots import SnapshotStore
 from stream_infer.settings import LearnerSettings, Topology
+
+if TYPE_CHECKING:  # the type of the loop's joiner, which the `joiner` property passes on
+    from stream_infer.online.joiner import LabelJoiner
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class LearningService:
         *,
         publish: Callable[[list[OutRecord]], None],
         predictors: Callable[[], Mapping[ModelVersion, Any]],
-        routes: Callable[[], Mapping[str, Route]],
+        routes: RoutesReader,
         generation: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
         queue_wait_s: float = 10.0,
@@ -68,14 +68,18 @@ class LearningService:
         self.metrics = LearningMetrics(metrics)
         self._publish = publish
         self._predictors = predictors
-        self._routes = routes
-        self._generation = generation
-        self.joiner = LabelJoiner(self.online.label_ttl_s, self.online.max_pending)
-        self.prequential: dict[ModelVersion, Prequential] = {}
-        self.monitors: dict[tuple[str, str, str], DriftMonitor] = {}
-        self.policies = [
-            Policy(p.signal, p.action, p.model, p.online_version) for p in self.online.policies
-        ]
+        # Join, score, learn, drift, policy: the pure step this thread runs on each item.
+        self.loop = LearningLoop(
+            self.online,
+            topology.features,
+            learners=self._learners,
+            routes=routes,
+            generation=generation,
+            labelled=bool(topology.topics.labels),
+            wall_clock=time.time,
+            clock=time.monotonic,
+        )
+        self._monitor = self.loop.monitors_for  # the name tests knew it by
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self.queue_wait_s = queue_wait_s
         self.stall_s = stall_s
@@ -83,16 +87,21 @@ class LearningService:
         self._thread = threading.Thread(target=self._run, name="learning", daemon=True)
         self._last_export = 0.0
         self._progress_at = time.monotonic()  # when the thread last took an item or idled
-        self._expired_seen = 0
-        self._dup_seen = 0
-        self._orphans_seen = 0
-        self._moved_seen = 0
         # The input partitions this worker owns (set from the consumer thread; read here).
         self._owned: frozenset[int] | None = None
         folder, every_s = self.online.snapshot_dir, self.online.snapshot_interval_s
         self.snapshots = (
             SnapshotStore(folder, worker, interval_s=every_s) if folder is not None else None
         )
+
+    @property
+    def joiner(self) -> LabelJoiner:
+        """The loop's label joiner (replaceable, as tests give it a fake clock)."""
+        return self.loop.joiner
+
+    @joiner.setter
+    def joiner(self, joiner: LabelJoiner) -> None:
+        self.loop.joiner = joiner
 
     # --- called from the inference thread ---------------------------------------------------
 
@@ -110,7 +119,7 @@ class LearningService:
     def submit(
         self,
         batch: FeatureBatch | None,
-        scored: Sequence[tuple[str, str, list[str], Any]],
+        scored: Sequence[Scored],
         labels: Sequence[tuple[str, float]],
         partitions: Sequence[int] | None = None,
     ) -> None:
@@ -147,11 +156,6 @@ class LearningService:
         changed = frozenset(models)
         if changed and self._thread.is_alive():
             self._put("routing", changed, 0)
-
-    def _reset_monitors(self, models: frozenset[str]) -> None:
-        for (model, _version, signal), monitor in self.monitors.items():
-            if model in models and not signal.startswith(FEATURE_PREFIX):
-                monitor.reset()
 
     def assigned(self, partitions: Iterable[int]) -> None:
         """The input partitions this worker owns now (called from the consumer thread)."""
@@ -200,7 +204,7 @@ class LearningService:
                 if kind == "scored":
                     self._on_scored(*item)
                 elif kind == "routing":
-                    self._reset_monitors(item)
+                    self.loop.serving_changed(item)
                 else:
                     self._on_labels(item)
             except Exception:  # learning must never take serving down; it is logged and counted
@@ -215,110 +219,47 @@ class LearningService:
             self.metrics.errors.labels("housekeeping").inc()
             log.exception("online learning housekeeping failed")
 
-    def _monitor(self, model: str, version: str, signal: str) -> list[DriftMonitor]:
-        out = []
-        for spec in self.online.monitors:
-            if spec.signal != signal:
-                continue
-            key = (model, version, signal)
-            if key not in self.monitors:
-                self.monitors[key] = DriftMonitor(
-                    model,
-                    version,
-                    signal,
-                    delta=spec.delta,
-                    grace=spec.grace,
-                    sample_every=spec.sample_every,
-                )
-            out.append(self.monitors[key])
-        return out
-
     def _on_scored(
         self,
         batch: FeatureBatch,
-        scored: list[tuple[str, str, list[str], Any]],
+        scored: list[Scored],
         partitions: Sequence[int] | None = None,
     ) -> None:
-        served: list[Served] = []
-        now = time.time()
-        events: list[DriftEvent] = []
-        for model, version, ids, values in scored:
-            flat = np.asarray(values, dtype=np.float64).reshape(len(ids), -1)[:, 0]
-            served.extend(
-                Served(event_id, model, version, float(v), now)
-                for event_id, v in zip(ids, flat.tolist(), strict=True)
-            )
-            for monitor in self._monitor(model, version, "prediction"):
-                events += monitor.update_many(flat.tolist())
-        for name in self.topology.features:
-            signal = f"feature:{name}"
-            if any(m.signal == signal for m in self.online.monitors):
-                column = batch.x[:, self.topology.features.index(name)].tolist()
-                for monitor in self._monitor("*", "*", signal):
-                    events += monitor.update_many(column)
-        if self.topology.topics.labels:
-            self._on_joined(self.joiner.add_event_many(batch.ids, batch.x, served, partitions))
-        self._drifted(events)
+        try:
+            drifts = self.loop.scored_many(batch, scored, partitions)
+        finally:  # what was learned before a failure is counted too
+            self._count_progress()
+        self._drifted(drifts)
 
     def _on_labels(self, labels: list[tuple[str, float]]) -> None:
-        joined: list[Joined] = []
-        for event_id, label in labels:
-            match = self.joiner.add_label_one(event_id, label)
-            if match is not None:
-                joined.append(match)
-        self._on_joined(joined)
+        try:
+            drifts = self.loop.labels_many(labels)
+        finally:
+            self._count_progress()
+        self._drifted(drifts)
 
     def _learners(self) -> list[OnlineLearner]:
         return [p for p in self._predictors().values() if isinstance(p, OnlineLearner)]
 
-    def _on_joined(self, joined: list[Joined]) -> None:
-        if not joined:
-            return
-        self.metrics.labels.labels("joined").inc(len(joined))
-        learners = self._learners()
-        features = self.topology.features
-        events: list[DriftEvent] = []
-        for item in joined:
-            scored_by: set[ModelVersion] = set()
-            for s in item.served:
-                scored_by.add(ModelVersion(s.model, s.version))
-                events += self._score(s.model, s.version, item.label, s.prediction)
-            x = dict(zip(features, item.features, strict=True))
-            for learner in learners:
-                key = ModelVersion(learner.model, learner.version)
-                if key not in scored_by:  # not serving: test, then train, on this label
-                    events += self._score(*key, item.label, learner.predict_proba_one(x))
-                learner.learn_one(x, item.label >= 0.5)
-                self.metrics.learned.labels(*key).inc()
-        self._drifted(events)
+    def _count_progress(self) -> None:
+        progress = self.loop.take_progress()
+        if progress.joined:
+            self.metrics.labels.labels("joined").inc(progress.joined)
+        for key, n in progress.learned.items():
+            self.metrics.learned.labels(*key).inc(n)
 
-    def _score(self, model: str, version: str, label: float, prediction: float) -> list[DriftEvent]:
-        key = ModelVersion(model, version)
-        if key not in self.prequential:
-            self.prequential[key] = Prequential(self.online.metrics_window)
-        self.prequential[key].update_one(label, prediction)
-        error = error_of(label, prediction)
-        events = []
-        for monitor in self._monitor(model, version, "error"):
-            event = monitor.update_one(error)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _drifted(self, events: list[DriftEvent]) -> None:
-        if not events:
+    def _drifted(self, drifts: list[Drift]) -> None:
+        if not drifts:
             return
         drift_topic = self.topology.topics.drift
         records = []
-        for event in events:
+        for drift in drifts:
+            event = drift.event
             self.metrics.drift_events.labels(event.model, event.version, event.signal).inc()
             log.warning("drift: %s", event)
             if drift_topic:
                 records.append(OutRecord(drift_topic, event.model.encode(), event.to_json()))
-            for policy in self.policies:
-                routes, generation = self._routes(), self._generation()
-                for command in commands_for(policy, event, routes, generation=generation):
-                    records.append(self._command(command))
+            records.extend(self._command(command) for command in drift.commands)
         self._publish(records)
 
     def _command(self, doc: dict[str, Any]) -> OutRecord:
@@ -334,19 +275,14 @@ class LearningService:
         if now - self._last_export < 1.0:
             return
         self._last_export = now
-        self.joiner.expire(self._owned)
-        expired = self.joiner.expired + self.joiner.evicted
-        self.metrics.expired.inc(expired - self._expired_seen)
-        self._expired_seen = expired
-        moved, orphans = self.joiner.expired_moved, self.joiner.expired_labels
-        self.metrics.lost.labels("rebalance").inc(moved - self._moved_seen)
-        self.metrics.lost.labels("orphan").inc(orphans - self._orphans_seen)
-        self._moved_seen, self._orphans_seen = moved, orphans
-        self.metrics.labels.labels("duplicate").inc(self.joiner.duplicate_labels - self._dup_seen)
-        self._dup_seen = self.joiner.duplicate_labels
-        self.metrics.waiting.labels("early").set(self.joiner.early)
-        self.metrics.waiting.labels("pending").set(self.joiner.pending)
-        for (model, version), preq in self.prequential.items():
+        counts = self.loop.expire(self._owned)
+        self.metrics.expired.inc(counts.expired)
+        self.metrics.lost.labels("rebalance").inc(counts.moved)
+        self.metrics.lost.labels("orphan").inc(counts.orphans)
+        self.metrics.labels.labels("duplicate").inc(counts.duplicates)
+        self.metrics.waiting.labels("early").set(counts.early)
+        self.metrics.waiting.labels("pending").set(counts.pending)
+        for (model, version), preq in self.loop.prequential.items():
             for metric, value in preq.report().items():
                 self.metrics.prequential.labels(model, version, metric).set(value)
         if self.snapshots is not None and self.snapshots.due():
