@@ -25,6 +25,7 @@ from stream_infer.core.control import Command, RoutingTable, encode_ack, parse_c
 from stream_infer.core.events import ModelVersion, OutRecord
 from stream_infer.errors import ControlError
 from stream_infer.observability import Metrics
+from stream_infer.online.learner import OnlineLearner
 from stream_infer.runtime.kafka import KafkaClients
 from stream_infer.runtime.models import Models
 from stream_infer.runtime.threads import Threads
@@ -148,8 +149,8 @@ class ControlPlane:
         from a snapshot records the control-log offset of the last reset it went through, and
         the replay at start skips the resets at or below it (so a restart restores exactly
         what was learned). ``offset``: the command's control-log offset (None: not known)."""
-        learner = self.models.learner(ModelVersion(cmd.model or "", cmd.version or ""))
-        if learner is None:
+        learner = self.models.predictors.get(ModelVersion(cmd.model or "", cmd.version or ""))
+        if not isinstance(learner, OnlineLearner):
             msg = f"{cmd.model}:{cmd.version} is not an online learner"
             raise ControlError(control.NOT_A_LEARNER, msg, command_id=cmd.id)
         if offset is not None and offset <= learner.control_offset:

@@ -5,7 +5,12 @@ that bounds their calls.
 the next batch is served by (:class:`~stream_infer.core.pipeline.RoutingSnapshot`) and unloads
 what nothing needs any more. A routing that does not load is not served: the last one that
 loaded goes on serving and :attr:`Models.problem` says why (readiness, acks, the retry).
-Online learners are always loaded: they learn whether they serve or not.
+Online learners are always loaded: they learn whether they serve or not. Here they are
+predictors like the others, made by ``make_learner``; what only a learner does (a reset) is
+the control plane's.
+
+The metrics of what happens here are set here: the routes served (each swap) and the model
+calls the watchdog reports hung or timed out.
 
 Loads run on one thread at a time (the loader thread; the inference thread at start), never
 on the event loop and never beside a batch on the inference thread.
@@ -26,7 +31,7 @@ from stream_infer.core.watchdog import Watchdog
 from stream_infer.errors import ModelError
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import TorchPredictor
-from stream_infer.online.learner import OnlineLearner
+from stream_infer.observability import Metrics
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
@@ -37,25 +42,25 @@ class Models:
     and the watchdog over the model calls (``watchdog``).
 
     ``make_learner``: a River learner for a declared one (restored from its snapshot when one
-    fits); None when online learning is off. ``on_switch``: called after each swap with the
-    table swapped to and the models whose routes changed. ``on_hung``: the watchdog's
-    ``(key, hung calls, timed out)`` report.
+    fits); None when online learning is off. ``on_switch``: called after a swap that changed
+    some models' routes, with those models.
     """
 
     def __init__(
         self,
         topology: Topology,
+        metrics: Metrics,
         *,
-        make_learner: Callable[[LearnerSettings], OnlineLearner] | None = None,
-        on_switch: Callable[[RoutingTable, set[str]], None] = lambda _table, _changed: None,
-        on_hung: Callable[[ModelVersion, int, bool], None] | None = None,
+        make_learner: Callable[[LearnerSettings], Predictor] | None = None,
+        on_switch: Callable[[set[str]], None] = lambda _changed: None,
     ) -> None:
         self.topology = topology
+        self.metrics = metrics
         self.device = select_device(topology.device)
         self.watchdog = Watchdog(
             topology.limits.inference_timeout_s,
             max_hung=topology.limits.max_hung_calls,
-            on_hung=on_hung,
+            on_hung=self._calls_hung,
         )
         self.predictors: dict[ModelVersion, Predictor] = {}
         self.snapshot = RoutingSnapshot(routes={}, predictors={})
@@ -73,11 +78,6 @@ class Models:
     def serves(self) -> bool:
         """Whether a routing serves here (at start: once the log's routing loaded)."""
         return bool(self.snapshot.routes)
-
-    def learner(self, key: ModelVersion) -> OnlineLearner | None:
-        """The online learner loaded for ``key``; None when it is not one."""
-        learner = self.predictors.get(key)
-        return learner if isinstance(learner, OnlineLearner) else None
 
     def serve(self, table: RoutingTable) -> str | None:
         """Load what ``table`` routes and serve it; else say why.
@@ -159,7 +159,17 @@ class Models:
         for key in set(self.predictors) - keep:
             del self.predictors[key]
             log.info("unloaded %s:%s", *key)
-        self._on_switch(table, changed)
+        self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
+        self.metrics.routing_changed.set(table.changed_at)
+        if changed:
+            self._on_switch(changed)
+
+    def _calls_hung(self, key: ModelVersion, hung: int, timed_out: bool) -> None:
+        """The watchdog's report (any thread): ``key``'s count of hung calls is now ``hung``;
+        ``timed_out``: a call just overran (else a hung one returned late)."""
+        self.metrics.hung_calls.labels(*key).set(hung)
+        if timed_out:
+            self.metrics.inference_timeouts.labels(*key).inc()
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from confluent_kafka import Message
 
-from stream_infer.core.control import RoutingTable
-from stream_infer.core.events import ModelVersion
 from stream_infer.io.source import SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.runtime.batches import BatchHandler
@@ -67,9 +65,9 @@ class InferenceRuntime:
             )
         self.models = Models(
             topology,
+            self.metrics,
             make_learner=self.learning.learner_for if self.learning is not None else None,
-            on_switch=self._switched,
-            on_hung=self._on_hung,
+            on_switch=self._serving_changed,
         )
         self.control = ControlPlane(
             topology,
@@ -78,7 +76,7 @@ class InferenceRuntime:
             self.kafka,
             self.threads,
             worker_id=self.worker_id,
-            on_reset=self._learner_reset,
+            on_reset=lambda model: self._serving_changed({model}),
             on_served=self._serve_once_loaded,
         )
         self.batches = BatchHandler(
@@ -91,21 +89,11 @@ class InferenceRuntime:
         # Read at scrape time: ready once started, and while the log's routing serves.
         self.metrics.ready.set_function(lambda: 1 if self.not_ready_reason is None else 0)
 
-    def _on_hung(self, key: ModelVersion, hung: int, timed_out: bool) -> None:
-        self.metrics.hung_calls.labels(*key).set(hung)
-        if timed_out:
-            self.metrics.inference_timeouts.labels(*key).inc()
-
-    def _switched(self, table: RoutingTable, changed: set[str]) -> None:
-        """The models serve a new snapshot of ``table``'s routes (loader thread)."""
-        self.metrics.set_routes({m: dict(r.weights) for m, r in table.routes.items()})
-        self.metrics.routing_changed.set(table.changed_at)
-        if changed and self.learning is not None:
-            self.learning.serving_changed(changed)
-
-    def _learner_reset(self, model: str) -> None:
-        if self.learning is not None:  # its error starts afresh: so do the model's monitors
-            self.learning.serving_changed({model})
+    def _serving_changed(self, models: set[str]) -> None:
+        """What serves these models changed: their routes, or a learner of theirs was reset
+        (loader thread). Their error starts afresh: so do their drift monitors."""
+        if self.learning is not None:
+            self.learning.serving_changed(models)
 
     def _assigned(self, parts: list[tuple[str, int]]) -> None:
         """The consumer thread's assignment changed (after a revocation or an assignment)."""
