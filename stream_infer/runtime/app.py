@@ -106,7 +106,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         now = time.monotonic()
-        totals = rt.batches.totals
+        totals = rt.batches.inference.totals
         events = totals["events"]
         rate = (events - last["events"]) / max(1e-9, now - last["t"])
         last.update(t=now, events=events)

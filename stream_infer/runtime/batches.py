@@ -1,9 +1,10 @@
 """The per-batch path: one micro-batch from the source to the commit queue.
 
-A batch's label records are split off (for the learning thread); the pipeline (decode,
-route, infer, encode) and the produce calls run on the inference thread, never on the event
-loop; the records are published under the batch's ticket, and the batch joins
-:class:`~stream_infer.runtime.commits.OrderedCommits`, which commits it once they are
+Two parts, one per thread. On the inference thread, never on the event loop,
+:class:`~stream_infer.runtime.inference_step.InferenceStep` serves the batch (labels split off,
+the pipeline: decode, route, infer, encode) and publishes its records under the batch's ticket.
+On the event loop, :class:`BatchHandler` times the batch, sends it to that thread and queues it
+in :class:`~stream_infer.runtime.commits.OrderedCommits`, which commits it once its records are
 delivered. A batch that raises fails there before the exception goes on (to stop the worker).
 """
 
@@ -13,13 +14,10 @@ import functools
 import logging
 import time
 
-from stream_infer.core.events import BatchResult
-from stream_infer.core.pipeline import ModelOutput, Pipeline
-from stream_infer.core.serde import FeatureDecoder
-from stream_infer.io.publisher import Ticket
 from stream_infer.io.source import SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.runtime.commits import OrderedCommits
+from stream_infer.runtime.inference_step import InferenceStep
 from stream_infer.runtime.kafka import KafkaClients
 from stream_infer.runtime.learning import LearningService
 from stream_infer.runtime.models import Models
@@ -30,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class BatchHandler:
-    """Serves each batch by the models' current snapshot and queues it for commit."""
+    """Serves each batch on the inference thread (``inference``) and queues it for commit
+    (``commits``)."""
 
     def __init__(
         self,
@@ -42,21 +41,9 @@ class BatchHandler:
         learning: LearningService | None,
     ) -> None:
         self.metrics = metrics
-        self.models = models
-        self.kafka = kafka
         self.threads = threads
-        self.learning = learning
-        self.pipeline = Pipeline(
-            FeatureDecoder(topology.features, topology.limits.max_event_bytes),
-            [ModelOutput(m.name, topology.prediction_topic(m)) for m in topology.models],
-            dead_letter_topic=topology.topics.dead_letter,
-            shadow_topic=topology.topics.shadow,
-            track_scores=topology.online.enabled,
-            watchdog=models.watchdog,
-            max_dead_letter_bytes=topology.limits.max_dead_letter_bytes,
-        )
+        self.inference = InferenceStep(topology, models, kafka, learning)
         self.commits = OrderedCommits(kafka, metrics.delivery_seconds.observe)
-        self.totals = {"events": 0, "predictions": 0, "dead_letters": 0, "batches": 0}
 
     async def handle(self, batch: SourceBatch) -> None:
         """Process and publish one batch, then queue it for in-order commit.
@@ -74,45 +61,11 @@ class BatchHandler:
         started = time.perf_counter()
         try:
             result = await self.threads.on_inference(
-                functools.partial(self._process, batch, ticket)
+                functools.partial(self.inference.process, batch, ticket)
             )
             self.metrics.observe_batch(result, time.perf_counter() - started)
             self.metrics.observe_latency(result.event_ts, time.time())
-            self._count(result)
         except Exception as exc:  # not a cancellation: an unserved batch is never done anyway
             self.commits.fail(batch, f"cannot serve it: {exc!r}")
             raise
         await self.commits.add(batch, ticket)
-
-    def _process(self, batch: SourceBatch, ticket: Ticket) -> BatchResult:
-        """The inference thread's part: serve, publish under ``ticket``, hand to learning."""
-        publisher = self.kafka.publisher
-        assert publisher is not None
-        records, labels = batch.records, []
-        labels_topic = self.kafka.labels_topic
-        if labels_topic is not None:
-            labels = [r for r in records if r.topic() == labels_topic]
-            if labels:
-                records = [r for r in records if r.topic() != labels_topic]
-        result = self.pipeline.process(records, self.models.snapshot)
-        decoded: list[tuple[str, float]] = []
-        if labels and self.learning is not None:
-            # Invalid labels are dead letters of this batch: its offsets wait for them.
-            decoded, invalid = self.learning.split_labels(labels)
-            result.dead_letters.extend(invalid)
-            result.records.extend(self.pipeline.dead_letter_records(invalid))
-        publisher.publish(result.records, ticket)
-        if self.learning is not None:
-            batch_rows = result.batch
-            # Each scored event's input partition: the join tells a label lost to a rebalance.
-            partitions = (
-                [records[i].partition() or 0 for i in batch_rows.positions] if batch_rows else None
-            )
-            self.learning.submit(batch_rows, result.scored, decoded, partitions)
-        return result
-
-    def _count(self, result: BatchResult) -> None:
-        self.totals["events"] += result.n_in
-        self.totals["predictions"] += sum(result.served.values())
-        self.totals["dead_letters"] += len(result.dead_letters)
-        self.totals["batches"] += 1

@@ -3,13 +3,14 @@ started and stopped in order, and its health.
 
 The parts, each in its own module::
 
-    threads        the inference and loader threads, the bridges into the event loop
-    kafka          the Kafka clients: control log, publisher, batch source
-    models         the versions loaded, the routing snapshot they serve, the watchdog
-    control_plane  the routing table, the control log applied to it, acks
-    batches        the per-batch path: pipeline on the inference thread, publish, then
-    commits        commit after delivery, in order
-    learning       online learning (labels, learners, drift), when the topology enables it
+    threads         the inference and loader threads, the bridges into the event loop
+    kafka           the Kafka clients: control log, publisher, batch source
+    models          the versions loaded, the routing snapshot they serve, the watchdog
+    control_plane   the routing table, the control log applied to it, acks
+    batches         the per-batch path on the event loop: timed, served, queued for commit
+    inference_step  its part on the inference thread: pipeline, publish, hand to learning
+    commits         commit after delivery, in order
+    learning        online learning (labels, learners, drift), when the topology enables it
 
 A batch that cannot be served (an exception on the serving path, or a record no retry delivers
 and nothing else can take) fails: nothing after it is served, marked done or committed, and the

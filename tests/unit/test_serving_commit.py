@@ -83,7 +83,7 @@ def test_a_batch_that_raises_fails_and_later_batches_are_skipped(
         ticket._expect(0)
         return BatchResult()
 
-    monkeypatch.setattr(runtime.batches, "_process", process)
+    monkeypatch.setattr(runtime.batches.inference, "process", process)
 
     async def scenario() -> None:
         await runtime.batches.handle(b0)
