@@ -886,8 +886,9 @@ def test_every_reason_has_a_valid_ack(
 def ack_like_the_worker(
     data: bytes | None, table: RoutingTable, *, hmac_key: bytes | None = None
 ) -> dict[str, Any]:
-    """What runtime.serving does with one command (but loading versions): parse, plan,
-    commit, ack."""
+    """What the worker's control plane (runtime/control_plane.py: ControlPlane.apply, then
+    the ack of ControlPlane.handle) does with one command, loading versions aside: parse,
+    plan, commit, ack."""
     cmd: Command | None = None
     error: ControlError | None = None
     try:
