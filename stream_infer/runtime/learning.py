@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -41,9 +41,6 @@ from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.loop import Drift, LearningLoop, RoutesReader, Scored
 from stream_infer.online.snapshots import SnapshotStore
 from stream_infer.settings import LearnerSettings, Topology
-
-if TYPE_CHECKING:  # the type of the loop's joiner, which the `joiner` property passes on
-    from stream_infer.online.joiner import LabelJoiner
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +76,6 @@ class LearningService:
             wall_clock=time.time,
             clock=time.monotonic,
         )
-        self._monitor = self.loop.monitors_for  # the name tests knew it by
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self.queue_wait_s = queue_wait_s
         self.stall_s = stall_s
@@ -93,15 +89,6 @@ class LearningService:
         self.snapshots = (
             SnapshotStore(folder, worker, interval_s=every_s) if folder is not None else None
         )
-
-    @property
-    def joiner(self) -> LabelJoiner:
-        """The loop's label joiner (replaceable, as tests give it a fake clock)."""
-        return self.loop.joiner
-
-    @joiner.setter
-    def joiner(self, joiner: LabelJoiner) -> None:
-        self.loop.joiner = joiner
 
     # --- called from the inference thread ---------------------------------------------------
 

@@ -178,7 +178,7 @@ def test_a_housekeeping_failure_is_counted_and_learning_goes_on(
     def broken(owned: object = None) -> int:
         raise RuntimeError("a bug in expiry")
 
-    svc.joiner.expire = broken  # type: ignore[method-assign]
+    svc.loop.joiner.expire = broken  # type: ignore[method-assign]
     stoppers.append(svc)
     svc.start()
     assert wait_for(
@@ -262,7 +262,7 @@ def test_the_runtime_reports_a_stuck_learning_thread_in_healthz() -> None:
 def test_joins_lost_to_a_rebalance_and_orphaned_labels_are_counted() -> None:
     svc, learner = service(topology())
     now = [0.0]
-    svc.joiner = LabelJoiner(10.0, 100, clock=lambda: now[0])
+    svc.loop.joiner = LabelJoiner(10.0, 100, clock=lambda: now[0])
     # Events of partitions 0 and 1 were served here; then partition 1 moved to another worker.
     svc._on_scored(batch_of(["e0", "e1"]), scored(["e0", "e1"]), [0, 1])
     svc.assigned([0])
@@ -287,10 +287,10 @@ def test_a_routing_change_restarts_the_changed_models_monitors_only(
     )
     svc, _ = service(topo)
     stoppers.append(svc)
-    error = svc._monitor("risk", "v1", "error")[0]
-    prediction = svc._monitor("risk", "v1", "prediction")[0]
-    feature = svc._monitor("*", "*", "feature:a")[0]
-    other = svc._monitor("fraud", "v1", "error")[0]
+    error = svc.loop.monitors_for("risk", "v1", "error")[0]
+    prediction = svc.loop.monitors_for("risk", "v1", "prediction")[0]
+    feature = svc.loop.monitors_for("*", "*", "feature:a")[0]
+    other = svc.loop.monitors_for("fraud", "v1", "error")[0]
     before = {m: m._adwin for m in (error, prediction, feature, other)}  # kept alive: no id reuse
     svc.start()
     svc.serving_changed({"risk"})
