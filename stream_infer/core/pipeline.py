@@ -1,4 +1,4 @@
-"""The per-batch core: decode, route, infer, encode. Pure Python and torch; no Kafka, no faust.
+"""The per-batch core: decode, route, infer, encode. Pure: numpy, no Kafka, faust or torch.
 
 ``Pipeline.process`` turns one micro-batch of records into the records to produce (predictions,
 shadow predictions and dead letters) plus counters. It never raises for bad data or a failing
