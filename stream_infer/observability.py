@@ -193,7 +193,7 @@ class Metrics:
         )
         self.control_commands = Counter(
             "stream_infer_control_commands_total",
-            "Control commands by outcome",
+            "Live control commands by outcome (the replay at start is not counted)",
             ["command", "status"],
             registry=r,
         )

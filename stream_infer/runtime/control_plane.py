@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message
@@ -70,6 +71,7 @@ class ControlPlane:
         self._hmac_key = key.get_secret_value().encode() if key else None
         self._on_reset = on_reset
         self._on_served = on_served
+        self._resets_skipped = 0  # resets the replay skipped (a restored snapshot follows them)
 
     def load(self) -> str | None:
         """Load what the table routes and serve it; else say why (loader thread)."""
@@ -80,17 +82,39 @@ class ControlPlane:
 
         Never raises because of one command: a command is applied or rejected by the table
         (which depends on the log alone), and a routing that does not load leaves this worker
-        serving nothing, not ready, until it does (:meth:`load`, retried).
+        serving nothing, not ready, until it does (:meth:`load`, retried). Logs one line: how
+        many commands were applied and rejected (by reason) and the routing the log ends with;
+        each command's own line is DEBUG, since the log is replayed at every start.
         """
         # Online learners are always loaded (they learn whether they serve or not), before the
         # replay: the resets it goes through apply to them.
         self.models.load(self.models.learner_keys)
+        started = time.monotonic()
+        skipped_before = self._resets_skipped
+        applied = 0
+        rejected: Counter[str] = Counter()
         for msg in replayed:
-            self.apply(msg.value(), replay=True, offset=msg.offset(), record_ts=record_time_s(msg))
+            _cmd, error = self.apply(
+                msg.value(), replay=True, offset=msg.offset(), record_ts=record_time_s(msg)
+            )
+            if error is None:
+                applied += 1
+            else:
+                rejected[error.reason] += 1
+        replay_s = time.monotonic() - started
         problem = self.load()
+        skipped = self._resets_skipped - skipped_before
         log.info(
-            "routing rebuilt from %d control commands: %s%s",
+            "replayed %d control commands%s in %.1f s: %d applied, %d rejected%s%s; routing %s%s",
             len(replayed),
+            f" up to offset {replayed[-1].offset()}" if replayed else "",
+            replay_s,
+            applied,
+            rejected.total(),
+            _by_reason(rejected),
+            f" ({skipped} learner resets skipped: the restored snapshots follow them)"
+            if skipped
+            else "",
             self.table.as_dict()["routes"],
             f"; NOT serving it: {problem}" if problem else "",
         )
@@ -111,6 +135,10 @@ class ControlPlane:
         command leaves the routing untouched. A routing that does not load is not a rejection:
         ``models.problem`` says why, and the last routing that loaded keeps serving. During the
         replay nothing is loaded; :meth:`rebuild` loads what the whole log ends with.
+
+        A live command is counted (``stream_infer_control_commands_total``) and logged: INFO
+        when applied, WARNING when rejected. A replayed one is neither counted nor logged above
+        DEBUG (every start replays the whole log): :meth:`rebuild` sums the replay up.
         """
         cmd: Command | None = None
         try:
@@ -126,22 +154,18 @@ class ControlPlane:
             elif not replay and (changed or self.models.problem is not None):
                 self.load()
         except ControlError as exc:
+            if replay:  # the replay's summary line counts it (rebuild)
+                log.debug("control command %s rejected (replay): %s", exc.command_id, exc)
+                return cmd, exc
             self.metrics.control_commands.labels(cmd.command if cmd else "?", "rejected").inc()
-            log.warning(
-                "control command %s rejected%s: %s",
-                exc.command_id,
-                " (replay)" if replay else "",
-                exc,
-            )
+            log.warning("control command %s rejected: %s", exc.command_id, exc)
             return cmd, exc
+        routes = self.table.as_dict()["routes"]
+        if replay:
+            log.debug("control command %s (%s) applied (replay): %s", cmd.id, cmd.command, routes)
+            return cmd, None
         self.metrics.control_commands.labels(cmd.command, "applied").inc()
-        log.info(
-            "control command %s (%s) applied%s: %s",
-            cmd.id,
-            cmd.command,
-            " (replay)" if replay else "",
-            self.table.as_dict()["routes"],
-        )
+        log.info("control command %s (%s) applied: %s", cmd.id, cmd.command, routes)
         return cmd, None
 
     def reset_learner(self, cmd: Command, offset: int | None = None) -> None:
@@ -154,7 +178,8 @@ class ControlPlane:
             msg = f"{cmd.model}:{cmd.version} is not an online learner"
             raise ControlError(control.NOT_A_LEARNER, msg, command_id=cmd.id)
         if offset is not None and offset <= learner.control_offset:
-            log.info(
+            self._resets_skipped += 1
+            log.debug(
                 "reset of %s:%s at control offset %d skipped: its snapshot already follows "
                 "the reset at offset %d",
                 cmd.model,
@@ -215,3 +240,12 @@ def record_time_s(msg: Message) -> float | None:
     (LogAppendTime; with CreateTime the sender chooses it, so it proves nothing)."""
     kind, ms = msg.timestamp()
     return ms / 1000.0 if kind == TIMESTAMP_LOG_APPEND_TIME else None
+
+
+def _by_reason(rejected: Counter[str]) -> str:
+    """`` (2 duplicate_command, 1 unknown_version)``: the most frequent reason first; "" for
+    none."""
+    if not rejected:
+        return ""
+    ranked = sorted(rejected.items(), key=lambda item: (-item[1], item[0]))
+    return " (" + ", ".join(f"{n} {reason}" for reason, n in ranked) + ")"

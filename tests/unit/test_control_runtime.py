@@ -6,6 +6,8 @@ no routing needs is unloaded; replay loads only the routing the log ends with.""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +233,66 @@ def test_readiness_says_why(artifacts: dict[str, Path], runtimes: list[Inference
     assert rt.not_ready_reason is None
     rt.control.apply(cmd(1, "swap", version="v2"))
     assert rt.not_ready_reason is not None and rt.not_ready_reason.startswith("risk:v2")
+
+
+# --- the replay at start: one line, no count (issue 18) -----------------------------------------
+
+
+def commands_counted(rt: InferenceRuntime, command: str, status: str) -> float:
+    value = rt.metrics.registry.get_sample_value(
+        "stream_infer_control_commands_total", {"command": command, "status": status}
+    )
+    return value or 0.0
+
+
+def test_the_replay_logs_one_summary_line_and_counts_nothing(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every start replays the whole log: a warning per command ever rejected, and a counter
+    that jumps by the log's length, made every restart look like a burst of rejections."""
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good2"]})
+    runtimes.append(rt)
+    caplog.set_level(logging.DEBUG, logger="stream_infer.runtime.control_plane")
+    log = [
+        cmd(1, "swap", version="v2"),
+        cmd(2, "swap", version="v9"),  # unknown_version
+        cmd(1, "swap", version="v2"),  # duplicate_command
+        cmd(3, "rollback"),
+        cmd(3, "rollback"),  # duplicate_command
+    ]
+    start(rt, log)
+    ours = [r for r in caplog.records if r.name == "stream_infer.runtime.control_plane"]
+    [line] = [r for r in ours if r.levelno >= logging.INFO]
+    assert line.levelno == logging.INFO
+    assert re.fullmatch(
+        r"replayed 5 control commands up to offset 4 in \d+\.\d s: 2 applied, 3 rejected "
+        r"\(2 duplicate_command, 1 unknown_version\); routing "
+        + re.escape(str({"risk": {"weights": {"v1": 1.0}, "shadow": None}})),
+        line.getMessage(),
+    ), line.getMessage()
+    assert len([r for r in ours if r.levelno == logging.DEBUG]) == 5, "each command at DEBUG"
+    for command, status in (("swap", "applied"), ("swap", "rejected"), ("rollback", "applied")):
+        assert commands_counted(rt, command, status) == 0.0, (command, status)
+
+    # Live commands keep their own lines and are counted.
+    caplog.clear()
+    assert rt.control.apply(cmd(4, "swap", version="v2"))[1] is None
+    assert rt.control.apply(cmd(4, "swap", version="v2"))[1] is not None
+    levels = [(r.levelno, r.getMessage()[:22]) for r in caplog.records if r.levelno >= logging.INFO]
+    assert levels == [
+        (logging.INFO, "control command c4 (sw"),
+        (logging.WARNING, "control command c4 rej"),
+    ]
+    assert commands_counted(rt, "swap", "applied") == commands_counted(rt, "swap", "rejected") == 1
+
+
+def test_an_empty_log_is_summed_up_too(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = runtime_with({"v1": artifacts["good"]})
+    runtimes.append(rt)
+    caplog.set_level(logging.INFO, logger="stream_infer.runtime.control_plane")
+    start(rt, [])
+    [line] = caplog.records
+    assert line.getMessage().startswith("replayed 0 control commands in ")
+    assert ": 0 applied, 0 rejected; routing {'risk': " in line.getMessage()
