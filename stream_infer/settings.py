@@ -334,6 +334,14 @@ class LearnerSettings(_Frozen):
     version: str = "online"
     kind: LearnerKind = "logistic_regression"
     scale: bool = Field(default=True, description="StandardScaler before a linear model")
+    warmup_labels: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "labels the learner learns (from its start or last reset) before its error and "
+            "prediction monitors count it"
+        ),
+    )
 
 
 class MonitorSettings(_Frozen):

@@ -15,6 +15,10 @@ topology's :class:`~stream_infer.online.policy.Policy` list. Each call is one st
 * Learning a joined event: the prediction of every version that served it is scored against the
   label (its Prequential, its ``error`` monitors); every learner that did not serve it predicts
   first and is scored the same way (test, then train); then every learner learns the label.
+* Warm-up: a learner that has learned fewer labels (since it was made or last reset; a restored
+  snapshot keeps its count) than its ``warmup_labels`` is scored (its Prequential) but its
+  ``error`` and ``prediction`` monitors skip it, so its first errors while it learns, and its
+  error falling as it learns, are not taken for drift.
 * Every :class:`DriftEvent` comes back as a :class:`Drift` with the command documents the
   policies ask for on it (unsealed: signing and sending them is the runtime's), in the order
   the monitors reported them: the error drift of the joins first, then the drift of the
@@ -86,6 +90,11 @@ class Learner(Protocol):
 
     model: str
     version: str
+
+    @property
+    def n_learned(self) -> int:
+        """Labels learned since the learner was made or last reset (its warm-up counts them)."""
+        ...
 
     def predict_proba_one(self, x: Mapping[str, float]) -> float: ...
 
@@ -173,6 +182,7 @@ class LearningLoop:
         self.policies = [
             Policy(p.signal, p.action, p.model, p.online_version) for p in online.policies
         ]
+        self._warmup = {ModelVersion(x.model, x.version): x.warmup_labels for x in online.learners}
         self._joined = 0
         self._learned: Counter[ModelVersion] = Counter()
         self._expired_seen = 0
@@ -194,13 +204,19 @@ class LearningLoop:
         served: list[Served] = []
         now = self.wall_clock()
         events: list[DriftEvent] = []
+        learners: dict[ModelVersion, Learner] | None = None  # read once, when first needed
         for model, version, ids, values in scored:
             flat = np.asarray(values, dtype=np.float64).reshape(len(ids), -1)[:, 0]
             served.extend(
                 Served(event_id, model, version, float(v), now)
                 for event_id, v in zip(ids, flat.tolist(), strict=True)
             )
-            for monitor in self.monitors_for(model, version, "prediction"):
+            monitors = self.monitors_for(model, version, "prediction")
+            if monitors:
+                learners = self._learners_by_key() if learners is None else learners
+                if self._warming_up(learners.get(ModelVersion(model, version))):
+                    continue
+            for monitor in monitors:
                 events += monitor.update_many(flat.tolist())
         for name in self.features:
             signal = f"{FEATURE_PREFIX}{name}"
@@ -289,30 +305,48 @@ class LearningLoop:
         if not joined:
             return []
         self._joined += len(joined)
-        learners = self.learners()
+        learners = self._learners_by_key()
         events: list[DriftEvent] = []
         for item in joined:
             scored_by: set[ModelVersion] = set()
             for s in item.served:
-                scored_by.add(ModelVersion(s.model, s.version))
-                events += self._score(s.model, s.version, item.label, s.prediction)
+                key = ModelVersion(s.model, s.version)
+                scored_by.add(key)
+                watched = not self._warming_up(learners.get(key))
+                events += self._score(key, item.label, s.prediction, watched=watched)
             x = dict(zip(self.features, item.features, strict=True))
-            for learner in learners:
-                key = ModelVersion(learner.model, learner.version)
+            for key, learner in learners.items():
                 if key not in scored_by:  # not serving: test, then train, on this label
-                    events += self._score(*key, item.label, learner.predict_proba_one(x))
+                    p = learner.predict_proba_one(x)
+                    events += self._score(key, item.label, p, watched=not self._warming_up(learner))
                 learner.learn_one(x, item.label >= 0.5)
                 self._learned[key] += 1
         return self._acted(events)
 
-    def _score(self, model: str, version: str, label: float, prediction: float) -> list[DriftEvent]:
-        key = ModelVersion(model, version)
+    def _learners_by_key(self) -> dict[ModelVersion, Learner]:
+        return {ModelVersion(x.model, x.version): x for x in self.learners()}
+
+    def _warming_up(self, learner: Learner | None) -> bool:
+        """Whether ``learner`` (None: not a learner) has learned fewer labels than its
+        ``warmup_labels``: its error and prediction monitors do not count it yet."""
+        if learner is None:
+            return False
+        warmup = self._warmup.get(ModelVersion(learner.model, learner.version), 0)
+        return learner.n_learned < warmup
+
+    def _score(
+        self, key: ModelVersion, label: float, prediction: float, *, watched: bool = True
+    ) -> list[DriftEvent]:
+        """Score one labelled prediction of ``key``: its Prequential always, its error monitors
+        when ``watched`` (not a learner in its warm-up)."""
         if key not in self.prequential:
             self.prequential[key] = Prequential(self.online.metrics_window)
         self.prequential[key].update_one(label, prediction)
+        if not watched:
+            return []
         error = error_of(label, prediction)
         events = []
-        for monitor in self.monitors_for(model, version, "error"):
+        for monitor in self.monitors_for(key.model, key.version, "error"):
             event = monitor.update_one(error)
             if event is not None:
                 events.append(event)

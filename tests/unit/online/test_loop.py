@@ -17,6 +17,7 @@ from stream_infer.online.policy import commands_for
 from stream_infer.settings import OnlineSettings
 
 FEATURES = ("a", "b")
+Array = np.ndarray[Any, Any]
 
 
 def settings(**online: Any) -> OnlineSettings:
@@ -33,6 +34,10 @@ class FakeLearner:
     def predict_proba_one(self, x: Mapping[str, float]) -> float:
         self.calls.append(("predict", dict(x), None))
         return self.p
+
+    @property
+    def n_learned(self) -> int:
+        return sum(1 for call in self.calls if call[0] == "learn")
 
     def learn_one(self, x: Mapping[str, float], y: bool) -> None:
         self.calls.append(("learn", dict(x), y))
@@ -230,3 +235,150 @@ def test_expire_reports_what_the_joiner_did_since_the_last_expiry() -> None:
     assert (counts.early, counts.pending) == (0, 0)
     counts = loop.expire({0})
     assert (counts.expired, counts.moved, counts.orphans, counts.duplicates) == (0, 0, 0, 0)
+
+
+# --- a learner's warm-up (issue 18) -------------------------------------------------------------
+
+
+class SlowLearner:
+    """Wrong on every label until it has learned ``until`` of them (since it was made or
+    reset), then right as long as feature ``a`` is the label: a fresh learner's first errors,
+    then a learned concept."""
+
+    def __init__(self, until: int = 150) -> None:
+        self.model, self.version, self.until = "risk", "online", until
+        self._n = 0
+
+    @property
+    def n_learned(self) -> int:
+        return self._n
+
+    def predict_proba_one(self, x: Mapping[str, float]) -> float:
+        return x["a"] if self._n >= self.until else 1.0 - x["a"]
+
+    def learn_one(self, x: Mapping[str, float], y: bool) -> None:
+        self._n += 1
+
+    def reset(self) -> None:
+        self._n = 0
+
+
+def stream(n: int, flip_at: int, seed: int = 7) -> tuple[Array, Array]:
+    """Seeded labels, and rows whose feature ``a`` is the label until ``flip_at``, its
+    opposite after (the concept flips)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n).astype(np.float64)
+    a = np.where(np.arange(n) < flip_at, y, 1.0 - y)
+    return np.column_stack([a, rng.normal(size=n)]), y
+
+
+def online_error_events(
+    warmup: int, learner: SlowLearner, x: Array, y: Array
+) -> tuple[LearningLoop, list[Drift]]:
+    online = settings(
+        learners=[{"model": "risk", "version": "online", "warmup_labels": warmup}],
+        monitors=[{"signal": "error"}],
+        policies=[{"signal": "error", "action": "reset_learner", "online_version": "online"}],
+    )
+    loop = make_loop(online, [learner])
+    drifts: list[Drift] = []
+    for start in range(0, len(y), 100):
+        ids = [f"e{i}" for i in range(start, min(start + 100, len(y)))]
+        drifts += loop.scored_many(batch_of(ids, x[start : start + 100]), scored(ids, p=0.2))
+        drifts += loop.labels_many([(i, float(y[int(i[1:])])) for i in ids])
+    return loop, [d for d in drifts if d.event.version == "online"]
+
+
+def test_a_fresh_learners_early_errors_raise_no_drift_and_later_drift_is_still_caught() -> None:
+    x, y = stream(2000, flip_at=1000)
+    # Without a warm-up the learner's first errors, then their fall as it learns, alarm.
+    _loop, early = online_error_events(0, SlowLearner(150), x, y)
+    assert (early[0].event.at, early[0].event.rose) == (191, False)
+
+    loop, drifts = online_error_events(200, SlowLearner(150), x, y)
+    # The warm-up: its monitor saw nothing of the first 200 labels, and no alarm before the flip.
+    [drift] = drifts
+    assert drift.event.signal == "error" and drift.event.rose is True
+    # The flip is the monitor's value 1000 - 200 = 800, caught 31 labels later (golden).
+    assert drift.event.at == 831
+    assert drift.commands and drift.commands[0]["command"] == "reset_learner", "a rise acts"
+    monitor = loop.monitors_for("risk", "online", "error")[0]
+    assert monitor.n_seen == 2000 - 200
+    # Its prequential metrics count every label, the warm-up's too.
+    assert loop.prequential[ModelVersion("risk", "online")].n == 2000
+
+
+def test_a_reset_learner_warms_up_again() -> None:
+    x, y = stream(1400, flip_at=10_000)  # no flip
+    learner = SlowLearner(150)
+    loop, drifts = online_error_events(200, learner, x[:600], y[:600])
+    assert drifts == []
+    learner.reset()  # the control plane resets the learner, then its monitors
+    loop.serving_changed(["risk"])
+    monitor = loop.monitors_for("risk", "online", "error")[0]
+    seen = monitor.n_seen
+    later: list[Drift] = []
+    for start in range(600, 1400, 100):
+        ids = [f"e{i}" for i in range(start, start + 100)]
+        later += loop.scored_many(batch_of(ids, x[start : start + 100]), scored(ids, p=0.2))
+        later += loop.labels_many([(i, float(y[int(i[1:])])) for i in ids])
+    assert [d for d in later if d.event.version == "online"] == [], "its new first errors"
+    assert monitor.n_seen == seen + 800 - 200
+
+
+def test_a_serving_learners_prediction_monitor_skips_its_warm_up() -> None:
+    online = settings(
+        learners=[{"model": "risk", "version": "online", "warmup_labels": 300}],
+        monitors=[{"signal": "prediction"}],
+    )
+    learner = FakeLearner("online")
+    loop = make_loop(online, [learner], routes={"risk": Route.single("online")})
+    ids = ids_of(400)
+    # What it serves while it learns its first 300 labels moves a lot: not drift.
+    values = np.array([0.9] * 200 + [0.1] * 200)
+    assert loop.scored_many(batch_of(ids), [("risk", "online", ids, values)]) == []
+    assert loop.monitors_for("risk", "online", "prediction")[0].n_seen == 0
+    loop.labels_many([(i, 1.0) for i in ids])  # learned: 400 labels, the warm-up is over
+    later = ids_of(400, "f")
+    [drift] = loop.scored_many(batch_of(later), [("risk", "online", later, values)])
+    assert (drift.event.signal, drift.event.rose) == ("prediction", False)
+
+
+def test_an_error_that_fell_takes_no_action_whatever_the_policy() -> None:
+    """On the error signal only a rise acts: a version getting better is an alert only."""
+    online = settings(
+        monitors=[{"signal": "error"}],
+        policies=[
+            {"signal": "error", "action": "rollback_canary"},
+            {"signal": "error", "action": "shift_to_online", "online_version": "online"},
+            {"signal": "error", "action": "reset_learner", "online_version": "online"},
+        ],
+    )
+    split = Route(weights=(("v1", 0.9), ("v2", 0.1)))
+    loop = make_loop(online, routes={"risk": split})
+    ids = ids_of(400)
+    loop.scored_many(batch_of(ids), scored(ids, p=0.2, version="v2"))
+    [drift] = loop.labels_many([(i, 1.0 if n < 200 else 0.0) for n, i in enumerate(ids)])
+    assert (drift.event.version, drift.event.rose) == ("v2", False)
+    assert drift.commands == []
+    # The same change the other way acts (so the policies above could).
+    rising = make_loop(online, routes={"risk": split})
+    rising.scored_many(batch_of(ids), scored(ids, p=0.2, version="v2"))
+    [drift] = rising.labels_many([(i, 0.0 if n < 200 else 1.0) for n, i in enumerate(ids)])
+    assert drift.event.rose is True
+    assert [c["command"] for c in drift.commands] == ["swap", "swap", "reset_learner"]
+
+
+def test_warmup_labels_defaults_to_200_and_is_validated() -> None:
+    from stream_infer.errors import ConfigError
+    from stream_infer.settings import parse_topology
+    from tests.unit.test_settings import minimal
+
+    doc = minimal()
+    doc["topics"] = {**doc["topics"], "labels": "labels"}
+    model = doc["models"][0]["name"]
+    topo = parse_topology({**doc, "online": {"learners": [{"model": model}]}}, env={})
+    assert topo.online.learners[0].warmup_labels == 200
+    learner = {"model": model, "warmup_labels": -1}
+    with pytest.raises(ConfigError, match="warmup_labels"):
+        parse_topology({**doc, "online": {"learners": [learner]}}, env={})
