@@ -282,7 +282,17 @@ class LimitSettings(_Frozen):
         description=(
             "/healthz fails once the oldest batch (or ack) the broker has not acknowledged has "
             "waited this long (deliveries stuck: brokers unreachable, records retried without "
-            "end), except while Kafka refuses a permission (a warning: a restart grants none)"
+            "end), except while Kafka refuses a permission or the cluster is unreachable "
+            "(warnings: a restart grants none, and brings no broker back)"
+        ),
+    )
+    unreachable_grace_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=86_400.0,
+        description=(
+            "/readyz answers 503 (and /healthz warns, still 200) once the worker's clients "
+            "have reached no broker for this long; ready again at the first broker's answer"
         ),
     )
 

@@ -16,6 +16,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from stream_infer.errors import BrokerError, ConfigError
+from stream_infer.io.repeated_log import LibrdkafkaLog
 from stream_infer.settings import PRODUCE_MARGIN_BYTES, KafkaSettings, Topology
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
     at-least-once pattern: the background commit can only ever commit what we stored.
     """
     conf = kafka.librdkafka() | {
-        "logger": _RDKAFKA_LOG,
+        "logger": RDKAFKA_LOG,
         "group.id": group_id,
         "enable.auto.commit": True,
         "enable.auto.offset.store": False,
@@ -116,7 +117,7 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     finite ``message.timeout.ms`` without touching the consumers.
     """
     conf = kafka.librdkafka() | {
-        "logger": _RDKAFKA_LOG,
+        "logger": RDKAFKA_LOG,
         "acks": "all",
         "enable.idempotence": True,
         "message.timeout.ms": 0,
@@ -132,11 +133,14 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
 
 
 def _admin(kafka: KafkaSettings, **overrides: Any) -> AdminClient:
-    return AdminClient(kafka.librdkafka() | {"logger": _RDKAFKA_LOG} | overrides)
+    return AdminClient(kafka.librdkafka() | {"logger": RDKAFKA_LOG} | overrides)
 
 
-# librdkafka's own log lines go through Python logging, not straight to stderr.
-_RDKAFKA_LOG = logging.getLogger("librdkafka")
+# librdkafka's own log lines go through Python logging (the "librdkafka" logger), not straight
+# to stderr; a line repeated (a connection refused 20 times a second during an outage) is logged
+# once per kind and interval, with a count. One for the process: the worker's report timer
+# flushes the counts of kinds that stopped.
+RDKAFKA_LOG = LibrdkafkaLog(logging.getLogger("librdkafka"))
 
 
 def consume_ready(consumer: Consumer, max_records: int, timeout_s: float) -> list[Message]:

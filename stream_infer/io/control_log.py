@@ -27,6 +27,7 @@ from confluent_kafka import (
 from stream_infer.errors import BrokerError
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import assign_partitions, consume_ready, groupless_consumer_config
+from stream_infer.io.repeated_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ControlLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: Exception | None = None  # what killed the follow thread
-        self._errors_seen: set[int] = set()
+        self._repeats = RateLimitedLog(log)  # errors librdkafka retries: once per interval
 
     def replay(self, timeout_s: float = 30.0) -> list[Message]:
         """Every command already in the log, in order (blocking; call before serving)."""
@@ -122,7 +123,7 @@ class ControlLog:
     def _error(self, err: KafkaError) -> None:
         """A fatal consumer error ends the thread (raised: /healthz 500); a refused Read is
         noted (an ERROR line once, a /healthz warning) while librdkafka retries; others are
-        logged once per kind."""
+        logged once per kind and interval, with a count."""
         if err.code() == KafkaError._PARTITION_EOF:
             return
         if err.fatal():
@@ -134,9 +135,14 @@ class ControlLog:
             return
         if is_refusal(err):
             self.access.refused("topic", self.topic, "Read", err.name())
-        elif err.code() not in self._errors_seen:
-            self._errors_seen.add(err.code())
-            log.warning("control log %s: %s (librdkafka retries)", self.topic, err.str())
+        else:
+            self._repeats.log(
+                logging.WARNING,
+                err.code(),
+                "control log %s: %s (librdkafka retries)",
+                self.topic,
+                err.str(),
+            )
 
     @property
     def alive(self) -> bool:

@@ -59,6 +59,8 @@ from stream_infer.core.events import OutRecord
 from stream_infer.errors import DeliveryError
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import RECORD_BATCH_OVERHEAD_BYTES
+from stream_infer.io.reachability import Reachability
+from stream_infer.io.repeated_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +277,12 @@ class Publisher:
         rebuild_interval_s: float = 1.0,
         access: AccessRefusals | None = None,
         max_message_bytes: Mapping[str, int] | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self._conf = conf
+        # A delivery acknowledged is the cluster answering.
+        self.reachability = reachability if reachability is not None else Reachability()
+        self._repeats = RateLimitedLog(log)
         # Each topic's max.message.bytes, as known at start (missing: not known).
         self._max_message_bytes = dict(max_message_bytes or {})
         self.access = access if access is not None else AccessRefusals()
@@ -424,6 +430,8 @@ class Publisher:
                     state = self._topic(msg.topic() or "")
             state.returned += 1  # the poll thread only
             if err is None:
+                if self.reachability.down_since is not None:
+                    self.reachability.reached()
                 if self.access.active:  # noted per poll, not per record (a lock each)
                     self._delivered_topics.add(msg.topic() or "")
                 if state.unknown_since is not None:
@@ -479,7 +487,9 @@ class Publisher:
         else:
             state.due = max(state.due, now + self.retry_backoff_s)
             if first:
-                log.warning(
+                self._repeats.log(
+                    logging.WARNING,
+                    (record.topic, err.code()),
                     "delivery to %s failed (%s); its records are produced again, in order",
                     record.topic,
                     err.str(),
@@ -537,6 +547,7 @@ class Publisher:
         last_try = False
         while not self._stopping.is_set() or len(self):
             self._producer.poll(0.05)
+            self._repeats.flush_due()
             self._poll_retired()
             self._note_delivered()
             now = time.monotonic()

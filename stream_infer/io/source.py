@@ -40,6 +40,13 @@ time budget, ``lag_budget_s``, over all its blocking calls: high watermarks come
 librdkafka's cache (updated by every fetch) while records are consumed, from the brokers only
 while consumption is paused or the cache knows none; committed offsets are asked once for all
 the partitions that need them. A partition not measured this time keeps its last figure.
+
+The same refresh asks the cluster for the subscribed topics and the ``watched`` ones (the other
+topics the worker needs): one the cluster answers does not exist in two refreshes running is
+in :attr:`BatchSource.vanished` (deleted, or a broker that came back without its data; a
+restart creates it again). What it learns of the cluster goes to the :class:`Reachability`:
+metadata or records returned are a broker answering, a metadata request no broker answered is
+an outage. Consumer errors repeated are logged once per kind and interval, with a count.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ from stream_infer.core.batching import MicroBatcher
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.checkpoint import Checkpoint
 from stream_infer.io.clients import consume_ready
+from stream_infer.io.reachability import UNREACHABLE, Reachability
+from stream_infer.io.repeated_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,11 @@ log = logging.getLogger(__name__)
 # topic (one of them lacks Describe, which Read includes), so the whole subscription: "Read on
 # one of the subscribed topics 'in, labels'".
 SUBSCRIPTION = "one of the subscribed topics"
+
+# A topic is vanished once this many metadata answers in a row said it does not exist (one
+# answer may come from a broker that has not caught up with a topic just created).
+VANISHED_AFTER = 2
+_NO_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
 @dataclass(slots=True)
@@ -108,10 +122,18 @@ class BatchSource:
         on_partition_counts: Callable[[dict[str, int]], None] | None = None,
         on_fetch_delay: Callable[[float], None] | None = None,
         access: AccessRefusals | None = None,
+        reachability: Reachability | None = None,
+        watched: Sequence[str] = (),
     ) -> None:
         self._conf = conf
         self.access = access if access is not None else AccessRefusals()
+        self.reachability = reachability if reachability is not None else Reachability()
         self.topics = topics
+        # Topics not consumed whose existence is checked with the subscribed ones.
+        self.watched = [t for t in dict.fromkeys(watched) if t not in topics]
+        # Metadata answers in a row that said a topic does not exist (consumer thread).
+        self._absent: dict[str, int] = {}
+        self._repeats = RateLimitedLog(log)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch_size, max_wait_ms)
         self._hand_off = hand_off
         self.drain_timeout_s = drain_timeout_s
@@ -266,6 +288,8 @@ class BatchSource:
             good = [r for r in records if r.error() is None]
             if len(good) != len(records):
                 self._errors(records)
+            if good:
+                self.reachability.reached()
             if good and self.access.active:
                 for topic in {r.topic() for r in good}:
                     self.access.allowed("topic", topic or "")
@@ -299,7 +323,8 @@ class BatchSource:
             elif err.code() == KafkaError.INVALID_SESSION_TIMEOUT:
                 self._session_timeout_refused(err)
             else:
-                log.warning("consumer error: %s", err.str())
+                key = (err.code(), r.topic())
+                self._repeats.log(logging.WARNING, key, "consumer error: %s", err.str())
 
     @property
     def _subscription(self) -> str:
@@ -361,6 +386,7 @@ class BatchSource:
         """Refresh :attr:`lag` and the partition counts within ``lag_budget_s``; the next
         measurement is due ``lag_interval_s`` after this one ends (not starts)."""
         deadline = time.monotonic() + self.lag_budget_s
+        self._repeats.flush_due()
         try:
             self._count_partitions(consumer, deadline)
             self._lag_within(consumer, deadline, paused)
@@ -415,17 +441,30 @@ class BatchSource:
             lag[key] = max(0, high - position)
         self.lag = lag
 
+    @property
+    def vanished(self) -> list[str]:
+        """Topics (subscribed or watched) the cluster said, in :data:`VANISHED_AFTER` metadata
+        answers running, do not exist."""
+        return sorted(t for t, n in self._absent.items() if n >= VANISHED_AFTER)
+
     def _count_partitions(self, consumer: Consumer, deadline: float) -> None:
         counts = dict(self.partition_counts)
-        for topic in self.topics:
+        subscribed = set(self.topics)
+        for topic in [*self.topics, *self.watched]:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
                 meta = consumer.list_topics(topic, timeout=min(1.0, left)).topics.get(topic)
-            except KafkaException:
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() in UNREACHABLE:
+                    self.reachability.lost(f"a metadata request failed: {err.str()}")
+                    break  # none of the others would be answered either
                 continue
-            if meta is not None and meta.error is None and meta.partitions:
+            self.reachability.reached()
+            self._note_exists(topic, meta)
+            if topic in subscribed and meta is not None and meta.error is None and meta.partitions:
                 counts[topic] = len(meta.partitions)
         if counts == self.partition_counts:
             return
@@ -437,7 +476,27 @@ class BatchSource:
         if self._on_partition_counts is not None:
             self._on_partition_counts(counts)
 
+    def _note_exists(self, topic: str, meta: Any) -> None:
+        """Count the metadata answers in a row that said ``topic`` does not exist."""
+        absent = (
+            meta is None
+            or (meta.error is not None and meta.error.code() in _NO_TOPIC)
+            or (meta.error is None and not meta.partitions)
+        )
+        if not absent:
+            if self._absent.pop(topic, 0) >= VANISHED_AFTER:
+                log.warning("topic %s exists again", topic)
+            return
+        n = self._absent[topic] = self._absent.get(topic, 0) + 1
+        if n == VANISHED_AFTER:
+            log.error(
+                "topic %s no longer exists on the cluster (deleted, or the broker lost its "
+                "data): /healthz reports it; a restart creates it again",
+                topic,
+            )
+
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.reachability.reached()
         self.access.allowed("group", str(self._conf.get("group.id")))
         self.access.allowed(SUBSCRIPTION, self._subscription)
         if self.group_problem is not None:

@@ -20,6 +20,7 @@ from typing import Any, cast
 import faust
 from faust.app.base import BootStrategy
 
+from stream_infer.io.clients import RDKAFKA_LOG
 from stream_infer.runtime.control_plane import record_time_s
 from stream_infer.runtime.worker import InferenceRuntime
 from stream_infer.settings import Topology
@@ -105,6 +106,7 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
+        RDKAFKA_LOG.flush_due()  # librdkafka lines suppressed, of kinds that stopped: counted
         now = time.monotonic()
         totals = rt.batches.inference.totals
         events = totals["events"]
@@ -133,7 +135,8 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        # Not ready while starting, stopping, or the routing the control log names not loaded.
+        # Not ready while starting, stopping, the routing the control log names not loaded, or
+        # Kafka unreachable for longer than limits.unreachable_grace_s.
         return web.json(
             {"ready": rt.not_ready_reason is None, "reason": rt.not_ready_reason},
             status=503 if rt.not_ready_reason else 200,

@@ -2,8 +2,9 @@
 
 Made at start (:meth:`KafkaClients.prepare` on a thread, then :meth:`KafkaClients.open` on the
 event loop), closed at stop by the worker; each is None before it is made. What Kafka refuses
-this worker (missing ACLs) and whether the input and labels topics are still partitioned alike
-are recorded here for /healthz.
+this worker (missing ACLs), whether the input and labels topics are still partitioned alike and
+whether the cluster can be reached (every client's ``error_cb``) are recorded here for /healthz
+and /readyz.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 
 from stream_infer.core.events import OutRecord
 from stream_infer.io.access import AccessRefusals
@@ -25,6 +26,7 @@ from stream_infer.io.clients import (
 )
 from stream_infer.io.control_log import ControlLog
 from stream_infer.io.publisher import Publisher, Ticket
+from stream_infer.io.reachability import Reachability
 from stream_infer.io.source import BatchSource, SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.runtime.undeliverable import Undeliverable
@@ -39,6 +41,8 @@ class KafkaClients:
         self.metrics = metrics
         # Topics and groups Kafka refuses this worker (missing ACLs): health problems.
         self.access = AccessRefusals()
+        # Whether any broker answers: told by every client (their error_cb, their answers).
+        self.reachability = Reachability()
         metrics.access_refused.set_function(lambda: len(self.access))
         self.labels_topic = topology.topics.labels if topology.online.enabled else None
         # Set when the input and labels topics stop being partitioned alike (a partition added
@@ -61,7 +65,9 @@ class KafkaClients:
         ensure_topology_topics(topo)
         self._max_message_bytes = output_max_message_bytes(topo)
         self.control_log = ControlLog(
-            consumer_config(topo.kafka, "unused"), topo.topics.control, access=self.access
+            consumer_config(topo.kafka, "unused", error_cb=self._error_cb("control log")),
+            topo.topics.control,
+            access=self.access,
         )
         return self.control_log.replay()
 
@@ -72,7 +78,7 @@ class KafkaClients:
     ) -> None:
         """The publisher and the batch source (not started: it consumes once started)."""
         topo = self.topology
-        conf = producer_config(topo.kafka)
+        conf = producer_config(topo.kafka, error_cb=self._error_cb("producer"))
         if batch_bytes := producer_batch_bytes(conf, self._max_message_bytes):
             # A batch over a topic's max.message.bytes is refused whole, every record in it.
             log.info(
@@ -85,12 +91,13 @@ class KafkaClients:
             undeliverable=self.undeliverable,
             access=self.access,
             max_message_bytes=self._max_message_bytes,
+            reachability=self.reachability,
         )
         # Labels come through the same group as the events: with the same partition count and
         # the same keys, partition i of both lands on the same worker (co-partitioned join).
         inputs = [topo.topics.input] + ([self.labels_topic] if self.labels_topic else [])
         source = self.source = BatchSource(
-            consumer_config(topo.kafka, topo.group_id),
+            consumer_config(topo.kafka, topo.group_id, error_cb=self._error_cb("consumer")),
             inputs,
             max_batch_size=topo.batching.max_batch_size,
             max_wait_ms=topo.batching.max_wait_ms,
@@ -101,9 +108,16 @@ class KafkaClients:
             on_partition_counts=self._partitions_changed,
             on_fetch_delay=self.metrics.fetch_delay_seconds.observe,
             access=self.access,
+            reachability=self.reachability,
+            # The other topics it needs: one that vanishes is a /healthz problem.
+            watched=[t for t in topo.all_topics() if t not in inputs],
         )
         # Read at scrape time: the batches handed over and not yet done, as they are now.
         self.metrics.in_flight.set_function(lambda: source.in_flight)
+
+    def _error_cb(self, client: str) -> Callable[[KafkaError], None]:
+        """A client's librdkafka ``error_cb``: every broker down is an outage."""
+        return self.reachability.error_cb(f"the {client}")
 
     def publish_untracked(self, records: list[OutRecord]) -> None:
         """Drift events, policy commands, acks: delivered with retries, but no input offset

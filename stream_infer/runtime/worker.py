@@ -118,6 +118,14 @@ class InferenceRuntime:
             problems.append(f"the batch source failed: {source.error!r}")
         if source is not None and source.group_problem is not None:
             problems.append(source.group_problem)
+        if source is not None and (vanished := source.vanished):
+            many = len(vanished) > 1
+            problems.append(
+                f"topic{'s' if many else ''} {', '.join(vanished)} no longer "
+                f"exist{'' if many else 's'} on the cluster (deleted, or the broker lost its "
+                f"data): nothing is consumed from or delivered to {'them' if many else 'it'}; a "
+                f"restart creates {'them' if many else 'it'} again"
+            )
         for model, version in models.watchdog.saturated():
             problems.append(
                 f"{model}:{version} has {self.topology.limits.max_hung_calls} hung model calls; "
@@ -130,9 +138,14 @@ class InferenceRuntime:
             )
         if publisher is not None and (problem := publisher.problem):
             problems.append(problem)
-        # A refused Write holds deliveries back: that is a warning, not a stall. A refused
-        # Read (the control log, an idle labels topic) says nothing of deliveries.
-        if publisher is not None and not self.kafka.access.refuses("Write"):
+        # A refused Write, or a cluster that cannot be reached, holds deliveries back: that is
+        # a warning, not a stall (a restart mends neither). A refused Read (the control log, an
+        # idle labels topic) says nothing of deliveries.
+        if (
+            publisher is not None
+            and not self.kafka.access.refuses("Write")
+            and self.kafka.reachability.down_since is None
+        ):
             waited, limit = publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
             if waited > limit:
                 problems.append(
@@ -152,10 +165,29 @@ class InferenceRuntime:
 
     def health_warnings(self) -> list[str]:
         """What is wrong but no restart mends: a missing ACL (a restart never grants one; the
-        worker retries and reports the grant), topics no longer partitioned alike."""
+        worker retries and reports the grant), topics no longer partitioned alike, a cluster
+        unreachable past the grace (a restart brings no broker back)."""
         copartition = self.kafka.copartition_problem
         warnings = [copartition] if copartition else []
+        if unreachable := self.unreachable_reason:
+            warnings.append(
+                f"{unreachable}: nothing is consumed or delivered until a broker answers; the "
+                "clients keep reconnecting (a restart would not help)"
+            )
         return warnings + self.kafka.access.problems()
+
+    @property
+    def unreachable_reason(self) -> str | None:
+        """Why the cluster counts as unreachable (None: it is reachable, or has not been
+        unreachable for longer than ``limits.unreachable_grace_s``)."""
+        reach, grace = self.kafka.reachability, self.topology.limits.unreachable_grace_s
+        down_s = reach.unreachable_for_s()
+        if down_s <= grace:
+            return None
+        return (
+            f"Kafka unreachable for {down_s:.0f} s ({reach.why}; "
+            f"limits.unreachable_grace_s={grace:g})"
+        )
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 500 and the problems a restart mends; ``warnings`` (only when there are
@@ -174,7 +206,7 @@ class InferenceRuntime:
         """Why /readyz answers 503 (None: ready)."""
         if not self.ready:
             return "starting or stopping"
-        return self.models.problem
+        return self.models.problem or self.unreachable_reason
 
     # --- start and stop ----------------------------------------------------------------
 
