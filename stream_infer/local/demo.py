@@ -43,7 +43,7 @@ from stream_infer.local.loadgen import (
 from stream_infer.local.tansu import EmbeddedBroker, free_port
 from stream_infer.settings import ENV_PREFIX, Topology, load_topology
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: stream_infer/local/demo.py
 DEFAULT_TOPOLOGY = ROOT / "topologies" / "phishing-online.yaml"
 # The demo's producers send 100 ms of events per request (linger), so each partition gets about
 # ten record batches a second. tansu keeps a partition's batches in memory and its fetches
