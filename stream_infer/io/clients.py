@@ -39,10 +39,11 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "topic.metadata.refresh.interval.ms": kafka.metadata_refresh_ms,
         # Bound what librdkafka prefetches: backpressure must not turn into unbounded memory.
         "queued.max.messages.kbytes": 16 * 1024,
-        # A fetch that finds no data waits at most 10 ms (librdkafka's default is 500 ms, and
-        # tansu answers a waiting fetch only at its deadline). fetch.min.bytes stays at its
-        # default (1 byte): 64 KiB was measured to double tansu's CPU and raise the p99.
-        "fetch.wait.max.ms": 10,
+        # How long a fetch that finds no data may wait (kafka.fetch_wait_max_ms): Apache Kafka
+        # answers as soon as a record arrives, so it only paces an idle worker's fetches (tansu
+        # holds every empty fetch until then). fetch.min.bytes stays at its default (1 byte):
+        # 64 KiB was measured to double tansu's CPU and raise the p99.
+        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
     }
     return conf | group_protocol_config(kafka) | kafka.extra | overrides
 

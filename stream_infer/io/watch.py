@@ -111,7 +111,7 @@ class OutputWatcher:
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         conf = groupless_consumer_config(kafka.librdkafka(), "watch")
-        self._consumer = Consumer(conf | {"fetch.wait.max.ms": 10})
+        self._consumer = Consumer(conf | {"fetch.wait.max.ms": kafka.fetch_wait_max_ms})
         self.prediction_topics = prediction_topics
         self.dead_letter_topic = dead_letter_topic
         self.from_beginning = from_beginning

@@ -222,6 +222,9 @@ class _Demo:
         self.env[ENV_PREFIX + "KAFKA__BOOTSTRAP_SERVERS"] = bootstrap
         self.env[ENV_PREFIX + "KAFKA__GROUP_ID"] = f"stream-infer-demo-{int(time.time())}"
         self.env[ENV_PREFIX + "WORKER__WEB_PORT"] = str(self.web_port)
+        # tansu holds a fetch that finds nothing for all of fetch.wait.max.ms, even when a
+        # record arrives meanwhile: keep that short here (Apache Kafka does not need it).
+        self.env.setdefault(ENV_PREFIX + "KAFKA__FETCH_WAIT_MAX_MS", "10")
         self.topology = load_topology(topology_path, env=self.env)
         ensure_example_models(self.topology, console)
         ensure_topology_topics(self.topology)
