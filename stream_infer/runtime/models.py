@@ -13,14 +13,17 @@ The metrics of what happens here are set here: the routes served (each swap) and
 calls the watchdog reports hung or timed out.
 
 Loads run on one thread at a time (the loader thread; the inference thread at start), never
-on the event loop and never beside a batch on the inference thread.
+on the event loop and never beside a batch on the inference thread. ``Models.predictors`` is
+copied on write: every change replaces the dict with a new one, so a reader on another thread
+(the learning thread reads the learners, the event loop a learner to reset) iterates a dict
+that no thread changes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -62,7 +65,8 @@ class Models:
             max_hung=topology.limits.max_hung_calls,
             on_hung=self._calls_hung,
         )
-        self.predictors: dict[ModelVersion, Predictor] = {}
+        # Replaced whole on every change, never changed in place (copy-on-write).
+        self.predictors: Mapping[ModelVersion, Predictor] = {}
         self.snapshot = RoutingSnapshot(routes={}, predictors={})
         self.learner_keys = frozenset(
             ModelVersion(x.model, x.version) for x in topology.online.learners
@@ -126,7 +130,7 @@ class Models:
         )
         if learner is not None:
             assert self._make_learner is not None  # declared learners turn online learning on
-            self.predictors[key] = self._make_learner(learner)
+            self._add(key, self._make_learner(learner))
             return
         settings = self.topology.model(model)
         spec = settings.version(version) if settings else None
@@ -141,7 +145,7 @@ class Models:
             device=self.device,
         )
         predictor.warm_up()
-        self.predictors[key] = predictor
+        self._add(key, predictor)
         log.info("loaded %s:%s in %.0f ms", model, version, (time.perf_counter() - started) * 1000)
 
     def _install(self, table: RoutingTable) -> None:
@@ -156,13 +160,17 @@ class Models:
         # Unload what neither this routing nor a learner needs (a batch still on the inference
         # thread keeps its own references until it is done).
         keep = needed | self.learner_keys
-        for key in set(self.predictors) - keep:
-            del self.predictors[key]
-            log.info("unloaded %s:%s", *key)
+        if gone := set(self.predictors) - keep:
+            self.predictors = {k: p for k, p in self.predictors.items() if k not in gone}
+            for key in sorted(gone):
+                log.info("unloaded %s:%s", *key)
         self.metrics.set_routes({m: dict(r.weights) for m, r in routes.items()})
         self.metrics.routing_changed.set(table.changed_at)
         if changed:
             self._on_switch(changed)
+
+    def _add(self, key: ModelVersion, predictor: Predictor) -> None:
+        self.predictors = {**self.predictors, key: predictor}
 
     def _calls_hung(self, key: ModelVersion, hung: int, timed_out: bool) -> None:
         """The watchdog's report (any thread): ``key``'s count of hung calls is now ``hung``;

@@ -296,3 +296,20 @@ def test_an_empty_log_is_summed_up_too(
     [line] = caplog.records
     assert line.getMessage().startswith("replayed 0 control commands in ")
     assert ": 0 applied, 0 rejected; routing {'risk': " in line.getMessage()
+
+
+def test_the_predictors_are_replaced_not_changed_in_place(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime]
+) -> None:
+    """The learning thread iterates them while the loader thread loads and unloads: a dict
+    changed in place under it raises 'dictionary changed size during iteration'."""
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good2"]})
+    runtimes.append(rt)
+    start(rt, [])
+    seen = rt.models.predictors
+    rt.control.apply(cmd(1, "shadow", version="v2"))  # a load
+    assert set(seen) == {("risk", "v1")}
+    seen = rt.models.predictors
+    rt.control.apply(cmd(2, "swap", version="v2"))  # an unload
+    assert set(seen) == {("risk", "v1"), ("risk", "v2")}
+    assert set(rt.models.predictors) == {("risk", "v2")}
