@@ -5,6 +5,12 @@ this is how every worker sees every command (a consumer group would split them a
 and faust's GlobalTable was seen not to reach every worker, faust-streaming#283). At start the
 worker replays what the log holds before it serves; afterwards a thread hands each new command
 over as it arrives.
+
+The follow thread runs before the batch source does (that one starts once the routing loads),
+so it also tells the :class:`Reachability` what it learns: a command or a partition's end
+fetched is a broker answering; and while an outage is marked it asks the cluster for the
+control topic's metadata every ``probe_interval_s`` (a fresh answer clears the mark, a request
+no broker answered keeps it), so a stale mark does not outlive the outage.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from confluent_kafka import (
 from stream_infer.errors import BrokerError
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.clients import assign_partitions, consume_ready, groupless_consumer_config
+from stream_infer.io.reachability import Reachability, no_broker_answered
 from stream_infer.io.repeated_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -34,13 +41,23 @@ log = logging.getLogger(__name__)
 
 class ControlLog:
     """``access``: where a refused Read on the control topic is noted (a /healthz warning:
-    later commands are not applied until it is granted)."""
+    later commands are not applied until it is granted); ``reachability``: told what the follow
+    thread learns of the cluster."""
 
     def __init__(
-        self, conf: dict[str, Any], topic: str, *, access: AccessRefusals | None = None
+        self,
+        conf: dict[str, Any],
+        topic: str,
+        *,
+        access: AccessRefusals | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self.topic = topic
         self.access = access if access is not None else AccessRefusals()
+        self.reachability = reachability if reachability is not None else Reachability()
+        self.probe_interval_s = 5.0  # metadata asked this often while an outage is marked
+        self.probe_timeout_s = 1.0
+        self._probed_at = time.monotonic()
         self._consumer = Consumer(
             groupless_consumer_config(conf, "control")
             | {
@@ -105,20 +122,54 @@ class ControlLog:
         def run() -> None:
             try:
                 while not self._stop.is_set():
-                    for msg in consume_ready(self._consumer, 100, 0.2):
-                        err = msg.error()
-                        if err is not None:
-                            self._error(err)
-                            continue
-                        if self.access.active:
-                            self.access.allowed("topic", self.topic)
-                        hand_off(msg)
+                    self._follow_step(hand_off)
             except Exception as exc:  # reported by alive/error (/healthz), not lost
                 self.error = exc
                 log.critical("the control-log thread died", exc_info=True)
 
         self._thread = threading.Thread(target=run, name="control-log", daemon=True)
         self._thread.start()
+
+    def _follow_step(self, hand_off: Callable[[Message], None]) -> None:
+        """One turn of the follow thread: what was fetched handed over (a command or a
+        partition's end fetched: a broker answered), then the cluster asked when due."""
+        for msg in consume_ready(self._consumer, 100, 0.2):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.reachability.reached()
+                self._error(err)
+                continue
+            self.reachability.reached()
+            if self.access.active:
+                self.access.allowed("topic", self.topic)
+            hand_off(msg)
+        self._probe()
+
+    def _probe(self) -> None:
+        """While an outage is marked, ask for the control topic's metadata every
+        ``probe_interval_s``: the fresh answer that clears a stale mark (an idle log fetches
+        nothing new, and the batch source may not run yet)."""
+        now = time.monotonic()
+        if self.reachability.mark is None or now - self._probed_at < self.probe_interval_s:
+            return
+        self._probed_at = now
+        try:
+            self._consumer.list_topics(self.topic, timeout=self.probe_timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and no_broker_answered(err, full_timeout=True):
+                return  # still unreachable: the mark stands
+            self._repeats.log(
+                logging.WARNING, "probe", "control log %s: metadata: %s", self.topic, exc
+            )
+            return
+        self.reachability.reached()
+
+    def flush_due(self) -> int:
+        """Say the counts of errors suppressed whose interval passed (the report timer calls
+        it). Returns the lines logged."""
+        return self._repeats.flush_due()
 
     def _error(self, err: KafkaError) -> None:
         """A fatal consumer error ends the thread (raised: /healthz 500); a refused Read is

@@ -36,17 +36,28 @@ group the broker will not let us join because of our configuration (INVALID_SESS
 is logged once at ERROR and kept in :attr:`BatchSource.group_problem` until an assignment.
 
 The lag measurement (every ``lag_interval_s``, counted from the end of the last one) has a
-time budget, ``lag_budget_s``, over all its blocking calls: high watermarks come from
+time budget of its own, ``lag_budget_s``, over all its blocking calls: high watermarks come from
 librdkafka's cache (updated by every fetch) while records are consumed, from the brokers only
 while consumption is paused or the cache knows none; committed offsets are asked once for all
 the partitions that need them. A partition not measured this time keeps its last figure.
 
-The same refresh asks the cluster for the subscribed topics and the ``watched`` ones (the other
-topics the worker needs): one the cluster answers does not exist in two refreshes running is
-in :attr:`BatchSource.vanished` (deleted, or a broker that came back without its data; a
-restart creates it again). What it learns of the cluster goes to the :class:`Reachability`:
-metadata or records returned are a broker answering, a metadata request no broker answered is
-an outage. Consumer errors repeated are logged once per kind and interval, with a count.
+Before it, the metadata refresh asks the cluster for the subscribed topics (their partition
+counts) and the ``watched`` ones (the other topics the worker needs), one request per topic, as
+many as fit in ``metadata_budget_s``, its own budget, in turn from where the last refresh
+stopped (on a slow cluster each is asked less often, none skipped). The first
+request gets its whole timeout, ``metadata_timeout_s``; a later one gets what is left of the
+budget, and when that runs out the refresh stops, which is no outage. A topic the cluster
+answers does not exist in two answers running is in :attr:`BatchSource.vanished` (deleted, or
+a broker that came back without its data) and stays there until the worker restarts: a
+topic that reappears was created again empty (by a restarted peer, say), and for the control
+topic a peer that kept its routing in memory would serve another routing than the restarted
+ones, rebuilt from the new log. What the refresh learns of the cluster goes to the
+:class:`Reachability`: metadata returned is a broker answering, a request no broker answered
+(:func:`~stream_infer.io.reachability.no_broker_answered`) an outage. Records fetched are not
+taken as an answer: they may come from librdkafka's prefetched queue, fetched before the
+outage began; while an outage is marked they bring the next refresh forward (at most one per
+``metadata_timeout_s``), whose answer clears it. Consumer errors repeated are logged once per
+kind and interval, with a count.
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ from stream_infer.core.batching import MicroBatcher
 from stream_infer.io.access import AccessRefusals, is_refusal
 from stream_infer.io.checkpoint import Checkpoint
 from stream_infer.io.clients import consume_ready
-from stream_infer.io.reachability import UNREACHABLE, Reachability
+from stream_infer.io.reachability import Reachability, no_broker_answered
 from stream_infer.io.repeated_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -131,8 +142,15 @@ class BatchSource:
         self.topics = topics
         # Topics not consumed whose existence is checked with the subscribed ones.
         self.watched = [t for t in dict.fromkeys(watched) if t not in topics]
-        # Metadata answers in a row that said a topic does not exist (consumer thread).
+        # Metadata answers in a row that said a topic does not exist (consumer thread only).
         self._absent: dict[str, int] = {}
+        # The topics found vanished since start, published whole by the consumer thread (read
+        # on the event loop: never a container another thread changes).
+        self._vanished: tuple[str, ...] = ()
+        self._ask_next = 0  # where the next metadata refresh starts in the needed topics
+        self.metadata_timeout_s = 1.0  # a metadata request's whole timeout
+        self.metadata_budget_s = 1.0  # most time one metadata refresh may block the thread
+        self._measured_at = 0.0  # when the last refresh and lag measurement ended
         self._repeats = RateLimitedLog(log)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch_size, max_wait_ms)
         self._hand_off = hand_off
@@ -288,8 +306,9 @@ class BatchSource:
             good = [r for r in records if r.error() is None]
             if len(good) != len(records):
                 self._errors(records)
-            if good:
-                self.reachability.reached()
+            if good and self.reachability.mark is not None:
+                # Maybe prefetched before the outage: ask the cluster soon instead.
+                self._lag_due = min(self._lag_due, self._measured_at + self.metadata_timeout_s)
             if good and self.access.active:
                 for topic in {r.topic() for r in good}:
                     self.access.allowed("topic", topic or "")
@@ -383,15 +402,16 @@ class BatchSource:
         return now
 
     def _measure_lag(self, consumer: Consumer, *, paused: bool = False) -> None:
-        """Refresh :attr:`lag` and the partition counts within ``lag_budget_s``; the next
-        measurement is due ``lag_interval_s`` after this one ends (not starts)."""
-        deadline = time.monotonic() + self.lag_budget_s
+        """Refresh the topics' metadata within ``metadata_budget_s``, then :attr:`lag` within
+        ``lag_budget_s``; the next measurement is due ``lag_interval_s`` after this one ends
+        (not starts)."""
         self._repeats.flush_due()
         try:
-            self._count_partitions(consumer, deadline)
-            self._lag_within(consumer, deadline, paused)
+            self._count_partitions(consumer, time.monotonic() + self.metadata_budget_s)
+            self._lag_within(consumer, time.monotonic() + self.lag_budget_s, paused)
         finally:
-            self._lag_due = time.monotonic() + self.lag_interval_s
+            self._measured_at = time.monotonic()
+            self._lag_due = self._measured_at + self.lag_interval_s
 
     def _lag_within(self, consumer: Consumer, deadline: float, paused: bool) -> None:
         owned = list(self.assignment)
@@ -442,30 +462,42 @@ class BatchSource:
         self.lag = lag
 
     @property
-    def vanished(self) -> list[str]:
+    def vanished(self) -> tuple[str, ...]:
         """Topics (subscribed or watched) the cluster said, in :data:`VANISHED_AFTER` metadata
-        answers running, do not exist."""
-        return sorted(t for t, n in self._absent.items() if n >= VANISHED_AFTER)
+        answers running, do not exist, since this worker started (sorted): one that exists
+        again was created anew, empty, and only a restart makes the worker whole again."""
+        return self._vanished
 
     def _count_partitions(self, consumer: Consumer, deadline: float) -> None:
         counts = dict(self.partition_counts)
         subscribed = set(self.topics)
-        for topic in [*self.topics, *self.watched]:
+        needed = [*self.topics, *self.watched]
+        start = self._ask_next % len(needed) if needed else 0
+        asked = 0
+        for i, topic in enumerate(needed[start:] + needed[:start]):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            timeout = self.metadata_timeout_s if i == 0 else min(self.metadata_timeout_s, left)
             try:
-                meta = consumer.list_topics(topic, timeout=min(1.0, left)).topics.get(topic)
+                meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.code() in UNREACHABLE:
-                    self.reachability.lost(f"a metadata request failed: {err.str()}")
-                    break  # none of the others would be answered either
+                if isinstance(err, KafkaError):
+                    full = timeout >= self.metadata_timeout_s
+                    if no_broker_answered(err, full_timeout=full):
+                        self.reachability.lost(f"a metadata request failed: {err.str()}")
+                        break  # none of the others would be answered either
+                    if err.code() == KafkaError._TIMED_OUT:
+                        break  # the budget ran out: this one and the rest next time
+                asked += 1
                 continue
+            asked += 1
             self.reachability.reached()
             self._note_exists(topic, meta)
             if topic in subscribed and meta is not None and meta.error is None and meta.partitions:
                 counts[topic] = len(meta.partitions)
+        self._ask_next = start + asked
         if counts == self.partition_counts:
             return
         for topic, n in counts.items():
@@ -485,13 +517,18 @@ class BatchSource:
         )
         if not absent:
             if self._absent.pop(topic, 0) >= VANISHED_AFTER:
-                log.warning("topic %s exists again", topic)
+                log.warning(
+                    "topic %s exists again, created anew (what it held is gone): /healthz "
+                    "still reports it, a restart is needed",
+                    topic,
+                )
             return
         n = self._absent[topic] = self._absent.get(topic, 0) + 1
-        if n == VANISHED_AFTER:
+        if n == VANISHED_AFTER and topic not in self._vanished:
+            self._vanished = tuple(sorted({*self._vanished, topic}))
             log.error(
                 "topic %s no longer exists on the cluster (deleted, or the broker lost its "
-                "data): /healthz reports it; a restart creates it again",
+                "data): /healthz reports it until a restart, which creates it again",
                 topic,
             )
 

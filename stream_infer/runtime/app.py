@@ -107,6 +107,9 @@ def create_app(topology: Topology, runtime: InferenceRuntime | None = None) -> f
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         RDKAFKA_LOG.flush_due()  # librdkafka lines suppressed, of kinds that stopped: counted
+        rt.kafka.reachability.flush_due()  # outages and client errors suppressed: counted
+        if rt.kafka.control_log is not None:
+            rt.kafka.control_log.flush_due()
         now = time.monotonic()
         totals = rt.batches.inference.totals
         events = totals["events"]

@@ -68,6 +68,7 @@ class KafkaClients:
             consumer_config(topo.kafka, "unused", error_cb=self._error_cb("control log")),
             topo.topics.control,
             access=self.access,
+            reachability=self.reachability,
         )
         return self.control_log.replay()
 

@@ -120,11 +120,13 @@ class InferenceRuntime:
             problems.append(source.group_problem)
         if source is not None and (vanished := source.vanished):
             many = len(vanished) > 1
+            it, they_are = ("them", "they are") if many else ("it", "it is")
             problems.append(
                 f"topic{'s' if many else ''} {', '.join(vanished)} no longer "
                 f"exist{'' if many else 's'} on the cluster (deleted, or the broker lost its "
-                f"data): nothing is consumed from or delivered to {'them' if many else 'it'}; a "
-                f"restart creates {'them' if many else 'it'} again"
+                f"data) or {'were' if many else 'was'} created anew, empty: a restart is "
+                f"needed even if {they_are} back (it creates {it} again and rebuilds the "
+                "routing from the control log as it is now)"
             )
         for model, version in models.watchdog.saturated():
             problems.append(
@@ -139,12 +141,13 @@ class InferenceRuntime:
         if publisher is not None and (problem := publisher.problem):
             problems.append(problem)
         # A refused Write, or a cluster that cannot be reached, holds deliveries back: that is
-        # a warning, not a stall (a restart mends neither). A refused Read (the control log, an
-        # idle labels topic) says nothing of deliveries.
+        # a warning, not a stall (a restart mends neither). Only once the warning is shown
+        # (past limits.unreachable_grace_s): one of the two is always reported. A refused Read
+        # (the control log, an idle labels topic) says nothing of deliveries.
         if (
             publisher is not None
             and not self.kafka.access.refuses("Write")
-            and self.kafka.reachability.down_since is None
+            and self.unreachable_reason is None
         ):
             waited, limit = publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
             if waited > limit:
@@ -181,13 +184,13 @@ class InferenceRuntime:
         """Why the cluster counts as unreachable (None: it is reachable, or has not been
         unreachable for longer than ``limits.unreachable_grace_s``)."""
         reach, grace = self.kafka.reachability, self.topology.limits.unreachable_grace_s
-        down_s = reach.unreachable_for_s()
+        outage = reach.outage()  # one read: how long and why, of the same outage
+        if outage is None:
+            return None
+        down_s, why = outage
         if down_s <= grace:
             return None
-        return (
-            f"Kafka unreachable for {down_s:.0f} s ({reach.why}; "
-            f"limits.unreachable_grace_s={grace:g})"
-        )
+        return f"Kafka unreachable for {down_s:.0f} s ({why}; limits.unreachable_grace_s={grace:g})"
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 500 and the problems a restart mends; ``warnings`` (only when there are

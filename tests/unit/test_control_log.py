@@ -7,13 +7,16 @@ enable.partition.eof is set) carrying the end offset."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, ClassVar
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_infer.io import control_log as control_log_module
 from stream_infer.io.control_log import ControlLog
+from stream_infer.io.reachability import Reachability
 
 
 class FakeMessage:
@@ -179,4 +182,86 @@ def test_the_follow_thread_reports_a_refused_read_and_its_grant_and_dies_on_a_fa
     assert got == [b"cmd"]
     assert not access.problems(), "a record read again is the grant"
     assert not log.alive and log.error is not None, "a fatal consumer cannot read commands again"
+    log.close()
+
+
+# --- the follow thread and the cluster's reachability (review of issue 18 item 7) -------------
+
+
+class Idle(FakeLogConsumer):
+    """A log with nothing new after the replay: no record, no partition end, ever. Its
+    metadata answers unless ``down``."""
+
+    down: ClassVar[bool] = False
+    asked: ClassVar[int] = 0
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        return []
+
+    def list_topics(self, topic: str, timeout: float) -> _Topics:
+        type(self).asked += 1
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+        return _Topics(topic)
+
+
+def _cleared_within(reach: Reachability, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while reach.mark is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return reach.mark is None
+
+
+@pytest.mark.parametrize(
+    ("records", "what"), [({0: b"cmd"}, "a command"), ({}, "a partition's end")]
+)
+def test_what_the_follow_thread_fetches_clears_an_outage_mark(
+    fake_log: type[FakeLogConsumer], records: dict[int, bytes | None], what: str
+) -> None:
+    """The batch source, which clears a stale mark, does not run before the routing loads."""
+    fake_log.records, fake_log.low, fake_log.high = records, 0, len(records)
+    reach = Reachability()
+    reach.lost("no broker answers the control log")
+    log = ControlLog({}, "ctl", reachability=reach)
+    log.follow(lambda _msg: None)
+    try:
+        assert _cleared_within(reach, 2.0), what
+    finally:
+        log.close()
+
+
+def test_an_idle_follow_thread_asks_the_cluster_while_an_outage_is_marked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(control_log_module, "Consumer", Idle)
+    Idle.down, Idle.asked = True, 0
+    reach = Reachability()
+    log = ControlLog({}, "ctl", reachability=reach)
+    log.probe_interval_s = 0.05
+    log.follow(lambda _msg: None)
+    try:
+        time.sleep(0.3)
+        assert Idle.asked == 0, "nothing asked while the cluster counts as reachable"
+        reach.lost("no broker answers the producer")
+        assert not _cleared_within(reach, 0.5) and Idle.asked >= 1, "no broker: the mark stands"
+        Idle.down = False
+        assert _cleared_within(reach, 2.0), "the first answer clears it"
+    finally:
+        log.close()
+
+
+def test_the_follow_threads_suppressed_errors_are_flushed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(control_log_module, "Consumer", FakeLogConsumer)
+    log = ControlLog({}, "ctl")
+    log._repeats.interval_s = 0.05
+    caplog.set_level(logging.WARNING, logger="stream_infer.io.control_log")
+    for _ in range(3):
+        log._error(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+    time.sleep(0.1)
+    assert log.flush_due() == 1
+    assert caplog.records[-1].getMessage() == (
+        "control log ctl: Connection refused (librdkafka retries) (2 like it in the last 0 s)"
+    )
     log.close()
