@@ -335,13 +335,23 @@ def scrape(port: int, name: str, **labels: str) -> float:
         return 0.0
 
 
-def health(port: int) -> tuple[int, dict[str, Any]]:
-    """/healthz: its status and body."""
+def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """A worker's JSON page (``/healthz``, ``/readyz``): its status and body."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, orjson.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, orjson.loads(exc.read())
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    """/healthz: its status and body."""
+    return probe(port, "/healthz")
+
+
+def readiness(port: int) -> tuple[int, dict[str, Any]]:
+    """/readyz: its status and body."""
+    return probe(port, "/readyz")
 
 
 def assert_healthy(port: int) -> None:

@@ -8,32 +8,20 @@ topics were gone (the broker came back empty) served nothing while healthy and r
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from stream_infer.local.apache_kafka import KafkaCluster
 from stream_infer.local.tansu import free_port
 from tests.brokers import broker_choice, require_local_kafka
-from tests.integration.conftest import Setup, good_events, health, wait_ready
+from tests.integration.conftest import Setup, good_events, health, readiness, wait_ready
 
 GRACE_S = 2.0  # limits.unreachable_grace_s in these tests
 DOWN_S = 10.0  # how long the broker stays down
 ERROR = "] [ERROR] "  # how a worker's log marks an ERROR line
-
-
-def readiness(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:

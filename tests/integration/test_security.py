@@ -61,7 +61,7 @@ from stream_infer.local.apache_kafka import KafkaCluster
 from stream_infer.local.apache_kafka.cluster import Listener
 from stream_infer.local.tansu import free_port
 from tests.brokers import require_local_kafka
-from tests.integration.conftest import Setup, good_events, metric, wait_ready
+from tests.integration.conftest import Setup, good_events, health, metric, wait_ready
 
 N = 300
 JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
@@ -344,14 +344,6 @@ def serves_end_to_end(setup: Setup) -> None:
     acks = command(setup, "status")
     assert [a["status"] for a in acks] == ["applied"], setup.worker_logs()
     assert setup.workers[0].poll() is None
-
-
-def health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return resp.status, orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
 
 
 def healthy(port: int) -> bool:
