@@ -119,14 +119,11 @@ class InferenceRuntime:
         if source is not None and source.group_problem is not None:
             problems.append(source.group_problem)
         if source is not None and (vanished := source.vanished):
-            many = len(vanished) > 1
-            it, they_are = ("them", "they are") if many else ("it", "it is")
             problems.append(
-                f"topic{'s' if many else ''} {', '.join(vanished)} no longer "
-                f"exist{'' if many else 's'} on the cluster (deleted, or the broker lost its "
-                f"data) or {'were' if many else 'was'} created anew, empty: a restart is "
-                f"needed even if {they_are} back (it creates {it} again and rebuilds the "
-                "routing from the control log as it is now)"
+                f"topics gone since this worker started (deleted, the broker lost its data, or "
+                f"created anew, empty): {', '.join(vanished)}; a restart is needed even if they "
+                "are back (it creates what is missing and rebuilds the routing from the control "
+                "log as it is now)"
             )
         for model, version in models.watchdog.saturated():
             problems.append(

@@ -104,9 +104,9 @@ def test_a_deleted_input_topic_is_a_health_problem_and_a_restart_mends_it(
     found = wait_for(lambda: health(port)[0] == 500, 40, "unhealthy")
     status, body = health(port)
     assert body["problems"] == [
-        f"topic {topic} no longer exists on the cluster (deleted, or the broker lost its data) "
-        "or was created anew, empty: a restart is needed even if it is back (it creates it "
-        "again and rebuilds the routing from the control log as it is now)"
+        "topics gone since this worker started (deleted, the broker lost its data, or created "
+        f"anew, empty): {topic}; a restart is needed even if they are back (it creates what is "
+        "missing and rebuilds the routing from the control log as it is now)"
     ], body
     assert topic not in admin.list_topics(timeout=10).topics  # nothing created it meanwhile
     setup.stop()

@@ -209,9 +209,9 @@ def test_a_vanished_topic_is_a_health_problem_naming_it(runtime: InferenceRuntim
     status, body = runtime.health()
     assert status == 500
     assert body["problems"] == [
-        "topics in, out no longer exist on the cluster (deleted, or the broker lost its data) or "
-        "were created anew, empty: a restart is needed even if they are back (it creates them "
-        "again and rebuilds the routing from the control log as it is now)"
+        "topics gone since this worker started (deleted, the broker lost its data, or created "
+        "anew, empty): in, out; a restart is needed even if they are back (it creates what is "
+        "missing and rebuilds the routing from the control log as it is now)"
     ]
     assert runtime.not_ready_reason is None  # serving what it can; liveness restarts it
 
@@ -358,9 +358,9 @@ def test_a_vanished_topic_stays_reported_when_it_reappears(runtime: InferenceRun
     status, body = runtime.health()
     assert status == 500
     assert body["problems"] == [
-        "topic ctl no longer exists on the cluster (deleted, or the broker lost its data) or "
-        "was created anew, empty: a restart is needed even if it is back (it creates it again "
-        "and rebuilds the routing from the control log as it is now)"
+        "topics gone since this worker started (deleted, the broker lost its data, or created "
+        "anew, empty): ctl; a restart is needed even if they are back (it creates what is "
+        "missing and rebuilds the routing from the control log as it is now)"
     ]
 
 
