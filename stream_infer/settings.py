@@ -305,6 +305,19 @@ class LimitSettings(_Frozen):
         ),
     )
 
+    @model_validator(mode="after")
+    def _grace_before_stall(self) -> LimitSettings:
+        """An outage must be said (a warning) before stuck deliveries fail /healthz: else
+        every outage longer than max_unacked_s restarts the pod, into a cluster it cannot
+        reach (a restart loop no restart mends)."""
+        if self.unreachable_grace_s >= self.max_unacked_s:
+            msg = (
+                f"unreachable_grace_s ({self.unreachable_grace_s:g}) must be shorter than "
+                f"max_unacked_s ({self.max_unacked_s:g})"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class WorkerSettings(_Frozen):
     web_port: int = Field(default=6066, ge=1, le=65535, description="metrics and health")

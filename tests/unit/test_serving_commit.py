@@ -44,7 +44,11 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[InferenceRuntime]:
     topics = {"input": "in", "predictions": "out", "dead_letter": "dlq", "control": "ctl"}
     rt = InferenceRuntime(
         parse_topology(
-            minimal(topics=topics | {"acks": "acks"}, limits={"max_unacked_s": 0.2}), env={}
+            minimal(
+                topics=topics | {"acks": "acks"},
+                limits={"max_unacked_s": 0.2, "unreachable_grace_s": 0.1},
+            ),
+            env={},
         )
     )
     rt.kafka.publisher = Publisher({}, retry_backoff_s=0.01, undeliverable=rt.kafka.undeliverable)

@@ -457,3 +457,11 @@ def test_a_reset_on_input_drift_for_a_named_model_is_accepted() -> None:
     }
     topo = parse_topology(online_with(policy, monitors=("feature:f1",)), env={})
     assert topo.online.policies[0].model == model
+
+
+def test_an_outage_is_said_before_stuck_deliveries_fail_liveness() -> None:
+    """With the grace at or past max_unacked_s, every outage longer than max_unacked_s would
+    fail /healthz before /healthz says the outage: a restart loop into an unreachable cluster."""
+    problem = config_error(minimal(limits={"max_unacked_s": 30, "unreachable_grace_s": 30}))
+    assert "unreachable_grace_s (30) must be shorter than max_unacked_s (30)" in problem
+    parse_topology(minimal(limits={"max_unacked_s": 31, "unreachable_grace_s": 30}), env={})
