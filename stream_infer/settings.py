@@ -101,8 +101,9 @@ class KafkaSettings(_Frozen):
         le=5_000,
         description="how long the broker may hold a fetch that finds no new record "
         "(fetch.wait.max.ms). Apache Kafka answers a fetch as soon as a record arrives, so this "
-        "only paces an idle worker's fetches (10 a second at 100 ms); tansu holds every empty "
-        "fetch this long, so its demo sets 10",
+        "only paces an idle worker's fetches (10 a second at 100 ms); a metadata or offsets "
+        "request sent on the same connection meanwhile may wait up to this long behind it. "
+        "tansu holds every empty fetch this long, so its demo sets 10",
     )
     connect_timeout_s: float = Field(
         default=10.0, gt=0.0, le=300.0, description="how long to wait for the cluster at start"
