@@ -149,6 +149,21 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
+        self.transaction_seconds = Histogram(
+            "stream_infer_transaction_seconds",
+            "exactly_once: time one batch's transaction spent in each stage (begin, produce, "
+            "send_offsets, commit, abort)",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.transactions = Counter(
+            "stream_infer_transactions_total",
+            "exactly_once: batches' transactions by outcome (committed, aborted, skipped: "
+            "after an aborted one, read again)",
+            ["outcome"],
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
             "stream_infer_end_to_end_seconds",
             "Event ts to prediction produced (events that carry ts)",

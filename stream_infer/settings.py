@@ -115,6 +115,17 @@ class KafkaSettings(_Frozen):
         default_factory=dict,
         description="librdkafka properties for the workers' producer only, applied after extra",
     )
+    transaction_timeout_ms: int = Field(
+        default=10_000,
+        ge=1_000,
+        le=900_000,
+        description="processing.guarantee exactly_once only: how long a transaction may stay "
+        "open before the broker aborts it. It bounds how long a crashed or frozen worker's "
+        "open transaction holds back read_committed readers of its output partitions and the "
+        "next owner of its input partitions; a transaction that outlasts it (a broker failover "
+        "slower than it) is aborted, and the worker restarts. At most the brokers' "
+        "transaction.max.timeout.ms (Apache Kafka's default: 900000)",
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -259,6 +270,25 @@ class BatchingSettings(_Frozen):
     max_batches_in_flight: int = Field(
         default=4, ge=1, le=64, description="batches consumed but not yet committed (backpressure)"
     )
+
+
+# librdkafka properties stream-infer sets itself under exactly_once: a topology may not.
+_TRANSACTION_OWNED = ("transactional.id", "enable.idempotence", "transaction.timeout.ms")
+
+
+class ProcessingSettings(_Frozen):
+    guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="at_least_once: an input offset is committed after every record produced "
+        "for it is acknowledged; a crash may serve records again (consumers deduplicate by "
+        "id). exactly_once (Apache Kafka >= 2.5): each micro-batch's records and its input "
+        "offsets are one Kafka transaction; read the outputs with isolation.level="
+        "read_committed",
+    )
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.guarantee == "exactly_once"
 
 
 class LimitSettings(_Frozen):
@@ -431,11 +461,55 @@ class Topology(_Frozen):
     features: tuple[str, ...] = Field(min_length=1)
     models: tuple[ModelSettings, ...] = Field(min_length=1)
     batching: BatchingSettings = BatchingSettings()
+    processing: ProcessingSettings = ProcessingSettings()
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
     control: ControlSettings = ControlSettings()
     online: OnlineSettings = OnlineSettings()
     device: str = Field(default="auto", description=DEVICES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_once_defaults(cls, data: Any) -> Any:
+        """Under exactly_once, ``batching.max_batches_in_flight`` defaults to 2: one batch in
+        its transaction, one being computed. A third could only wait for the transaction
+        before it, and every batch after an aborted one is read and served again."""
+        if not isinstance(data, Mapping):
+            return data
+        processing = data.get("processing")
+        guarantee = processing.get("guarantee") if isinstance(processing, Mapping) else None
+        batching = data.get("batching", {})
+        if (
+            guarantee == "exactly_once"
+            and isinstance(batching, Mapping)
+            and "max_batches_in_flight" not in batching
+        ):
+            return dict(data) | {"batching": dict(batching) | {"max_batches_in_flight": 2}}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_once_consistent(self) -> Topology:
+        if not self.processing.exactly_once:
+            return self
+        kafka = self.kafka
+        for where, conf in (("extra", kafka.extra), ("producer_extra", kafka.producer_extra)):
+            owned = next((k for k in conf if k in _TRANSACTION_OWNED), None)
+            if owned is not None:
+                msg = (
+                    f"kafka.{where}.{owned} is set by stream-infer under processing.guarantee "
+                    "exactly_once (the transaction timeout is kafka.transaction_timeout_ms): "
+                    "remove it"
+                )
+                raise ValueError(msg)
+            timeout = conf.get("message.timeout.ms")
+            if timeout is not None and int(timeout) > kafka.transaction_timeout_ms:
+                msg = (
+                    f"kafka.{where}.message.timeout.ms ({timeout}) must not exceed "
+                    f"kafka.transaction_timeout_ms ({kafka.transaction_timeout_ms}) under "
+                    "exactly_once (librdkafka refuses it)"
+                )
+                raise ValueError(msg)
+        return self
 
     @field_validator("name")
     @classmethod
@@ -553,6 +627,20 @@ class Topology(_Frozen):
     @property
     def group_id(self) -> str:
         return self.kafka.group_id or f"stream-infer.{self.name}"
+
+    def transactional_id(self, fallback: str) -> str:
+        """exactly_once: this worker's ``transactional.id``, ``stream-infer.<name>.<worker
+        id>``; ``fallback`` (host name and process id) when ``worker.id`` is not set. It must
+        be unique among the live workers (a second producer with the same id fences the first);
+        a stable one (the pod name) lets a restarted worker abort its predecessor's open
+        transaction at once instead of after ``kafka.transaction_timeout_ms``."""
+        return f"stream-infer.{self.name}.{self.worker.id or fallback}"
+
+    @property
+    def transaction_probe_topic(self) -> str:
+        """exactly_once: where the worker checks at start that the cluster's transactions
+        work (one partition, records kept an hour)."""
+        return f"{self.topics.control}.txn-probe"
 
     def model(self, name: str) -> ModelSettings | None:
         return next((m for m in self.models if m.name == name), None)

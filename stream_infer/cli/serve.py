@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stream_infer.cli.common import OVERRIDES_HELP, TOPOLOGY, load
 from stream_infer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stream_infer.settings import Topology
 
 
 @click.command(epilog=OVERRIDES_HELP)
@@ -41,11 +46,35 @@ def worker(ctx: click.Context, topology: Path) -> None:
     # and a /healthz warning, as when a running worker sees them: not an exit (a scale-out of
     # the input topic alone would otherwise make every restarted worker exit).
     ensure_topology_topics(topo)
+    if topo.processing.exactly_once:
+        _check_transactions(topo)
     base = f"http://{topo.worker.web_host}:{topo.worker.web_port}"
     threading.Thread(
         target=announce_when_ready, args=(base,), name="ready-announcer", daemon=True
     ).start()
     sys.exit(run_worker(topo, loglevel=ctx.obj["log_level"]))
+
+
+def _check_transactions(topo: Topology) -> None:
+    """exactly_once needs transactions that work: refused (exit code 2) on a broker whose
+    read_committed readers see aborted records (the embedded tansu broker) or that has none."""
+    from stream_infer.io.clients import consumer_config, transactional_producer_config
+    from stream_infer.io.transactions import transactions_problem
+
+    probe_id = topo.transactional_id(f"{socket.gethostname()}-{os.getpid()}") + ".probe"
+    problem = transactions_problem(
+        transactional_producer_config(topo.kafka, probe_id),
+        consumer_config(topo.kafka, "unused"),
+        topo.transaction_probe_topic,
+        timeout_s=topo.kafka.connect_timeout_s,
+    )
+    if problem is not None:
+        msg = (
+            f"processing.guarantee exactly_once needs a broker whose transactions work (Apache "
+            f"Kafka >= 2.5); the cluster at {topo.kafka.bootstrap_servers} failed the check: "
+            f"{problem}. Use processing.guarantee at_least_once on this broker"
+        )
+        raise ConfigError(msg)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -73,6 +73,22 @@ class Checkpoint:
         if seq in self._open:
             self._delivered.add(seq)
 
+    def drop(self, seq: int) -> None:
+        """Batch ``seq`` was rewound (exactly_once: its transaction, or one before it, was
+        aborted): it releases no offset, its records are read and served again in a later
+        batch, and nothing waits for it any more.
+
+        >>> cp = Checkpoint()
+        >>> first, second = cp.begin({("events", 0): 10}), cp.begin({("events", 0): 20})
+        >>> cp.drop(second)
+        >>> cp.delivered(first)
+        >>> cp.release(), cp.in_flight, cp.settled
+        ({('events', 0): 10}, 0, True)
+        """
+        if seq in self._open:
+            self._open[seq] = {}
+            self._delivered.add(seq)
+
     def fail(self, seq: int, reason: str) -> None:
         """Batch ``seq`` cannot be served: nothing at or after it is ever released."""
         if self._failed_at is None or seq < self._failed_at:

@@ -168,6 +168,7 @@ class Ticket:
         "error",
         "pending",
         "records",
+        "rewound",
         "sent_at",
     )
 
@@ -177,6 +178,9 @@ class Ticket:
         # record it was made from) here; the callback only sees the bytes.
         self.records: Sequence[OutRecord] = ()
         self.error: DeliveryError | None = None
+        # exactly_once: the batch's transaction was not committed (aborted, or skipped after
+        # an aborted one): none of its records is visible, its input is read again.
+        self.rewound = False
         self.sent_at = time.monotonic()
         self._done = threading.Event()
         self._loop = loop
@@ -214,6 +218,13 @@ class Ticket:
         self.pending -= 1
         if self.pending == 0 and self.error is None:
             self._settle()
+
+    def _rewind(self) -> None:
+        """exactly_once: nothing of the batch was committed; it is read and served again."""
+        if self._done.is_set():
+            return
+        self.rewound = True
+        self._settle()
 
     def _fail(self, error: DeliveryError) -> None:
         if self._done.is_set():

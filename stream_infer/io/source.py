@@ -58,6 +58,16 @@ taken as an answer: they may come from librdkafka's prefetched queue, fetched be
 outage began; while an outage is marked they bring the next refresh forward (at most one per
 ``metadata_timeout_s``), whose answer clears it. Consumer errors repeated are logged once per
 kind and interval, with a count.
+
+Under exactly_once (``exactly_once=True``) the offsets are not this thread's to commit: each
+batch carries the consumer's group metadata taken when it is handed out (the generation that
+fetched it, KIP-447) and its ``epoch``, and the transactional publisher sends its offsets in the
+batch's transaction. Nothing is stored or committed here (auto-commit is off). When a transaction
+is aborted the publisher calls :meth:`BatchSource.rewind`: before it fetches again, this thread
+drops the records it holds, starts a new epoch (every batch of the old one is skipped, never
+committed) and seeks every owned partition back to its last committed offset, which it knows
+locally: the first offset it read there, then each committed batch's next offset
+(:meth:`BatchSource.committed`). The records are then read and served again.
 """
 
 from __future__ import annotations
@@ -105,6 +115,10 @@ class SourceBatch:
     closed_at: float = field(default_factory=time.monotonic)
     opened_at: float | None = None
     seq: int = -1
+    # exactly_once: the rewind epoch it was read in, and the consumer's group metadata when
+    # it was handed out (its transaction's offsets are sent with it).
+    epoch: int = 0
+    group: object | None = None
 
 
 def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -135,8 +149,15 @@ class BatchSource:
         access: AccessRefusals | None = None,
         reachability: Reachability | None = None,
         watched: Sequence[str] = (),
+        exactly_once: bool = False,
     ) -> None:
         self._conf = conf
+        self.exactly_once = exactly_once
+        # exactly_once: the rewind epoch of the batches handed out now, whether a rewind is
+        # due, and each owned partition's last committed offset (where a rewind seeks to).
+        self.epoch = 0
+        self._rewind_due = False
+        self._bases: dict[tuple[str, int], int] = {}
         self.access = access if access is not None else AccessRefusals()
         self.reachability = reachability if reachability is not None else Reachability()
         self.topics = topics
@@ -210,6 +231,29 @@ class BatchSource:
             self._idle.notify_all()
         self._slots.release()
 
+    def dropped(self, batch: SourceBatch) -> None:
+        """exactly_once: the batch was rewound (its transaction, or one before it, aborted):
+        nothing of it is committed, its records are read again; free its slot."""
+        with self._idle:
+            self.checkpoint.drop(batch.seq)
+            self._idle.notify_all()
+        self._slots.release()
+
+    def committed(self, batch: SourceBatch) -> None:
+        """exactly_once: the batch's transaction committed its offsets (the transactional
+        publisher's thread, before it begins the next): a rewind seeks no further back."""
+        with self._idle:
+            for tp, offset in batch.offsets.items():
+                if tp in self._bases:  # still owned (a revocation drops its base)
+                    self._bases[tp] = offset
+
+    def rewind(self) -> None:
+        """exactly_once: a transaction was aborted. Before it fetches again the consumer
+        thread starts a new epoch and seeks every owned partition back to its last committed
+        offset; the batches of the old epoch are never committed (the publisher skips them)."""
+        with self._idle:
+            self._rewind_due = True
+
     def fail(self, batch: SourceBatch, reason: str) -> None:
         """The batch cannot be served: nothing after it is handed out, and nothing at or after
         it is stored or committed. The consumer thread commits the prefix and closes."""
@@ -230,6 +274,10 @@ class BatchSource:
         with self._idle:
             stored = self.checkpoint.release()
         if not stored:
+            return
+        if self.exactly_once:  # committed in the batches' transactions: only the lag learns
+            owned = set(self.assignment)
+            self._positions.update((tp, o) for tp, o in stored.items() if tp in owned)
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in stored.items()]
         try:
@@ -289,6 +337,8 @@ class BatchSource:
                 log.exception("closing the consumer failed")
 
     def _step(self, consumer: Consumer) -> None:
+        if self._rewind_due:
+            self._rewind(consumer)
         self._store_done(consumer)
         if time.monotonic() >= self._lag_due:
             self._measure_lag(consumer)
@@ -314,6 +364,13 @@ class BatchSource:
                     self.access.allowed("topic", topic or "")
             if good and self._on_fetch_delay is not None:
                 self._report_fetch_delay(good, received_wall)
+            if good and self.exactly_once:
+                bases = self._bases
+                for r in good:  # the first offset read in a partition: where a rewind goes
+                    tp = (cast(str, r.topic()), cast(int, r.partition()))
+                    if tp not in bases:
+                        with self._idle:
+                            bases.setdefault(tp, cast(int, r.offset()))
             if not len(self.batcher):
                 self._opened_at = received
             for batch in self.batcher.add_many(good):
@@ -322,6 +379,28 @@ class BatchSource:
         closed = self.batcher.poll()
         if closed:
             self._send(closed, self._opened_at)
+
+    def _rewind(self, consumer: Consumer) -> None:
+        """exactly_once, after an aborted transaction: a new epoch, the records held here
+        dropped, every owned partition read again from its last committed offset (seek also
+        drops what librdkafka prefetched for it)."""
+        with self._idle:
+            self._rewind_due = False
+            self.epoch += 1
+            owned = set(self.assignment)
+            targets = sorted((tp, o) for tp, o in self._bases.items() if tp in owned)
+        held = len(self.batcher)
+        self.batcher.flush()
+        for (topic, partition), offset in targets:
+            # Raises (ending this thread: /healthz fails, the worker restarts from the
+            # committed offsets) if the partition cannot be sought: never a silent skip.
+            consumer.seek(TopicPartition(topic, partition, offset))
+        log.warning(
+            "transaction aborted: %d records held dropped, epoch %d reads again from %s",
+            held,
+            self.epoch,
+            ", ".join(f"{t}[{p}]@{o}" for (t, p), o in targets) or "nothing read yet",
+        )
 
     def _errors(self, records: list[Message]) -> None:
         """Consumer errors: fatal ones end the thread (raised); refusals and configuration the
@@ -381,12 +460,22 @@ class BatchSource:
                 self._while_paused()
             self._paused(since)
         offsets = next_offsets(records)
+        group = None
+        if self.exactly_once and self._consumer is not None:
+            # Taken now, under the generation that fetched these records: a transaction of a
+            # batch fetched before the group moved on is refused, whenever it commits.
+            group = self._consumer.consumer_group_metadata()
         with self._idle:
-            if self.checkpoint.failed:  # nothing is handed out after a failed batch
+            # Nothing is handed out after a failed batch; nor, while a rewind is due, records
+            # read before it (they are read again).
+            if self.checkpoint.failed or self._rewind_due:
                 self._slots.release()
                 return
             seq = self.checkpoint.begin(offsets)
-        self._hand_off(SourceBatch(records, offsets, opened_at=opened_at, seq=seq))
+            epoch = self.epoch
+        self._hand_off(
+            SourceBatch(records, offsets, opened_at=opened_at, seq=seq, epoch=epoch, group=group)
+        )
 
     def _while_paused(self) -> None:
         """Keep measuring the lag while consumption is paused: that is when the lag matters
@@ -555,9 +644,17 @@ class BatchSource:
                 self.in_flight,
                 wait_s,
             )
-        self._commit(consumer)
-        with self._idle:  # a batch delivered late stores nothing for partitions not ours
-            self.checkpoint.revoke(gone)
+        if self.exactly_once:
+            # Nothing to commit here (the transactions did); a batch still in flight keeps
+            # every offset it holds: its transaction commits them all or none (a late one is
+            # refused by the group for its old generation, KIP-447), never its records alone.
+            with self._idle:
+                for tp in gone:
+                    self._bases.pop(tp, None)
+        else:
+            self._commit(consumer)
+            with self._idle:  # a batch delivered late stores nothing for partitions not ours
+                self.checkpoint.revoke(gone)
         self.assignment = sorted(set(self.assignment) - gone)
         for tp in gone:
             self._positions.pop(tp, None)
@@ -587,7 +684,8 @@ class BatchSource:
                     "batch after them, are not committed",
                     self.in_flight,
                 )
-            self._commit(consumer)
+            if not self.exactly_once:
+                self._commit(consumer)
         finally:
             # close() revokes the assignment: _revoked waits within the same deadline.
             consumer.close()

@@ -41,6 +41,7 @@ class BatchHandler:
         learning: LearningService | None,
     ) -> None:
         self.metrics = metrics
+        self.kafka = kafka
         self.threads = threads
         self.inference = InferenceStep(topology, models, kafka, learning)
         self.commits = OrderedCommits(kafka, metrics.delivery_seconds.observe)
@@ -53,6 +54,11 @@ class BatchHandler:
         before the exception goes on (to stop the worker)."""
         if self.commits.failure is not None:
             log.debug("batch %d skipped: an earlier batch failed", batch.seq)
+            return
+        source = self.kafka.source
+        if source is not None and batch.epoch < source.epoch:
+            # exactly_once: read before a rewind; never committed, its records come again.
+            source.dropped(batch)
             return
         if batch.opened_at is not None:
             self.metrics.batching_seconds.observe(batch.closed_at - batch.opened_at)

@@ -12,7 +12,10 @@ input record before it, is acknowledged by the broker; never at or past a batch 
 
 Here each served batch is queued with its ticket, the tickets are awaited in the order the
 batches were handed out, and each batch is handed back to the source: ``done`` (its offsets
-may be stored) once delivered, ``fail`` when it cannot be served or delivered. A failed batch
+may be stored) once delivered, ``fail`` when it cannot be served or delivered. Under exactly_once
+a ticket completes when the batch's transaction commits (its offsets with it), or is
+*rewound* when it was not (aborted, or read before a rewind): ``dropped``, its records come
+again. A failed batch
 stops the commits: nothing after it is served, marked done or committed, and the worker
 restarts from the committed offsets.
 
@@ -82,5 +85,8 @@ class OrderedCommits:
             except DeliveryError as exc:
                 source.fail(batch, f"a record cannot be delivered: {exc}")
                 raise
+            if ticket.rewound:  # exactly_once: aborted, or after an aborted one; read again
+                source.dropped(batch)
+                continue
             self._on_delivered(time.monotonic() - ticket.sent_at)
             source.done(batch)

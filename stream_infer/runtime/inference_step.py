@@ -4,12 +4,16 @@ Only the inference thread runs it (:meth:`~stream_infer.runtime.threads.Threads.
 one batch at a time, in the order the batches were handed out: the batch's label records are
 split off; the pipeline (decode, route, infer, encode) serves the rest by the models' current
 snapshot; every record it makes (predictions, shadow predictions, dead letters, invalid labels'
-dead letters) is published under the batch's ticket; the events scored and the labels decoded
-go to the learning thread. The event loop's part of a batch (its metrics, its commit) is
+dead letters) is published under the batch's ticket (exactly_once: in the batch's transaction,
+with its input offsets); the events scored and the labels decoded go to the learning thread,
+under exactly_once only once the transaction committed (an aborted batch is served again: its
+labels are learnt once). The event loop's part of a batch (its metrics, its commit) is
 :class:`~stream_infer.runtime.batches.BatchHandler`'s.
 """
 
 from __future__ import annotations
+
+import functools
 
 from stream_infer.core.events import BatchResult
 from stream_infer.core.pipeline import ModelOutput, Pipeline
@@ -52,8 +56,6 @@ class InferenceStep:
 
     def process(self, batch: SourceBatch, ticket: Ticket) -> BatchResult:
         """Serve ``batch``, publish its records under ``ticket``, hand it to learning."""
-        publisher = self.kafka.publisher
-        assert publisher is not None
         records, labels = batch.records, []
         labels_topic = self.kafka.labels_topic
         if labels_topic is not None:
@@ -67,14 +69,21 @@ class InferenceStep:
             decoded, invalid = self.learning.split_labels(labels)
             result.dead_letters.extend(invalid)
             result.records.extend(self.pipeline.dead_letter_records(invalid))
-        publisher.publish(result.records, ticket)
-        if self.learning is not None:
+        learning = self.learning
+        if learning is None:
+            self.kafka.publish_batch(batch, result.records, ticket, _nothing)
+        else:
             batch_rows = result.batch
             # Each scored event's input partition: the join tells a label lost to a rebalance.
             partitions = (
                 [records[i].partition() or 0 for i in batch_rows.positions] if batch_rows else None
             )
-            self.learning.submit(batch_rows, result.scored, decoded, partitions)
+            self.kafka.publish_batch(
+                batch,
+                result.records,
+                ticket,
+                functools.partial(learning.submit, batch_rows, result.scored, decoded, partitions),
+            )
         self._count(result)
         return result
 
@@ -83,3 +92,7 @@ class InferenceStep:
         self.totals["predictions"] += sum(result.served.values())
         self.totals["dead_letters"] += len(result.dead_letters)
         self.totals["batches"] += 1
+
+
+def _nothing() -> None:
+    """Nothing to do once a batch without learning is committed."""

@@ -50,7 +50,7 @@ class InferenceRuntime:
         self.metrics = metrics or Metrics()
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.threads = Threads()
-        self.kafka = KafkaClients(topology, self.metrics)
+        self.kafka = KafkaClients(topology, self.metrics, self.worker_id)
         self.learning: LearningService | None = None
         if topology.online.enabled:
             self.learning = LearningService(
@@ -108,7 +108,7 @@ class InferenceRuntime:
     def health_problems(self) -> list[str]:
         """Why this worker should be restarted (empty when it is healthy)."""
         problems = []
-        models, source, publisher = self.models, self.kafka.source, self.kafka.publisher
+        models, source, kafka = self.models, self.kafka.source, self.kafka
         if models.problem is not None and models.out_of_memory:
             problems.append(
                 f"out of memory loading what the control log routes ({models.problem}) "
@@ -135,18 +135,18 @@ class InferenceRuntime:
                 f"a batch failed ({source.failure}): nothing after it is committed; a "
                 "restart serves it again"
             )
-        if publisher is not None and (problem := publisher.problem):
+        if problem := kafka.delivery_problem:
             problems.append(problem)
         # A refused Write, or a cluster that cannot be reached, holds deliveries back: that is
         # a warning, not a stall (a restart mends neither). Only once the warning is shown
         # (past limits.unreachable_grace_s): one of the two is always reported. A refused Read
         # (the control log, an idle labels topic) says nothing of deliveries.
         if (
-            publisher is not None
-            and not self.kafka.access.refuses("Write")
+            kafka.publisher is not None
+            and not kafka.access.refuses("Write")
             and self.unreachable_reason is None
         ):
-            waited, limit = publisher.oldest_unacked_s, self.topology.limits.max_unacked_s
+            waited, limit = kafka.oldest_unacked_s, self.topology.limits.max_unacked_s
             if waited > limit:
                 problems.append(
                     f"the oldest batch not acknowledged by the broker has waited {waited:.0f} s "
@@ -161,6 +161,9 @@ class InferenceRuntime:
                 )
             if self.learning is not None and (problem := self.learning.problem):
                 problems.append(problem)
+            transactions = kafka.transactions
+            if transactions is not None and not transactions.alive and not transactions.problem:
+                problems.append("the transaction thread stopped: no batch is committed any more")
         return problems
 
     def health_warnings(self) -> list[str]:
@@ -196,7 +199,7 @@ class InferenceRuntime:
         problems = self.health_problems()
         body: dict[str, Any] = {"ok": not problems, "problems": problems}
         if self.kafka.publisher is not None:  # how long the oldest unacknowledged batch waited
-            body["oldest_unacked_s"] = round(self.kafka.publisher.oldest_unacked_s, 3)
+            body["oldest_unacked_s"] = round(self.kafka.oldest_unacked_s, 3)
         if warnings := self.health_warnings():
             body["warnings"] = warnings
         return (500 if problems else 200), body
@@ -271,6 +274,9 @@ class InferenceRuntime:
         steps: list[tuple[str, Callable[[], object]]] = []
         if (source := self.kafka.source) is not None:
             steps.append(("the batch source", lambda: source.stop(left())))
+        if (transactions := self.kafka.transactions) is not None:
+            # After the drain: what it handed out is committed (or aborted) by now.
+            steps.append(("the transactions", lambda: transactions.close(max(1.0, left()))))
         if self.learning is not None:
             steps.append(("online learning", self.learning.stop))
         if (publisher := self.kafka.publisher) is not None:

@@ -1,0 +1,421 @@
+"""exactly_once: each micro-batch's records and input offsets as one Kafka transaction.
+
+One thread of its own owns a transactional producer and takes the served batches in the order
+they were handed out. For each: ``begin_transaction``; every record the batch made (predictions,
+shadow predictions, dead letters) produced; the batch's input offsets (labels included) sent with
+the consumer's group metadata taken when the batch was handed out
+(``send_offsets_to_transaction``, KIP-447); ``commit_transaction``. Then the batch's ticket
+completes and the source learns where a rewind would now seek to. A read_committed reader sees
+all of a batch's records or none, and the input offsets move with them: after a crash the next
+owner reads exactly from the last committed batch.
+
+Errors, as librdkafka classifies them (``examples/transactions.c``):
+
+- *retriable* (a timed-out call): the same call again, until ``transaction_timeout_s``;
+- *abortable* (``txn_requires_abort``: a record refused inside the transaction, offsets sent
+  with an old generation after a rebalance, the coordinator aborting a transaction that timed
+  out): ``abort_transaction``, then every batch of the same epoch is skipped (never committed)
+  and the source rewinds: it seeks every owned partition back to its last committed offset and
+  the records are served again. A record the broker refused for good in an aborted attempt
+  becomes its dead letter (``undeliverable``) when its batch is served again. After
+  ``max_attempts`` aborts in a row with no commit in between the batch fails (its ticket), as a
+  batch that cannot be delivered does under at_least_once: the worker stops and restarts;
+- anything else (fatal: fenced by a newer producer with the same ``transactional.id``, or by the
+  broker's epoch bump after a transaction timed out) fails the batch's ticket and stops the
+  thread: this producer can never commit again; :attr:`TransactionalPublisher.problem` says why.
+
+A record too large for its topic (``max.message.bytes`` read at start) is replaced by its dead
+letter before it is produced: a transaction is never aborted for a refusal that can be foreseen.
+
+Nothing else may use this producer: a transactional producer refuses records outside a
+transaction, so acknowledgements and drift events go through the worker's other, at-least-once
+publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from stream_infer.core.events import OutRecord
+from stream_infer.errors import BrokerError, DeliveryError
+from stream_infer.io.clients import (
+    RECORD_BATCH_OVERHEAD_BYTES,
+    assign_partitions,
+    exactly_once_consumer_config,
+    groupless_consumer_config,
+)
+from stream_infer.io.publisher import Ticket
+from stream_infer.io.source import SourceBatch
+
+log = logging.getLogger(__name__)
+
+# Delivery reports of records an abort purged: expected, not a refusal.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
+class Source(Protocol):
+    """What the publisher needs of the batch source
+    (:class:`~stream_infer.io.source.BatchSource`)."""
+
+    @property
+    def failure(self) -> str | None: ...
+
+    def committed(self, batch: SourceBatch) -> None: ...
+
+    def rewind(self) -> None: ...
+
+
+class _Abort(Exception):
+    """The transaction must be aborted (``txn_requires_abort``)."""
+
+
+class _Fatal(Exception):
+    """This producer can never commit again."""
+
+
+# What the thread takes: a batch, its records, its ticket, what to run once it is committed.
+_Item = tuple[SourceBatch, Sequence[OutRecord], Ticket, Callable[[], object] | None]
+
+
+class TransactionalPublisher:
+    """The exactly_once publisher: one transaction per batch, in order, on its own thread.
+
+    ``on_stage(stage, seconds)``: each stage's duration (begin, produce, send_offsets, commit,
+    abort); ``on_outcome(outcome)``: committed, aborted or skipped per batch.
+    """
+
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        *,
+        transaction_timeout_s: float,
+        undeliverable: Callable[[OutRecord, str], OutRecord | None] | None = None,
+        max_message_bytes: Mapping[str, int] | None = None,
+        on_stage: Callable[[str, float], None] | None = None,
+        on_outcome: Callable[[str], None] | None = None,
+        max_attempts: int = 3,
+        producer: Any = None,
+    ) -> None:
+        self.transactional_id = str(conf.get("transactional.id"))
+        self._producer: Any = producer if producer is not None else Producer(conf)
+        self._source: Source | None = None  # set by start()
+        self.timeout_s = transaction_timeout_s
+        self._undeliverable = undeliverable
+        self._max_message_bytes = dict(max_message_bytes or {})
+        self._on_stage = on_stage or (lambda stage, seconds: None)
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self.max_attempts = max_attempts
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="transactions", daemon=True)
+        self._aborted_epoch = -1  # batches of this epoch or older are skipped
+        self._aborts_in_row = 0
+        # Records the broker refused for good in an aborted attempt, and why: dead letters
+        # when their batch is served again.
+        self._refused: dict[tuple[str, bytes | None, bytes], str] = {}
+        self._busy_since: float | None = None  # when the transaction in progress began
+        self.problem: str | None = None  # why the thread stopped (None while it runs)
+        self.committed = 0
+        self.aborted = 0
+
+    # --- start, submit, stop (other threads) ----------------------------------------------
+
+    def init(self) -> None:
+        """Register the ``transactional.id`` with the cluster (blocking): any earlier producer
+        with the same id is fenced, and its open transaction aborted."""
+        try:
+            self._call(
+                self._producer.init_transactions,
+                "init_transactions",
+                time.monotonic() + self.timeout_s,
+            )
+        except (_Fatal, _Abort) as exc:
+            msg = f"the transactional producer {self.transactional_id!r} cannot start: {exc}"
+            raise BrokerError(msg) from None
+        log.info("transactional.id %s registered", self.transactional_id)
+
+    def start(self, source: Source) -> None:
+        """Start taking batches of ``source`` (after :meth:`init`)."""
+        self._source = source
+        self._thread.start()
+
+    def submit(
+        self,
+        batch: SourceBatch,
+        records: Sequence[OutRecord],
+        ticket: Ticket,
+        after_commit: Callable[[], object] | None = None,
+    ) -> None:
+        """Queue a served batch (inference thread): its transaction runs after those of the
+        batches submitted before it; ``after_commit`` runs on this thread once it committed."""
+        ticket.records = records
+        ticket.sent_at = time.monotonic()
+        self._queue.put((batch, records, ticket, after_commit))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def oldest_unacked_s(self) -> float:
+        """How long the transaction in progress has been open (0 when none is)."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish what is queued (the source drained its batches before), then stop. A
+        transaction is never left open on purpose: an open one holds back every read_committed
+        reader of its partitions until the broker times it out."""
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(max(0.1, timeout_s))
+        if self._thread.is_alive():
+            log.warning("the transaction thread did not finish within %.1f s", timeout_s)
+
+    # --- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch, records, ticket, after_commit = item
+            try:
+                self._serve(batch, records, ticket, after_commit)
+            except _Fatal as exc:
+                self._stop(f"the transactional producer {self.transactional_id!r}: {exc}", ticket)
+                return
+            except Exception as exc:  # a bug: the batch must not pass as committed
+                # (or a callback of ours raised inside the transaction)
+                log.exception("the transaction thread failed")
+                self._stop(f"the transaction thread failed: {exc!r}", ticket)
+                return
+            finally:
+                self._busy_since = None
+
+    def _stop(self, problem: str, ticket: Ticket) -> None:
+        self.problem = problem
+        log.critical("%s; nothing more is committed", problem)
+        ticket._fail(DeliveryError(problem, topic="(transaction)"))
+        # What was queued behind it waits for nothing: it is never committed.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2]._fail(DeliveryError(problem, topic="(transaction)"))
+
+    def _serve(
+        self,
+        batch: SourceBatch,
+        records: Sequence[OutRecord],
+        ticket: Ticket,
+        after_commit: Callable[[], object] | None,
+    ) -> None:
+        source = self._source
+        assert source is not None  # start() set it
+        if batch.epoch <= self._aborted_epoch or source.failure is not None:
+            # Read before a rewind (or after a failed batch): its records come again.
+            self._on_outcome("skipped")
+            ticket._rewind()
+            return
+        self._busy_since = time.monotonic()
+        deadline = self._busy_since + self.timeout_s
+        records = [self._deliverable(r) for r in records]
+        try:
+            self._stage("begin", self._producer.begin_transaction)
+            self._stage("produce", lambda: self._produce_all(records, deadline))
+            positions = [TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()]
+            self._stage(
+                "send_offsets",
+                lambda: self._call(
+                    lambda t: self._producer.send_offsets_to_transaction(positions, batch.group, t),
+                    "send_offsets",
+                    deadline,
+                ),
+            )
+            self._stage(
+                "commit",
+                lambda: self._call(self._producer.commit_transaction, "commit", deadline),
+            )
+        except _Abort as exc:
+            self._abort(batch, ticket, str(exc))
+            return
+        self.committed += 1
+        self._aborts_in_row = 0
+        self._refused.clear()
+        source.committed(batch)
+        self._on_outcome("committed")
+        if after_commit is not None:
+            after_commit()
+        ticket.pending = 0
+        ticket._settle()
+
+    def _abort(self, batch: SourceBatch, ticket: Ticket, why: str) -> None:
+        started = time.monotonic()
+        self._call(self._producer.abort_transaction, "abort", started + self.timeout_s)
+        self._producer.poll(0)  # the purged records' reports
+        self._on_stage("abort", time.monotonic() - started)
+        self.aborted += 1
+        self._aborts_in_row += 1
+        self._on_outcome("aborted")
+        self._aborted_epoch = batch.epoch
+        if self._aborts_in_row >= self.max_attempts:
+            problem = f"{self._aborts_in_row} transactions in a row aborted, the last: {why}"
+            log.critical("batch %d failed: %s", batch.seq, problem)
+            ticket._fail(DeliveryError(problem, topic="(transaction)"))
+            return
+        log.warning(
+            "batch %d: transaction aborted (%s); its input is read and served again", batch.seq, why
+        )
+        assert self._source is not None
+        self._source.rewind()
+        ticket._rewind()
+
+    def _stage(self, stage: str, run: Callable[[], object]) -> None:
+        started = time.monotonic()
+        run()
+        self._on_stage(stage, time.monotonic() - started)
+
+    def _call(self, call: Callable[[float], object], what: str, deadline: float) -> None:
+        """A transactional API call: again while it fails retriably, until ``deadline``."""
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                call(max(0.1, left))
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError):
+                    raise _Fatal(f"{what}: {exc}") from exc
+                if err.fatal():
+                    raise _Fatal(f"{what}: {err.name()}: {err.str()}") from exc
+                if err.txn_requires_abort():
+                    if what == "abort":
+                        raise _Fatal(f"abort: {err.name()}: {err.str()}") from exc
+                    raise _Abort(f"{what}: {err.name()}: {err.str()}") from exc
+                if err.retriable() and time.monotonic() < deadline:
+                    log.info("%s: %s, trying again", what, err.str())
+                    continue
+                raise _Fatal(f"{what}: {err.name()}: {err.str()}") from exc
+
+    def _deliverable(self, record: OutRecord) -> OutRecord:
+        """The record, or its dead letter when its topic cannot take it (too large, or
+        refused for good in an aborted attempt)."""
+        why = self._refused.get((record.topic, record.key, record.value))
+        limit = self._max_message_bytes.get(record.topic)
+        size = len(record.value) + len(record.key or b"") + RECORD_BATCH_OVERHEAD_BYTES
+        if why is None and limit is not None and size > limit:
+            why = f"{size} bytes with framing over {record.topic}'s max.message.bytes {limit}"
+        if why is None:
+            return record
+        letter = self._undeliverable(record, why) if self._undeliverable is not None else None
+        if letter is None:
+            msg = f"a record for {record.topic} cannot be delivered ({why}) and has no dead letter"
+            raise _Fatal(msg)
+        return letter
+
+    def _produce_all(self, records: Sequence[OutRecord], deadline: float) -> None:
+        for record in records:
+            while True:
+                try:
+                    self._producer.produce(
+                        record.topic, record.value, record.key, on_delivery=self._reported
+                    )
+                    break
+                except BufferError:
+                    # The local queue is full: it drains as the broker acknowledges.
+                    if time.monotonic() > deadline:
+                        raise _Abort("the producer's queue stayed full") from None
+                    self._producer.poll(0.05)
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if err.fatal():
+                        raise _Fatal(f"produce: {err.name()}: {err.str()}") from exc
+                    raise _Abort(f"produce: {err.name()}: {err.str()}") from exc
+        self._producer.poll(0)
+
+    def _reported(self, err: KafkaError | None, msg: Message) -> None:
+        """A delivery report (served inside ``poll`` and ``commit_transaction``)."""
+        if err is None or err.code() in _PURGED:
+            return
+        if not err.retriable() and not err.fatal():
+            value = msg.value() or b""
+            self._refused[(msg.topic() or "", msg.key(), value)] = f"{err.name()}: {err.str()}"
+        log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
+
+
+def transactions_problem(
+    producer_conf: Mapping[str, Any],
+    consumer_conf: Mapping[str, Any],
+    topic: str,
+    timeout_s: float = 15.0,
+) -> str | None:
+    """Why this cluster's transactions cannot be trusted (None: they work).
+
+    ``init_transactions`` succeeding is not enough: the embedded broker (tansu) accepts every
+    transactional call and then returns an aborted record to a read_committed reader. So: one
+    record produced and aborted, one produced and committed, both to ``topic`` (one partition);
+    a read_committed reader from the aborted one's offset must reach the committed one without
+    seeing the aborted one. ``producer_conf``: a transactional producer's configuration (its
+    ``transactional.id`` is used for this probe only, then released).
+    """
+    nonce = uuid.uuid4().hex
+    aborted, committed = (f'{{"probe":"{k}-{nonce}"}}'.encode() for k in ("aborted", "committed"))
+    offsets: dict[bytes, int] = {}
+    failures: list[str] = []
+
+    def report(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            failures.append(err.str())
+        else:
+            offsets[msg.value() or b""] = msg.offset() or 0
+
+    producer = Producer(dict(producer_conf))
+    try:
+        producer.init_transactions(timeout_s)
+        producer.begin_transaction()
+        producer.produce(topic, aborted, on_delivery=report)
+        producer.flush(timeout_s)
+        producer.abort_transaction(timeout_s)
+        producer.begin_transaction()
+        producer.produce(topic, committed, on_delivery=report)
+        producer.commit_transaction(timeout_s)
+        producer.poll(0)
+    except KafkaException as exc:
+        return f"a transaction failed: {exc.args[0].str() if exc.args else exc}"
+    finally:
+        producer.flush(1.0)
+    if failures or aborted not in offsets:
+        return f"the probe record was not acknowledged ({'; '.join(failures) or 'no report'})"
+    conf = groupless_consumer_config(consumer_conf, "txn-probe") | exactly_once_consumer_config()
+    reader = Consumer(conf)
+    try:
+        assign_partitions(reader, {topic: [0]}, offsets[aborted])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = reader.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            if msg.value() == aborted:
+                return (
+                    f"a read_committed reader was given an aborted record ({topic}[0] offset "
+                    f"{offsets[aborted]})"
+                )
+            if msg.value() == committed:
+                return None
+        return f"the committed probe record was not read back within {timeout_s:g} s"
+    finally:
+        reader.close()
