@@ -125,8 +125,9 @@ class TransactionalPublisher:
         self._aborted_epoch = -1  # batches of this epoch or older are skipped
         self._aborts_in_row = 0
         # Records the broker refused for good in an aborted attempt, and why: dead letters
-        # when their batch is served again.
-        self._refused: dict[tuple[str, bytes | None, bytes], str] = {}
+        # when their batch is served again (by output topic and input position, :func:`_which`).
+        self._refused: dict[tuple[object, ...], str] = {}
+        self._producing: Sequence[OutRecord] = ()  # the records of the transaction in progress
         self._busy_since: float | None = None  # when the transaction in progress began
         self.problem: str | None = None  # why the thread stopped (None while it runs)
         self.committed = 0
@@ -314,7 +315,7 @@ class TransactionalPublisher:
     def _deliverable(self, record: OutRecord) -> OutRecord:
         """The record, or its dead letter when its topic cannot take it (too large, or
         refused for good in an aborted attempt)."""
-        why = self._refused.get((record.topic, record.key, record.value))
+        why = self._refused.get(_which(record)) if self._refused else None
         limit = self._max_message_bytes.get(record.topic)
         size = len(record.value) + len(record.key or b"") + RECORD_BATCH_OVERHEAD_BYTES
         if why is None and limit is not None and size > limit:
@@ -328,6 +329,7 @@ class TransactionalPublisher:
         return letter
 
     def _produce_all(self, records: Sequence[OutRecord], deadline: float) -> None:
+        self._producing = records
         for record in records:
             while True:
                 try:
@@ -352,9 +354,26 @@ class TransactionalPublisher:
         if err is None or err.code() in _PURGED:
             return
         if not err.retriable() and not err.fatal():
-            value = msg.value() or b""
-            self._refused[(msg.topic() or "", msg.key(), value)] = f"{err.name()}: {err.str()}"
+            topic, key, value = msg.topic() or "", msg.key(), msg.value() or b""
+            record = next(
+                (
+                    r
+                    for r in self._producing
+                    if r.value == value and r.topic == topic and r.key == key
+                ),
+                OutRecord(topic, key, value),
+            )  # a scan: refusals only
+            self._refused[_which(record)] = f"{err.name()}: {err.str()}"
         log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
+
+
+def _which(record: OutRecord) -> tuple[object, ...]:
+    """A record across attempts: its output topic and the input record it was made from (a
+    prediction served again differs in its bytes: its timestamps), else its bytes."""
+    source = record.source
+    if source is None:
+        return (record.topic, record.key, record.value)
+    return (record.topic, source.topic(), source.partition(), source.offset())
 
 
 def transactions_problem(
