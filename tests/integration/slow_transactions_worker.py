@@ -26,7 +26,7 @@ def slow_before(stage: str, seconds: float) -> None:
             time.sleep(seconds)
         run_stage(self, name, run)
 
-    TransactionalPublisher._stage = slow  # type: ignore[method-assign]
+    TransactionalPublisher._stage = slow  # type: ignore[method-assign,assignment]
 
 
 if __name__ == "__main__":
