@@ -489,9 +489,16 @@ class Topology(_Frozen):
 
     @model_validator(mode="after")
     def _exactly_once_consistent(self) -> Topology:
+        kafka = self.kafka
+        for where, conf in (("extra", kafka.extra), ("producer_extra", kafka.producer_extra)):
+            if "transactional.id" in conf:  # every produce outside a transaction would fail
+                msg = (
+                    f"kafka.{where}.transactional.id: transactions are stream-infer's own "
+                    "(processing.guarantee exactly_once gives each worker its id): remove it"
+                )
+                raise ValueError(msg)
         if not self.processing.exactly_once:
             return self
-        kafka = self.kafka
         for where, conf in (("extra", kafka.extra), ("producer_extra", kafka.producer_extra)):
             owned = next((k for k in conf if k in _TRANSACTION_OWNED), None)
             if owned is not None:

@@ -39,6 +39,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -166,6 +167,8 @@ class TransactionalPublisher:
         ticket.records = records
         ticket.sent_at = time.monotonic()
         self._queue.put((batch, records, ticket, after_commit))
+        if self.problem is not None:  # the thread stopped: nothing will take it
+            self._fail_queued(self.problem)
 
     @property
     def alive(self) -> bool:
@@ -209,7 +212,11 @@ class TransactionalPublisher:
         self.problem = problem
         log.critical("%s; nothing more is committed", problem)
         ticket._fail(DeliveryError(problem, topic="(transaction)"))
-        # What was queued behind it waits for nothing: it is never committed.
+        self._fail_queued(problem)
+
+    def _fail_queued(self, problem: str) -> None:
+        """What was queued behind a stop waits for nothing: it is never committed. (Set
+        :attr:`problem` first: a submit after this drain sees it and drains again.)"""
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -234,7 +241,8 @@ class TransactionalPublisher:
             return
         self._busy_since = time.monotonic()
         deadline = self._busy_since + self.timeout_s
-        records = [self._deliverable(r) for r in records]
+        keys = _which(records) if self._refused else None
+        records = [self._deliverable(r, keys[i] if keys else None) for i, r in enumerate(records)]
         try:
             self._stage("begin", self._producer.begin_transaction)
             self._stage("produce", lambda: self._produce_all(records, deadline))
@@ -312,10 +320,10 @@ class TransactionalPublisher:
                     continue
                 raise _Fatal(f"{what}: {err.name()}: {err.str()}") from exc
 
-    def _deliverable(self, record: OutRecord) -> OutRecord:
-        """The record, or its dead letter when its topic cannot take it (too large, or
-        refused for good in an aborted attempt)."""
-        why = self._refused.get(_which(record)) if self._refused else None
+    def _deliverable(self, record: OutRecord, which: tuple[object, ...] | None) -> OutRecord:
+        """The record, or its dead letter when its topic cannot take it (too large, or, by
+        ``which`` (:func:`_which`), refused for good in an aborted attempt)."""
+        why = self._refused.get(which) if which is not None else None
         limit = self._max_message_bytes.get(record.topic)
         size = len(record.value) + len(record.key or b"") + RECORD_BATCH_OVERHEAD_BYTES
         if why is None and limit is not None and size > limit:
@@ -355,25 +363,41 @@ class TransactionalPublisher:
             return
         if not err.retriable() and not err.fatal():
             topic, key, value = msg.topic() or "", msg.key(), msg.value() or b""
-            record = next(
+            producing = self._producing
+            at = next(  # a scan: refusals only
                 (
-                    r
-                    for r in self._producing
+                    i
+                    for i, r in enumerate(producing)
                     if r.value == value and r.topic == topic and r.key == key
                 ),
-                OutRecord(topic, key, value),
-            )  # a scan: refusals only
-            self._refused[_which(record)] = f"{err.name()}: {err.str()}"
+                None,
+            )
+            which = (
+                _which(producing)[at]
+                if at is not None
+                else _which([OutRecord(topic, key, value)])[0]
+            )
+            self._refused[which] = f"{err.name()}: {err.str()}"
         log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
 
 
-def _which(record: OutRecord) -> tuple[object, ...]:
-    """A record across attempts: its output topic and the input record it was made from (a
-    prediction served again differs in its bytes: its timestamps), else its bytes."""
-    source = record.source
-    if source is None:
-        return (record.topic, record.key, record.value)
-    return (record.topic, source.topic(), source.partition(), source.offset())
+def _which(records: Sequence[OutRecord]) -> list[tuple[object, ...]]:
+    """Each of a batch's records across attempts: its output topic, the input record it was
+    made from, and its rank among the batch's records of that topic made from that input (two
+    models' predictions of one event go to one topic, in the models' order); its bytes when
+    it was made from no input record. A prediction served again differs in its bytes (its
+    timestamps)."""
+    seen: Counter[tuple[object, ...]] = Counter()
+    out: list[tuple[object, ...]] = []
+    for record in records:
+        source = record.source
+        if source is None:
+            out.append((record.topic, record.key, record.value))
+            continue
+        where = (record.topic, source.topic(), source.partition(), source.offset())
+        out.append((*where, seen[where]))
+        seen[where] += 1
+    return out
 
 
 def transactions_problem(

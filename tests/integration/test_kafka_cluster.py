@@ -370,6 +370,7 @@ def _leaders_and_controller_killed(
     broker_session_ms: int,
     kafka: dict[str, Any],
     keeps_session: bool,
+    exactly_once: bool = False,
 ) -> None:
     started = time.monotonic()
     config = {
@@ -389,6 +390,7 @@ def _leaders_and_controller_killed(
             topics={"replication_factor": 3},
             batching=BATCHING,
             kafka=kafka,
+            processing={"guarantee": "exactly_once" if exactly_once else "at_least_once"},
         )
         producer = check_producer_settings(setup)
         topics = [setup.topics.input, setup.topics.predictions]
@@ -469,6 +471,10 @@ def _leaders_and_controller_killed(
                 f"{f.extra['caught_up_s']:.1f} s later; restarted and in sync in "
                 f"{f.restart_s:.1f} s"
             )
+        if exactly_once:
+            # Read committed (the reader's isolation): a transaction open when its leader or
+            # coordinator died either committed whole or was aborted and served again.
+            assert duplicates == 0, f"{duplicates} events served twice under exactly_once"
         assert duplicates == sum(f.duplicates for f in faults), "a duplicate before any fault"
         seen = worker_events(setup)
         if keeps_session:
@@ -550,6 +556,26 @@ def test_leaders_and_the_controller_killed_under_load_lose_nothing(
         broker_session_ms=broker_session_ms,
         kafka=kafka,
         keeps_session=keeps_session,
+    )
+
+
+@pytest.mark.timeout(240)
+def test_transactions_open_when_a_leader_is_killed_serve_every_event_exactly_once(
+    tmp_path: Path,
+) -> None:
+    """exactly_once on three nodes: the node leading an input and a prediction partition is
+    SIGKILLed while transactions are open (the worker runs one per batch without pause at this
+    rate), then restarted. One worker process throughout; read committed, every id once."""
+    require_local_kafka()
+    _leaders_and_controller_killed(
+        tmp_path,
+        plan="short",
+        rounds=1,
+        rate=300.0,
+        broker_session_ms=3000,
+        kafka=SESSION_10S,
+        keeps_session=False,
+        exactly_once=True,
     )
 
 

@@ -87,7 +87,7 @@ def test_an_unknown_guarantee_is_refused_naming_the_field() -> None:
 @pytest.mark.parametrize("where", ["extra", "producer_extra"])
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("transactional.id", "mine"), ("enable.idempotence", True), ("transaction.timeout.ms", 60000)],
+    [("enable.idempotence", True), ("transaction.timeout.ms", 60000)],
 )
 def test_a_transaction_property_in_extra_is_refused_naming_it(
     where: str, key: str, value: object
@@ -95,6 +95,17 @@ def test_a_transaction_property_in_extra_is_refused_naming_it(
     message = config_error(eos(kafka={where: {key: value}}))
     assert f"kafka.{where}.{key} is set by stream-infer under processing.guarantee" in message
     assert "kafka.transaction_timeout_ms" in message
+
+
+@pytest.mark.parametrize("where", ["extra", "producer_extra"])
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_transactional_id_is_refused_under_either_guarantee(where: str, guarantee: str) -> None:
+    """Under at_least_once it would make the publisher's producer transactional: every
+    produce() outside a transaction fails."""
+    message = config_error(
+        minimal(processing={"guarantee": guarantee}, kafka={where: {"transactional.id": "x"}})
+    )
+    assert f"kafka.{where}.transactional.id: transactions are stream-infer's own" in message
 
 
 @pytest.mark.parametrize("where", ["extra", "producer_extra"])

@@ -486,11 +486,6 @@ def test_an_abort_that_fails_is_fatal(make: Callable[..., Harness]) -> None:
     assert h.publisher.problem is not None and "abort" in h.publisher.problem
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a batch submitted after the transaction thread stopped is never "
-    "settled (_stop drains the queue once; submit() does not check problem/alive)",
-)
 def test_a_batch_submitted_after_a_fatal_error_fails_too(make: Callable[..., Harness]) -> None:
     h = make()
     h.producer.fail["commit_transaction"] = [fatal()]
@@ -637,12 +632,6 @@ def test_a_refused_record_of_another_input_position_is_produced_again(
     assert h.producer.visible == [b"bad"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: _which keys a refusal by (output topic, input position); two models' "
-    "predictions of one event share topics.predictions, so the one not refused becomes a dead "
-    "letter too when the batch is served again",
-)
 def test_only_the_refused_one_of_two_records_from_one_input_is_its_dead_letter(
     make: Callable[..., Harness],
 ) -> None:
