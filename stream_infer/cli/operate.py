@@ -139,7 +139,9 @@ def tail(
     """Print records of one of TOPOLOGY's output topics as JSON lines, until Ctrl-C or --count.
 
     With --what acks --id CMD_ID: that command's answers, then exit (1 if fewer than --workers
-    answered within --wait, naming who did)."""
+    answered within --wait, naming who did). It reads committed records only
+    (isolation.level=read_committed): under processing.guarantee exactly_once, what an aborted
+    transaction wrote is never printed."""
     from confluent_kafka import Consumer
 
     from stream_infer.io.clients import (
@@ -171,7 +173,7 @@ def tail(
     topic_names = [n for n in dict.fromkeys(names) if n]
     if not topic_names:
         raise ConfigError(f"the topology declares no {what} topic")
-    # Assigned, never subscribed: it joins no group and commits nothing.
+    # Assigned, never subscribed: it joins no group and commits nothing; read_committed.
     consumer = Consumer(groupless_consumer_config(topo.kafka.librdkafka(), "tail"))
 
     def missing(names: list[str]) -> None:

@@ -53,15 +53,21 @@ def groupless_consumer_config(conf: Mapping[str, Any], purpose: str) -> dict[str
     (:func:`assign_partitions`), never subscribed, and it commits nothing.
 
     librdkafka requires a ``group.id`` all the same: each such consumer gets one of its own,
-    ``stream-infer-{purpose}-`` and a random suffix, so it shares no group with another.
+    ``stream-infer-{purpose}-`` and a random suffix, so it shares no group with another. It
+    reads committed records only (``isolation.level=read_committed``, librdkafka's default,
+    pinned: under exactly_once an aborted batch's records are in the log too, and ``tail``
+    and the demo's table must never show them).
 
     >>> conf = groupless_consumer_config({"bootstrap.servers": "kafka:9092"}, "watch")
     >>> conf["group.id"].startswith("stream-infer-watch-"), conf["enable.auto.commit"]
     (True, False)
+    >>> conf["isolation.level"]
+    'read_committed'
     """
     return dict(conf) | {
         "group.id": f"stream-infer-{purpose}-{uuid.uuid4().hex}",
         "enable.auto.commit": False,
+        "isolation.level": "read_committed",
     }
 
 

@@ -430,3 +430,54 @@ def test_exactly_once_is_refused_at_start_on_the_embedded_broker(tmp_path: Path)
     assert "exactly_once needs a broker whose transactions work" in out, out
     assert "read_committed reader was given an aborted record" in out, out
     assert "Traceback" not in out, out
+
+
+# --- downstream readers ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_tail_prints_committed_records_only(kafka_setup: Any) -> None:
+    """`stream-infer tail` reads with read_committed: a record written in an aborted
+    transaction is in the log (a read_uncommitted reader sees it) but never printed."""
+    from confluent_kafka import Producer
+
+    setup = kafka_setup(topics={"partitions": 1})
+    producer = Producer(
+        {"bootstrap.servers": setup.bootstrap, "transactional.id": f"it-tail-{setup.doc['name']}"}
+    )
+    producer.init_transactions(30)
+    for outcome in ("aborted", "committed"):
+        producer.begin_transaction()
+        producer.produce(setup.topics.predictions, orjson.dumps({"id": outcome}), b"k")
+        producer.flush(30)
+        if outcome == "aborted":
+            producer.abort_transaction(30)
+        else:
+            producer.commit_transaction(30)
+    assert [
+        orjson.loads(v)["id"]
+        for v in read_all(setup, setup.topics.predictions, "read_uncommitted", 1.0)
+    ] == [
+        "aborted",
+        "committed",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_INFER_")}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_infer",
+            "tail",
+            str(setup.path),
+            "--from-beginning",
+            "--count",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert [orjson.loads(line)["id"] for line in run.stdout.splitlines()] == ["committed"]
