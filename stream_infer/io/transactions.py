@@ -310,7 +310,7 @@ class TransactionalPublisher:
                 if not isinstance(err, KafkaError):
                     raise _Fatal(f"{what}: {exc}") from exc
                 if err.fatal():
-                    raise _Fatal(f"{what}: {err.name()}: {err.str()}") from exc
+                    raise _Fatal(f"{what}: {err.name()}: {err.str()}{_why_fenced(err)}") from exc
                 if err.txn_requires_abort():
                     if what == "abort":
                         raise _Fatal(f"abort: {err.name()}: {err.str()}") from exc
@@ -318,7 +318,7 @@ class TransactionalPublisher:
                 if err.retriable() and time.monotonic() < deadline:
                     log.info("%s: %s, trying again", what, err.str())
                     continue
-                raise _Fatal(f"{what}: {err.name()}: {err.str()}") from exc
+                raise _Fatal(f"{what}: {err.name()}: {err.str()}{_why_fenced(err)}") from exc
 
     def _deliverable(self, record: OutRecord, which: tuple[object, ...] | None) -> OutRecord:
         """The record, or its dead letter when its topic cannot take it (too large, or, by
@@ -379,6 +379,22 @@ class TransactionalPublisher:
             )
             self._refused[which] = f"{err.name()}: {err.str()}"
         log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
+
+
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+def _why_fenced(err: KafkaError) -> str:
+    """What a fenced producer means here, for the log line that ends the worker."""
+    if err.code() not in _FENCED:
+        return ""
+    return (
+        " (a producer with this transactional.id started since: this worker restarted, or "
+        "another live worker has the same worker.id; or the broker aborted this worker's "
+        "transaction after kafka.transaction_timeout_ms, while it was frozen or cut off)"
+    )
 
 
 def _which(records: Sequence[OutRecord]) -> list[tuple[object, ...]]:
