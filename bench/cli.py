@@ -9,8 +9,10 @@ The broker is one Apache Kafka node (KRaft, started here with plain java, data i
 folder) where Java 17+ and Maven (or the cached jars) are present, else the embedded tansu.
 
 Parts: floor (the harness alone: load generator -> broker -> reader), ceiling, naive,
-stream-infer (default settings), sweep (batch size x max wait, then stream-infer with the best
-settings), scale (1 vs 2 workers in one group). Results go to
+stream-infer (default settings), exactly-once (stream-infer, default batching,
+processing.guarantee exactly_once; Apache Kafka only, skipped on tansu), sweep (batch size x
+max wait, then stream-infer with the best settings), scale (1 vs 2 workers in one group).
+Results go to
 bench/results/ (bench/results/quick/ for --quick; a tansu run in tansu/ below that):
 results.json, RESULTS.md and latency_vs_throughput.png; logs of every process, the broker's
 included, to bench/results/raw/<run>/.
@@ -303,7 +305,7 @@ def _run_parts(
             except Exception as exc:  # the parts may still run: say it, keep going
                 runner.say(f"broker warm-up FAILED: {exc}")
                 run_info["errors"]["warm-up"] = f"{type(exc).__name__}: {exc}"
-            steps = _steps(ctx, plan, parts, results)
+            steps = _steps(ctx, plan, parts, results, engine=broker_info["engine"])
             try:
                 for name, step in steps:
                     try:
@@ -321,7 +323,7 @@ def _run_parts(
 
 
 def _steps(
-    ctx: Any, plan: Plan, parts: list[str], results: dict[str, Any]
+    ctx: Any, plan: Plan, parts: list[str], results: dict[str, Any], engine: str = "kafka"
 ) -> list[tuple[str, Any]]:
     from bench import runner, systems
 
@@ -412,6 +414,13 @@ def _steps(
         steps.append(
             ("stream-infer", lambda: system(systems.STREAM_INFER_DEFAULT, plan.events_fast))
         )
+    if "exactly-once" in parts:
+        if engine == "tansu":
+            # The worker refuses exactly_once on tansu (it exits 2): no transactions there.
+            runner.say("exactly-once: skipped on tansu (no Kafka transactions); use --broker kafka")
+        else:
+            spec = systems.STREAM_INFER_EXACTLY_ONCE
+            steps.append(("exactly-once", lambda: system(spec, plan.events_fast)))
     if "sweep" in parts:
         steps.append(("sweep", sweep))
     if "scale" in parts:

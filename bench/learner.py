@@ -15,13 +15,13 @@ import time
 import numpy as np
 
 from stream_infer.examples import phishing
-from stream_infer.online import LEARNER_KINDS
+from stream_infer.online import LEARNER_KINDS, LearnerKind
 from stream_infer.online.joiner import LabelJoiner, Served
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.prequential import Prequential
 
 
-def measure(kind: str, repeat: int) -> dict[str, float]:
+def measure(kind: LearnerKind, repeat: int) -> dict[str, float]:
     x, y = phishing.load_dataset()
     xs, ys = np.tile(x, (repeat, 1)), np.tile(y, repeat)
     ids = [f"e{i}" for i in range(len(xs))]

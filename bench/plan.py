@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-PARTS = ("floor", "ceiling", "naive", "stream-infer", "sweep", "scale")
+PARTS = ("floor", "ceiling", "naive", "stream-infer", "exactly-once", "sweep", "scale")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """The separate reader: reads a system's prediction topic and timestamps every prediction.
 
 A group-less confluent-kafka consumer (partitions assigned, no group to join or disturb) in a
-thread. Each prediction carries the event's ``id`` and ``ts`` (set when the load generator made
-the event); the reader stamps it with ``time.time()`` when it arrives. Latency is arrival minus
-``ts``: producer, broker, system, broker again, and the reader, end to end. The prediction
-record's own timestamp (set by the system's producer as it produces it) is kept too: arrival
-minus it is the last hop (system's producer, broker, reader), per event.
+thread, reading committed records only (``isolation.level=read_committed``, pinned: the outputs
+of exactly_once are read as its consumers must read them). Each prediction carries the event's
+``id`` and ``ts`` (set when the load generator made the event); the reader stamps it with
+``time.time()`` when it arrives. Latency is arrival minus ``ts``: producer, broker, system,
+broker again, and the reader, end to end. The prediction record's own timestamp (set by the
+system's producer as it produces it) is kept too: arrival minus it is the last hop (system's
+producer, broker, reader), per event.
 
 Events of different phases carry different seeds, and synthetic ids are ``evt-{seed}-{n}``, so
 each prediction is counted in its phase without any coordination with the system.
@@ -66,18 +68,26 @@ class PhaseStats:
         return np.asarray(recv[keep] - created[keep], dtype=np.float64)
 
 
+def reader_config(bootstrap_servers: str) -> dict[str, object]:
+    """The reader's consumer: group-less, ``fetch.wait.max.ms`` 5, and
+    ``isolation.level=read_committed`` for every system (librdkafka's default, pinned here:
+    under exactly_once a prediction counts, and its latency ends, only once its batch's
+    transaction committed; an aborted attempt's records are never read)."""
+    conf = {
+        "bootstrap.servers": bootstrap_servers,
+        "enable.partition.eof": False,
+        "fetch.wait.max.ms": 5,
+        "client.id": "bench-reader",
+        "logger": RDKAFKA_LOG,
+    }
+    return groupless_consumer_config(conf, "bench-reader") | {"isolation.level": "read_committed"}
+
+
 class PredictionReader:
     """Reads prediction topics from the beginning and keeps per-phase arrival statistics."""
 
     def __init__(self, bootstrap_servers: str, topics: list[str]) -> None:
-        conf = {
-            "bootstrap.servers": bootstrap_servers,
-            "enable.partition.eof": False,
-            "fetch.wait.max.ms": 5,
-            "client.id": "bench-reader",
-            "logger": RDKAFKA_LOG,
-        }
-        self._consumer = Consumer(groupless_consumer_config(conf, "bench-reader"))
+        self._consumer = Consumer(reader_config(bootstrap_servers))
         self.topics = topics
         self.errors = 0
         self.undecodable = 0

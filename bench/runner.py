@@ -9,7 +9,9 @@ open-loop producer offers a fixed rate for a fixed time (events are due at ``sta
 whatever the system does, so queueing shows up as latency); after the producer stops the reader
 waits for every prediction. Percentiles are over events generated after the warm-up. For
 stream-infer, the worker's /metrics are scraped when the warm-up ends and again at the end, and
-each latency stage's p50/p99 is read from the difference (bench/stages.py).
+each latency stage's p50/p99 is read from the difference (bench/stages.py); under exactly_once
+the transaction's stages (begin, produce, send_offsets, commit, abort) and the transactions by
+outcome too. A saturation run is scraped once, at its end (everything since the start).
 
 Every phase gets a fresh run (topics, group, process): tansu's in-memory storage was seen to
 get slower as a partition grows (the same rate on a topic that already held ~75,000 records
@@ -81,6 +83,7 @@ class SystemRun:
             bootstrap_servers=ctx.bootstrap_servers,
             session_timeout_ms=ctx.plan.session_timeout_ms,
             batching=spec.batching,
+            guarantee=spec.guarantee,
         )
         self.procs: list[Started] = []
         self.sampler: TreeSampler | None = None
@@ -220,7 +223,13 @@ class SystemRun:
         window_s = max(1e-9, stats.last_recv - stats.first_recv)
         cpu = self._cpu(stats.first_recv, stats.last_recv)
         received = stats.unique
-        return {
+        out: dict[str, Any] = {}
+        scraped = self._scrape_stages()  # since the start: the whole run, one worker
+        if scraped is not None:
+            out["stages"] = stages.summarize(None, scraped.histograms)
+            if txn := stages.transactions(None, scraped):
+                out["transactions"] = txn
+        return out | {
             "events": n,
             "received": received,
             "duplicates": stats.duplicates,
@@ -259,12 +268,17 @@ class SystemRun:
             time.sleep(0.3)  # the last batches' delivery is observed after the reader saw them
             after = self._scrape_stages()
             if after is not None:
-                out["stages"] = stages.summarize(before, after) | out.pop("stages", {})
+                out["stages"] = stages.summarize(before.histograms, after.histograms) | out.pop(
+                    "stages", {}
+                )
+                if txn := stages.transactions(before, after):
+                    out["transactions"] = txn
         win0, win1 = t_start + warmup_s, t_start + duration_s
         return out | _per_1k(self._cpu(win0, win1), max(1.0, rate * (win1 - win0)))
 
-    def _scrape_stages(self) -> dict[str, stages.HistogramSnapshot] | None:
-        """The worker's histograms (one worker, stream-infer only); None when unavailable."""
+    def _scrape_stages(self) -> stages.Scrape | None:
+        """The worker's histograms and counters (one worker, stream-infer only); None when
+        unavailable."""
         if self.spec.kind != "stream-infer" or self.spec.workers != 1:
             return None
         try:
@@ -493,6 +507,7 @@ def measure_system(ctx: BenchContext, spec: SystemSpec, n_events: int) -> dict[s
         "label": spec.label,
         "kind": spec.kind,
         "batching": _batching(run.topo),
+        "guarantee": run.topo.processing.guarantee,
         "workers": spec.workers,
         "saturation": sat,
         "latency": points,

@@ -26,6 +26,10 @@ event):
   events per batch): the first four stages together, per event.
 - ``out_hop`` (measured by the bench's reader, per event, exact): the prediction record's
   timestamp (set as the worker produces it) to the reader receiving it.
+
+Under exactly_once (:func:`transactions`) the same scrapes give each stage of a batch's
+transaction (``stream_infer_transaction_seconds{stage}``: begin, produce, send_offsets, commit,
+abort) and the transactions by outcome (``stream_infer_transactions_total{outcome}``).
 """
 
 from __future__ import annotations
@@ -132,34 +136,77 @@ def bucket_of(
     return (bounds[i - 1] if i > 0 else 0.0), bounds[i]
 
 
-def parse_histograms(text: str) -> dict[str, HistogramSnapshot]:
-    """Every label-less histogram in a Prometheus text exposition, by family name."""
-    out: dict[str, HistogramSnapshot] = {}
+def series_key(name: str, labels: Mapping[str, str]) -> str:
+    """``name`` for a label-less series, else ``name{k="v",...}`` (labels sorted)."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One read of a worker's /metrics: its histograms and counters, by series key."""
+
+    histograms: dict[str, HistogramSnapshot]
+    counters: dict[str, float]
+
+
+def parse_metrics(text: str) -> Scrape:
+    """Every histogram and counter in a Prometheus text exposition. A label-less series is
+    keyed by its family name (``stream_infer_queue_wait_seconds``), a labelled one by
+    :func:`series_key` (``stream_infer_transaction_seconds{stage="commit"}``); a counter by its
+    sample name (``stream_infer_transactions_total{outcome="committed"}``)."""
+    histograms: dict[str, HistogramSnapshot] = {}
+    counters: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if family.type == "counter":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counters[series_key(sample.name, sample.labels)] = float(sample.value)
+            continue
         if family.type != "histogram":
             continue
-        buckets: list[tuple[float, float]] = []
-        total = 0.0
-        labelled = False
+        buckets: dict[str, list[tuple[float, float]]] = {}
+        totals: dict[str, float] = {}
         for sample in family.samples:
-            labels = {k: v for k, v in sample.labels.items() if k != "le"}
-            labelled = labelled or bool(labels)
+            key = series_key(family.name, {k: v for k, v in sample.labels.items() if k != "le"})
             if sample.name.endswith("_bucket"):
-                buckets.append((float(sample.labels["le"]), float(sample.value)))
+                bound = float(sample.labels["le"])
+                buckets.setdefault(key, []).append((bound, float(sample.value)))
             elif sample.name.endswith("_sum"):
-                total = float(sample.value)
-        if buckets and not labelled:
-            buckets.sort()
-            out[family.name] = HistogramSnapshot(
-                tuple(b for b, _ in buckets), tuple(c for _, c in buckets), total
+                totals[key] = float(sample.value)
+        for key, found in buckets.items():
+            found.sort()
+            histograms[key] = HistogramSnapshot(
+                tuple(b for b, _ in found), tuple(c for _, c in found), totals.get(key, 0.0)
             )
-    return out
+    return Scrape(histograms, counters)
 
 
-def scrape(port: int, timeout_s: float = 5.0) -> dict[str, HistogramSnapshot]:
-    """The histograms of the worker whose web server listens on ``port``. Raises OSError."""
+def parse_histograms(text: str) -> dict[str, HistogramSnapshot]:
+    """Every histogram in a Prometheus text exposition, by series key (:func:`parse_metrics`)."""
+    return parse_metrics(text).histograms
+
+
+def scrape(port: int, timeout_s: float = 5.0) -> Scrape:
+    """The histograms and counters of the worker whose web server listens on ``port``.
+    Raises OSError."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
-        return parse_histograms(r.read().decode())
+        return parse_metrics(r.read().decode())
+
+
+def _window(window: HistogramSnapshot) -> dict[str, Any]:
+    """Observations, mean, p50 and p99 (ms) of one histogram window, with the p99's bucket."""
+    if window.count <= 0:
+        return {"count": 0}
+    p50, p99, bucket = window.quantile(0.5), window.quantile(0.99), window.bucket(0.99)
+    return {
+        "count": int(window.count),
+        "mean_ms": 1000.0 * window.total / window.count,
+        "p50_ms": None if p50 is None else 1000.0 * p50,
+        "p99_ms": None if p99 is None else 1000.0 * p99,
+        "p99_bucket_ms": None if bucket is None else [1000.0 * b for b in bucket],
+    }
 
 
 def summarize(
@@ -171,19 +218,67 @@ def summarize(
     for stage in STAGES:
         if stage.metric is None or stage.metric not in after:
             continue
-        window = after[stage.metric].minus((before or {}).get(stage.metric))
-        if window.count <= 0:
-            out[stage.key] = {"count": 0}
-            continue
-        p50, p99, bucket = window.quantile(0.5), window.quantile(0.99), window.bucket(0.99)
-        out[stage.key] = {
-            "count": int(window.count),
-            "mean_ms": 1000.0 * window.total / window.count,
-            "p50_ms": None if p50 is None else 1000.0 * p50,
-            "p99_ms": None if p99 is None else 1000.0 * p99,
-            "p99_bucket_ms": None if bucket is None else [1000.0 * b for b in bucket],
-        }
+        out[stage.key] = _window(after[stage.metric].minus((before or {}).get(stage.metric)))
     return out
+
+
+# --- exactly_once: the transaction's stages --------------------------------------------------
+
+TRANSACTION_METRIC = "stream_infer_transaction_seconds"
+TRANSACTIONS_COUNTER = "stream_infer_transactions_total"
+# In the order a batch's transaction meets them; abort only for an aborted one.
+TRANSACTION_STAGES = ("begin", "produce", "send_offsets", "commit", "abort")
+TRANSACTION_OUTCOMES = ("committed", "aborted", "skipped")
+# "The commit": send_offsets (the group coordinator's round trips, KIP-447) + commit (the
+# transaction coordinator's EndTxn and its markers). "Whole": every stage of a committed one.
+COMMIT_PARTS = ("send_offsets", "commit")
+WHOLE_PARTS = ("begin", "produce", "send_offsets", "commit")
+
+
+def transactions(before: Scrape | None, after: Scrape) -> dict[str, Any]:
+    """exactly_once: between two scrapes, each transaction stage's count, mean, p50, p99 (ms)
+    and total seconds; transactions by outcome; "commit" (send_offsets + commit) and "whole"
+    (begin + produce + send_offsets + commit), combined by :func:`combine`. {} when the worker
+    made no transaction (at_least_once)."""
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in TRANSACTION_STAGES:
+        key = series_key(TRANSACTION_METRIC, {"stage": stage})
+        if key not in after.histograms:
+            continue
+        earlier = before.histograms.get(key) if before is not None else None
+        window = after.histograms[key].minus(earlier)
+        stages[stage] = _window(window) | {"total_s": window.total}
+    outcomes: dict[str, int] = {}
+    for outcome in TRANSACTION_OUTCOMES:
+        key = series_key(TRANSACTIONS_COUNTER, {"outcome": outcome})
+        earlier_count = before.counters.get(key, 0.0) if before is not None else 0.0
+        outcomes[outcome] = round(after.counters.get(key, 0.0) - earlier_count)
+    if not any(s.get("count") for s in stages.values()) and not any(outcomes.values()):
+        return {}
+    return {
+        "stages": stages,
+        "outcomes": outcomes,
+        "commit": combine(stages, COMMIT_PARTS),
+        "whole": combine(stages, WHOLE_PARTS),
+        "busy_s": sum(s.get("total_s", 0.0) for s in stages.values()),
+    }
+
+
+def combine(stages: Mapping[str, Mapping[str, Any]], parts: tuple[str, ...]) -> dict[str, Any]:
+    """Several transaction stages as one: the mean is exact (each committed transaction passes
+    every stage once); p50 and p99 are the sums of the stages' p50s and p99s, an estimate (the
+    histograms do not say which observations came from the same transaction: it is exact when
+    the slow ones coincide). None where a part was not observed."""
+    found = [stages.get(p) or {} for p in parts]
+    if not all(f.get("count") for f in found):
+        return {"parts": list(parts), "p50_ms": None, "p99_ms": None, "mean_ms": None}
+    return {
+        "parts": list(parts),
+        "count": min(int(f["count"]) for f in found),
+        "mean_ms": sum(float(f["mean_ms"]) for f in found),
+        "p50_ms": sum(float(f["p50_ms"] or 0.0) for f in found),
+        "p99_ms": sum(float(f["p99_ms"] or 0.0) for f in found),
+    }
 
 
 def slowest_stage(stages: Mapping[str, Mapping[str, Any]]) -> tuple[str, float] | None:

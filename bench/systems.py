@@ -33,6 +33,9 @@ class SystemSpec:
     kind: Kind
     batching: dict[str, float] = field(default_factory=dict)  # overrides; empty = as shipped
     workers: int = 1
+    # processing.guarantee; exactly_once also drops the shipped max_batches_in_flight (see
+    # write_topology): the product's own default under exactly_once applies.
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
     def commands(self, topology_path: Path) -> list[list[str]]:
         py = sys.executable
@@ -47,6 +50,13 @@ class SystemSpec:
 CEILING = SystemSpec("ceiling", "ceiling (plain confluent-kafka loop)", "ceiling")
 NAIVE = SystemSpec("naive", "naive faust (one event at a time)", "naive")
 STREAM_INFER_DEFAULT = SystemSpec("stream-infer-default", "stream-infer (default)", "stream-infer")
+# Issue 15: the same worker and default batching, each micro-batch one Kafka transaction.
+STREAM_INFER_EXACTLY_ONCE = SystemSpec(
+    "stream-infer-exactly-once",
+    "stream-infer (exactly_once, default batching)",
+    "stream-infer",
+    guarantee="exactly_once",
+)
 
 
 def stream_infer_with(
@@ -68,9 +78,14 @@ def write_topology(
     bootstrap_servers: str,
     session_timeout_ms: int,
     batching: dict[str, float],
+    guarantee: str = "at_least_once",
     base: Path = BASE_TOPOLOGY,
 ) -> tuple[Path, Topology]:
-    """Write this run's topology file and return it, loaded and validated (no env overrides)."""
+    """Write this run's topology file and return it, loaded and validated (no env overrides).
+
+    Under ``exactly_once`` the shipped file's ``batching.max_batches_in_flight`` (4, the
+    at_least_once default written out) is dropped unless ``batching`` sets it: the product's
+    default under exactly_once (2) applies, as it would to a topology that does not set it."""
     data: dict[str, Any] = yaml.safe_load(base.read_text(encoding="utf-8"))
     data["kafka"] = dict(data.get("kafka") or {}) | {
         "bootstrap_servers": bootstrap_servers,
@@ -87,6 +102,14 @@ def write_topology(
             version["path"] = str((base.parent / version["path"]).resolve())
     data["worker"] = dict(data.get("worker") or {}) | {"web_port": free_port()}
     data["device"] = "cpu"
+    if guarantee != "at_least_once":
+        data["processing"] = dict(data.get("processing") or {}) | {"guarantee": guarantee}
+        if "max_batches_in_flight" not in batching:
+            data["batching"] = {
+                k: v
+                for k, v in (data.get("batching") or {}).items()
+                if k != "max_batches_in_flight"
+            }
     if batching:
         data["batching"] = dict(data.get("batching") or {}) | batching
     dest_dir.mkdir(parents=True, exist_ok=True)
