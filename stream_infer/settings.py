@@ -637,7 +637,8 @@ class Topology(_Frozen):
 
     def transactional_id(self, fallback: str) -> str:
         """exactly_once: this worker's ``transactional.id``, ``stream-infer.<name>.<worker
-        id>``; ``fallback`` (host name and process id) when ``worker.id`` is not set. It must
+        id>``; ``fallback`` (host name, process id and a random suffix) when ``worker.id`` is
+        not set. It must
         be unique among the live workers (a second producer with the same id fences the first);
         a stable one (the pod name) lets a restarted worker abort its predecessor's open
         transaction at once instead of after ``kafka.transaction_timeout_ms``."""

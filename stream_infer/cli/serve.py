@@ -66,7 +66,7 @@ def _check_transactions(topo: Topology) -> None:
         transactional_producer_config(topo.kafka, probe_id),
         consumer_config(topo.kafka, "unused"),
         topo.transaction_probe_topic,
-        timeout_s=topo.kafka.connect_timeout_s,
+        timeout_s=max(topo.kafka.connect_timeout_s, topo.kafka.transaction_timeout_ms / 1000.0),
     )
     if problem is not None:
         msg = (

@@ -34,6 +34,7 @@ publisher.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -60,11 +61,13 @@ from stream_infer.io.clients import (
     exactly_once_consumer_config,
     groupless_consumer_config,
 )
-from stream_infer.io.publisher import Ticket
+from stream_infer.io.publisher import Failure, Ticket, classify
 from stream_infer.io.source import SourceBatch
 
 log = logging.getLogger(__name__)
 
+# A size refusal: the broker judges a whole record batch against max.message.bytes.
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 # Delivery reports of records an abort purged: expected, not a refusal.
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
@@ -82,7 +85,25 @@ class Source(Protocol):
 
 
 class _Abort(Exception):
-    """The transaction must be aborted (``txn_requires_abort``)."""
+    """The transaction must be aborted (``txn_requires_abort``). ``moved``: because the
+    consumer group moved on (its offsets carried an old generation or member epoch): a
+    rebalance, not a fault of the batch."""
+
+    def __init__(self, message: str, *, moved: bool = False) -> None:
+        super().__init__(message)
+        self.moved = moved
+
+
+# TxnOffsetCommit refusals that mean the group moved on since the batch was read.
+_GROUP_MOVED = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        *((KafkaError.STALE_MEMBER_EPOCH,) if hasattr(KafkaError, "STALE_MEMBER_EPOCH") else ()),
+    }
+)
 
 
 class _Fatal(Exception):
@@ -128,9 +149,11 @@ class TransactionalPublisher:
         # Records the broker refused for good in an aborted attempt, and why: dead letters
         # when their batch is served again (by output topic and input position, :func:`_which`).
         self._refused: dict[tuple[object, ...], str] = {}
+        self._size_refusals: Counter[tuple[object, ...]] = Counter()  # attempts refused, by size
         self._producing: Sequence[OutRecord] = ()  # the records of the transaction in progress
         self._busy_since: float | None = None  # when the transaction in progress began
         self.problem: str | None = None  # why the thread stopped (None while it runs)
+        self._closing = False
         self.committed = 0
         self.aborted = 0
 
@@ -184,6 +207,7 @@ class TransactionalPublisher:
         """Finish what is queued (the source drained its batches before), then stop. A
         transaction is never left open on purpose: an open one holds back every read_committed
         reader of its partitions until the broker times it out."""
+        self._closing = True  # what is still queued is not begun: the source has left
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(max(0.1, timeout_s))
@@ -234,7 +258,7 @@ class TransactionalPublisher:
     ) -> None:
         source = self._source
         assert source is not None  # start() set it
-        if batch.epoch <= self._aborted_epoch or source.failure is not None:
+        if batch.epoch <= self._aborted_epoch or source.failure is not None or self._closing:
             # Read before a rewind (or after a failed batch): its records come again.
             self._on_outcome("skipped")
             ticket._rewind()
@@ -260,25 +284,31 @@ class TransactionalPublisher:
                 lambda: self._call(self._producer.commit_transaction, "commit", deadline),
             )
         except _Abort as exc:
-            self._abort(batch, ticket, str(exc))
+            self._abort(batch, ticket, str(exc), counted=not exc.moved)
             return
         self.committed += 1
         self._aborts_in_row = 0
         self._refused.clear()
+        self._size_refusals.clear()
         source.committed(batch)
         self._on_outcome("committed")
         if after_commit is not None:
-            after_commit()
+            try:
+                after_commit()
+            except Exception:  # committed all the same: never fail the batch for it
+                log.exception("after batch %d committed", batch.seq)
         ticket.pending = 0
         ticket._settle()
 
-    def _abort(self, batch: SourceBatch, ticket: Ticket, why: str) -> None:
+    def _abort(self, batch: SourceBatch, ticket: Ticket, why: str, *, counted: bool) -> None:
+        """Abort the transaction, then rewind; ``counted``: toward ``max_attempts`` (not when
+        the group moved on: rebalances in a row are no poison batch)."""
         started = time.monotonic()
         self._call(self._producer.abort_transaction, "abort", started + self.timeout_s)
         self._producer.poll(0)  # the purged records' reports
         self._on_stage("abort", time.monotonic() - started)
         self.aborted += 1
-        self._aborts_in_row += 1
+        self._aborts_in_row += 1 if counted else 0
         self._on_outcome("aborted")
         self._aborted_epoch = batch.epoch
         if self._aborts_in_row >= self.max_attempts:
@@ -314,7 +344,8 @@ class TransactionalPublisher:
                 if err.txn_requires_abort():
                     if what == "abort":
                         raise _Fatal(f"abort: {err.name()}: {err.str()}") from exc
-                    raise _Abort(f"{what}: {err.name()}: {err.str()}") from exc
+                    moved = err.code() in _GROUP_MOVED
+                    raise _Abort(f"{what}: {err.name()}: {err.str()}", moved=moved) from exc
                 if err.retriable() and time.monotonic() < deadline:
                     log.info("%s: %s, trying again", what, err.str())
                     continue
@@ -361,8 +392,19 @@ class TransactionalPublisher:
         """A delivery report (served inside ``poll`` and ``commit_transaction``)."""
         if err is None or err.code() in _PURGED:
             return
-        if not err.retriable() and not err.fatal():
-            topic, key, value = msg.topic() or "", msg.key(), msg.value() or b""
+        topic, key, value = msg.topic() or "", msg.key(), msg.value() or b""
+        limit = self._max_message_bytes.get(topic)
+        fits = (
+            limit is not None
+            and len(value) + len(key or b"") + RECORD_BATCH_OVERHEAD_BYTES <= limit
+        )
+        # Only what fails the same way at every attempt (a delivery report's error carries no
+        # retriable flag: classify by its code, as the at_least_once publisher does); a
+        # transient error, a missing ACL or a timeout aborts and is served again as is. A size
+        # refusal of a record within its topic's limit as read at start is the limit lowered
+        # since, or its batch's: permanent once it came back in two attempts running.
+        permanent = classify(err, fits_alone=fits) is Failure.PERMANENT
+        if permanent or err.code() in _TOO_LARGE:
             producing = self._producing
             at = next(  # a scan: refusals only
                 (
@@ -377,7 +419,9 @@ class TransactionalPublisher:
                 if at is not None
                 else _which([OutRecord(topic, key, value)])[0]
             )
-            self._refused[which] = f"{err.name()}: {err.str()}"
+            self._size_refusals[which] += 0 if permanent else 1
+            if permanent or self._size_refusals[which] >= 2:
+                self._refused[which] = f"{err.name()}: {err.str()}"
         log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
 
 
@@ -426,55 +470,111 @@ def transactions_problem(
 
     ``init_transactions`` succeeding is not enough: the embedded broker (tansu) accepts every
     transactional call and then returns an aborted record to a read_committed reader. So: one
-    record produced and aborted, one produced and committed, both to ``topic`` (one partition);
-    a read_committed reader from the aborted one's offset must reach the committed one without
+    record produced to partition 0 of ``topic`` and aborted, one produced and committed; a
+    read_committed reader from the aborted one's offset must reach the committed one without
     seeing the aborted one. ``producer_conf``: a transactional producer's configuration (its
-    ``transactional.id`` is used for this probe only, then released).
+    ``transactional.id`` is used for this probe only). Calls that time out are tried again
+    within ``timeout_s`` (the first ``init_transactions`` on a new cluster creates the
+    transaction log). Raises :class:`BrokerError` when the check cannot be made (the cluster
+    slow, the transaction log unavailable): that says nothing against its transactions.
     """
-    nonce = uuid.uuid4().hex
-    aborted, committed = (f'{{"probe":"{k}-{nonce}"}}'.encode() for k in ("aborted", "committed"))
-    offsets: dict[bytes, int] = {}
-    failures: list[str] = []
-
-    def report(err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            failures.append(err.str())
-        else:
-            offsets[msg.value() or b""] = msg.offset() or 0
-
-    producer = Producer(dict(producer_conf))
+    probe = _Probe(topic, time.monotonic() + timeout_s)
     try:
-        producer.init_transactions(timeout_s)
-        producer.begin_transaction()
-        producer.produce(topic, aborted, on_delivery=report)
-        producer.flush(timeout_s)
-        producer.abort_transaction(timeout_s)
-        producer.begin_transaction()
-        producer.produce(topic, committed, on_delivery=report)
-        producer.commit_transaction(timeout_s)
-        producer.poll(0)
+        probe.write(Producer(dict(producer_conf)))
     except KafkaException as exc:
-        return f"a transaction failed: {exc.args[0].str() if exc.args else exc}"
-    finally:
-        producer.flush(1.0)
-    if failures or aborted not in offsets:
-        return f"the probe record was not acknowledged ({'; '.join(failures) or 'no report'})"
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() in _NO_TRANSACTIONS:
+            return f"the cluster has no transactions ({err.name()}: {err.str()})"
+        why = err.str() if isinstance(err, KafkaError) else str(exc)
+        msg = (
+            f"cannot check that the cluster's transactions work: {why} (a slow cluster, or its "
+            "transaction log unavailable: the brokers' transaction.state.log.replication.factor "
+            "and min.isr must be met by the live brokers)"
+        )
+        raise BrokerError(msg) from None
     conf = groupless_consumer_config(consumer_conf, "txn-probe") | exactly_once_consumer_config()
-    reader = Consumer(conf)
-    try:
-        assign_partitions(reader, {topic: [0]}, offsets[aborted])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = reader.poll(0.2)
-            if msg is None or msg.error() is not None:
-                continue
-            if msg.value() == aborted:
-                return (
-                    f"a read_committed reader was given an aborted record ({topic}[0] offset "
-                    f"{offsets[aborted]})"
-                )
-            if msg.value() == committed:
-                return None
-        return f"the committed probe record was not read back within {timeout_s:g} s"
-    finally:
-        reader.close()
+    return probe.read(Consumer(conf), timeout_s)
+
+
+class _Probe:
+    """:func:`transactions_problem`'s two records: written (one aborted, one committed), then
+    read back."""
+
+    def __init__(self, topic: str, deadline: float) -> None:
+        nonce = uuid.uuid4().hex
+        self.topic = topic
+        self.deadline = deadline
+        self.aborted = f'{{"probe":"aborted-{nonce}"}}'.encode()
+        self.committed = f'{{"probe":"committed-{nonce}"}}'.encode()
+        self.offsets: dict[bytes, int] = {}
+        self.failures: list[str] = []
+
+    def _left(self) -> float:
+        return max(0.1, self.deadline - time.monotonic())
+
+    def _call(self, run: Callable[[float], object]) -> None:
+        """A transactional call, again while it times out (retriable), until the deadline."""
+        while True:
+            try:
+                run(self._left())
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not (isinstance(err, KafkaError) and err.retriable()):
+                    raise
+                if time.monotonic() >= self.deadline:
+                    raise
+
+    def _report(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.failures.append(err.str())
+        else:
+            self.offsets[msg.value() or b""] = msg.offset() or 0
+
+    def write(self, producer: Producer) -> None:
+        open_transaction = False
+        try:
+            self._call(producer.init_transactions)
+            for value in (self.aborted, self.committed):
+                producer.begin_transaction()
+                open_transaction = True
+                producer.produce(self.topic, value, partition=0, on_delivery=self._report)
+                if value == self.aborted:
+                    producer.flush(self._left())
+                    self._call(producer.abort_transaction)
+                else:
+                    self._call(producer.commit_transaction)
+                open_transaction = False
+            producer.poll(0)
+        finally:
+            if open_transaction:  # never leave one open: it would hold back the next probe
+                with contextlib.suppress(KafkaException):
+                    producer.abort_transaction(1.0)
+            producer.flush(1.0)
+        if self.failures or self.aborted not in self.offsets:
+            why = "; ".join(self.failures) or "no delivery report"
+            raise BrokerError(f"the probe record was not acknowledged ({why})")
+
+    def read(self, reader: Consumer, timeout_s: float) -> str | None:
+        start = self.offsets[self.aborted]
+        try:
+            assign_partitions(reader, {self.topic: [0]}, start)
+            while time.monotonic() < self.deadline:
+                msg = reader.poll(0.2)
+                if msg is None or msg.error() is not None:
+                    continue
+                if msg.value() == self.aborted:
+                    return (
+                        f"a read_committed reader was given an aborted record ({self.topic}[0] "
+                        f"offset {start})"
+                    )
+                if msg.value() == self.committed:
+                    return None
+        finally:
+            reader.close()
+        why = f"the committed probe record was not read back within {timeout_s:g} s"
+        raise BrokerError(f"{why} ({self.topic}[0])")
+
+
+# init_transactions on a broker without transactions (no InitProducerId).
+_NO_TRANSACTIONS = frozenset({KafkaError.UNSUPPORTED_VERSION, KafkaError._UNSUPPORTED_FEATURE})

@@ -10,6 +10,7 @@ and /readyz.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, Message
@@ -92,7 +93,10 @@ class KafkaClients:
         topo, metrics = self.topology, self.metrics
         conf = transactional_producer_config(
             topo.kafka,
-            topo.transactional_id(self._worker_id),
+            # Without worker.id: unique even where containers share a host name and a pid
+            # (host networking, PID 1), at the price of a predecessor's open transaction
+            # waiting out kafka.transaction_timeout_ms after a restart.
+            topo.transactional_id(f"{self._worker_id}-{uuid.uuid4().hex[:8]}"),
             error_cb=self._error_cb("transactional producer"),
         )
         self._fit_batches(conf)

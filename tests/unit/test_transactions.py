@@ -398,7 +398,8 @@ def test_a_refused_delivery_aborts_the_transaction(make: Callable[..., Harness])
 
 def test_three_aborts_in_a_row_fail_the_batch(make: Callable[..., Harness]) -> None:
     h = make()
-    h.producer.fail["commit_transaction"] = [abortable(), abortable(), abortable()]
+    timed_out = KafkaError._MSG_TIMED_OUT
+    h.producer.fail["commit_transaction"] = [abortable(timed_out) for _ in range(3)]
     h.start()
     tickets = []
     for epoch in range(3):  # each served again after the rewind before it
@@ -409,13 +410,33 @@ def test_three_aborts_in_a_row_fail_the_batch(make: Callable[..., Harness]) -> N
     last = tickets[-1]
     assert isinstance(last.error, DeliveryError)
     assert "3 transactions in a row aborted" in str(last.error)
-    assert "ILLEGAL_GENERATION" in str(last.error)
+    assert "_MSG_TIMED_OUT" in str(last.error)
     assert h.source.rewinds == 2  # the failed batch is not rewound: the worker stops
     assert h.outcomes == ["aborted"] * 3
     assert not any(e.startswith("after:") for e in h.log)
     assert h.producer.visible == []
     assert h.publisher.alive  # a failed batch is not a dead producer
     assert h.publisher.problem is None
+
+
+def test_aborts_because_the_group_moved_on_are_not_counted(
+    make: Callable[..., Harness],
+) -> None:
+    """Rebalances in a row (each a new generation or member epoch, KIP-848's on every
+    assignment change) abort the batch in flight each time: no poison batch, no failure."""
+    h = make()
+    moved = [KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID]
+    moved += [KafkaError.STALE_MEMBER_EPOCH, KafkaError.REBALANCE_IN_PROGRESS]
+    h.producer.fail["send_offsets_to_transaction"] = [abortable(code) for code in moved]
+    h.start()
+    tickets = []
+    for epoch in range(len(moved) + 1):
+        ticket = h.submit(_batch(epoch, epoch=epoch), _records("p", 1))
+        assert settled(ticket, 5.0)
+        tickets.append(ticket)
+    assert [t.rewound for t in tickets] == [True] * len(moved) + [False]
+    assert all(t.error is None for t in tickets)
+    assert h.outcomes == ["aborted"] * len(moved) + ["committed"]
 
 
 def test_a_commit_between_aborts_starts_the_count_again(make: Callable[..., Harness]) -> None:
@@ -651,6 +672,54 @@ def test_only_the_refused_one_of_two_records_from_one_input_is_its_dead_letter(
     assert b'good{"model":"a","at":2.0}' in h.producer.visible
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    ],
+)
+def test_a_passing_delivery_error_aborts_and_the_record_is_produced_again_as_is(
+    make: Callable[..., Harness], code: int
+) -> None:
+    """A delivery report's error carries no retriable flag (confluent-kafka builds it from the
+    code alone): a leader gone past the timeout, too few replicas or a missing Write ACL must
+    not turn predictions into dead letters; the transaction is aborted and served again."""
+    letters, undeliverable = _letters()
+    h = make(undeliverable=undeliverable)
+    h.producer.refused[b"bad"] = KafkaError(code, "passing")
+    h.start()
+    first = [OutRecord("out", b"k", b"bad", _msg(0, 10))]
+    aborted = h.submit(_batch(0, epoch=0), first)
+    assert settled(aborted, 5.0) and aborted.rewound
+    h.producer.refused.clear()  # the leader is back, the ACL granted
+    served = h.submit(_batch(1, epoch=1), [OutRecord("out", b"k", b"bad", _msg(0, 10))])
+    assert settled(served, 5.0) and served.done and not served.rewound
+    assert letters == []
+    assert h.producer.visible == [b"bad"]
+
+
+def test_a_size_refusal_of_a_record_within_the_known_limit_is_dead_lettered_the_second_time(
+    make: Callable[..., Harness],
+) -> None:
+    """Within the topic's max.message.bytes read at start, a size refusal may be its batch's
+    or the limit lowered since: served again as is once, and a dead letter if refused again."""
+    letters, undeliverable = _letters()
+    h = make(undeliverable=undeliverable, max_message_bytes={"out": 1_000_000})
+    h.producer.refused[b"bad"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")
+    h.start()
+    tickets = []
+    for epoch in range(3):
+        ticket = h.submit(_batch(epoch, epoch=epoch), [OutRecord("out", b"k", b"bad", _msg(0, 5))])
+        assert settled(ticket, 5.0)
+        tickets.append(ticket)
+    assert [t.rewound for t in tickets] == [True, True, False]
+    assert tickets[2].done
+    assert [r.value for r, _ in letters] == [b"bad"]
+    assert h.producer.visible == [b"dead:bad"]
+
+
 # --- init and close ---------------------------------------------------------------------------
 
 
@@ -686,17 +755,30 @@ def test_init_gives_up_at_the_transaction_timeout() -> None:
     pub.close(timeout_s=1.0)
 
 
-def test_close_finishes_what_is_queued_then_stops_the_thread(make: Callable[..., Harness]) -> None:
+def test_close_finishes_the_transaction_in_progress_and_begins_no_other(
+    make: Callable[..., Harness],
+) -> None:
+    """At close the source has left its group: a batch still queued would only be refused
+    for its old generation. It is rewound (read again by the next owner), never begun."""
     h = make()
     h.producer.gate = threading.Event()
     h.start()
     tickets = [h.submit(_batch(i), _records(f"b{i}-", 1)) for i in range(2)]
-    assert h.publisher.alive
+    deadline = time.monotonic() + 5.0
+    while h.publisher.oldest_unacked_s == 0.0:  # batch 0's transaction is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    closer = threading.Thread(target=h.publisher.close, kwargs={"timeout_s": 5.0})
+    closer.start()
+    while not h.publisher._closing:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     h.producer.gate.set()
-    h.publisher.close(timeout_s=5.0)
+    closer.join(5.0)
     assert not h.publisher.alive
-    assert all(t.done and not t.rewound for t in tickets)  # no wait: close() finished them
-    assert h.producer.visible == [b"b0-0", b"b1-0"]
+    assert tickets[0].done and not tickets[0].rewound
+    assert tickets[1].rewound
+    assert h.producer.visible == [b"b0-0"]
 
 
 def test_close_without_a_batch_stops_the_thread(make: Callable[..., Harness]) -> None:
