@@ -157,6 +157,7 @@ def test_the_transactional_producer_config() -> None:
     assert conf["transactional.id"] == "stream-infer.t.w1"
     assert conf["transaction.timeout.ms"] == 30_000
     assert conf["retry.backoff.ms"] == 5
+    assert conf["retry.backoff.max.ms"] == 5
     assert "message.timeout.ms" not in conf  # librdkafka bounds it by the transaction's
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
     plain = producer_config(t.kafka)
