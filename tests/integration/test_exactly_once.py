@@ -35,11 +35,10 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from stream_infer.io.clients import consume_ready
-from stream_infer.local.loadgen import OpenLoopProducer
 from stream_infer.local.tansu import EmbeddedBroker, free_port
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, good_events, health, metric, scrape, wait_ready
-from tests.integration.test_faults import Reader, endless_events, input_ids
+from tests.integration.test_faults import Reader, endless_load, input_ids
 
 EXACTLY_ONCE = {"guarantee": "exactly_once"}
 BATCHING = {"max_batch_size": 64, "max_wait_ms": 5}
@@ -118,12 +117,7 @@ def test_sigkill_five_times_under_load_every_id_is_served_exactly_once(kafka_set
     kills, rate = 5, 150.0
     setup = kafka_setup(batching=BATCHING, processing=EXACTLY_ONCE, worker={"id": "eos-a"})
     rng = random.Random(SEED)
-    load = OpenLoopProducer(
-        {"bootstrap.servers": setup.bootstrap, "message.timeout.ms": 120_000},
-        setup.topics.input,
-        endless_events(),
-        rate=rate,
-    ).start()
+    load = endless_load(setup, rate)
     committed_view = IsolatedReader(setup, setup.topics.predictions, "read_committed")
     downtimes = []
     try:
@@ -203,12 +197,7 @@ def test_a_frozen_worker_resumed_after_its_partitions_moved_makes_nothing_visibl
         kafka={"session_timeout_ms": 6000, "transaction_timeout_ms": transaction_timeout_ms},
     )
     port_a, port_b = free_port(), free_port()
-    load = OpenLoopProducer(
-        {"bootstrap.servers": setup.bootstrap, "message.timeout.ms": 120_000},
-        setup.topics.input,
-        endless_events(),
-        rate=rate,
-    ).start()
+    load = endless_load(setup, rate)
     committed_view = IsolatedReader(setup, setup.topics.predictions, "read_committed")
     try:
         a = setup.start_worker(

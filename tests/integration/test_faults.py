@@ -178,6 +178,16 @@ def uncommitted_served(
     return again, past
 
 
+def endless_load(setup: Setup, rate: float) -> OpenLoopProducer:
+    """An open-loop producer of :func:`endless_events` to the input topic at ``rate``, started."""
+    return OpenLoopProducer(
+        {"bootstrap.servers": setup.bootstrap, "message.timeout.ms": 120_000},
+        setup.topics.input,
+        endless_events(),
+        rate=rate,
+    ).start()
+
+
 def endless_events(prefix: str = "e") -> Iterator[tuple[bytes, bytes]]:
     """Valid events with ids `{prefix}-0`, `{prefix}-1`, ... for as long as they are asked for."""
     rows = phishing.events(seed=7)
@@ -273,12 +283,7 @@ class Kill:
 def _kill_repeatedly(setup: Setup, kills: int, rate: float, seed: int) -> None:
     started = time.monotonic()
     rng = random.Random(seed)
-    load = OpenLoopProducer(
-        {"bootstrap.servers": setup.bootstrap, "message.timeout.ms": 120_000},
-        setup.topics.input,
-        endless_events(),
-        rate=rate,
-    ).start()
+    load = endless_load(setup, rate)
     reader = Reader(setup, setup.topics.predictions)
     done: list[Kill] = []
     try:

@@ -633,22 +633,32 @@ def test_a_refused_prediction_served_again_with_other_bytes_is_found_by_its_inpu
     assert h.outcomes == ["aborted", "committed"]
 
 
+def _refused_once_then_gone(
+    make: Callable[..., Harness], error: KafkaError, offset_again: int
+) -> tuple[list[tuple[OutRecord, str]], Harness, Ticket]:
+    """A record made from input offset 10 refused with ``error`` (its transaction aborts),
+    then whatever refused it is gone, and a record with the same bytes made from
+    ``offset_again`` is served."""
+    letters, undeliverable = _letters()
+    h = make(undeliverable=undeliverable)
+    h.producer.refused[b"bad"] = error
+    h.start()
+    aborted = h.submit(_batch(0, epoch=0), [OutRecord("out", b"k", b"bad", _msg(0, 10))])
+    assert settled(aborted, 5.0) and aborted.rewound
+    h.producer.refused.clear()
+    again = [OutRecord("out", b"k", b"bad", _msg(0, offset_again))]
+    served = h.submit(_batch(1, epoch=1), again)
+    assert settled(served, 5.0) and served.done and not served.rewound
+    return letters, h, served
+
+
 def test_a_refused_record_of_another_input_position_is_produced_again(
     make: Callable[..., Harness],
 ) -> None:
     """The refusal is remembered for the input record it was made from, not for its
     neighbours: the same bytes from another input offset are no dead letter."""
-    letters, undeliverable = _letters()
-    h = make(undeliverable=undeliverable)
-    h.producer.refused[b"bad"] = KafkaError(KafkaError.INVALID_RECORD, "record refused")
-    h.start()
-    first = [OutRecord("out", b"k", b"bad", _msg(0, 10))]
-    aborted = h.submit(_batch(0, epoch=0), first)
-    assert settled(aborted, 5.0) and aborted.rewound
-    h.producer.refused.clear()  # whatever made the broker refuse it is gone
-    other = [OutRecord("out", b"k", b"bad", _msg(0, 11))]
-    served = h.submit(_batch(1, epoch=1), other)
-    assert settled(served, 5.0) and served.done and not served.rewound
+    error = KafkaError(KafkaError.INVALID_RECORD, "record refused")
+    letters, h, _ = _refused_once_then_gone(make, error, offset_again=11)
     assert letters == []
     assert h.producer.visible == [b"bad"]
 
@@ -686,16 +696,7 @@ def test_a_passing_delivery_error_aborts_and_the_record_is_produced_again_as_is(
     """A delivery report's error carries no retriable flag (confluent-kafka builds it from the
     code alone): a leader gone past the timeout, too few replicas or a missing Write ACL must
     not turn predictions into dead letters; the transaction is aborted and served again."""
-    letters, undeliverable = _letters()
-    h = make(undeliverable=undeliverable)
-    h.producer.refused[b"bad"] = KafkaError(code, "passing")
-    h.start()
-    first = [OutRecord("out", b"k", b"bad", _msg(0, 10))]
-    aborted = h.submit(_batch(0, epoch=0), first)
-    assert settled(aborted, 5.0) and aborted.rewound
-    h.producer.refused.clear()  # the leader is back, the ACL granted
-    served = h.submit(_batch(1, epoch=1), [OutRecord("out", b"k", b"bad", _msg(0, 10))])
-    assert settled(served, 5.0) and served.done and not served.rewound
+    letters, h, _ = _refused_once_then_gone(make, KafkaError(code, "passing"), offset_again=10)
     assert letters == []
     assert h.producer.visible == [b"bad"]
 
