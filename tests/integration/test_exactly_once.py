@@ -38,7 +38,7 @@ from stream_infer.io.clients import consume_ready
 from stream_infer.local.tansu import EmbeddedBroker, free_port
 from tests.brokers import broker_choice
 from tests.integration.conftest import Setup, good_events, health, metric, scrape, wait_ready
-from tests.integration.test_faults import Reader, endless_load, input_ids
+from tests.integration.test_faults import Reader, endless_load, input_ids, run_faulty_worker
 
 EXACTLY_ONCE = {"guarantee": "exactly_once"}
 BATCHING = {"max_batch_size": 64, "max_wait_ms": 5}
@@ -371,13 +371,7 @@ def test_a_batch_that_fails_before_its_transaction_is_served_again_after_the_res
         processing=EXACTLY_ONCE,
         worker={"id": "eos-f"},
     )
-    setup.produce(good_events(n))
-    faulty = setup.start_worker(module=("tests.integration.faulty_worker", f"e-{fail_at}"))
-    try:
-        code = faulty.wait(90)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("the faulty worker did not stop:\n" + setup.worker_logs()) from None
-    setup.workers.remove(faulty)
+    code = run_faulty_worker(setup, n, fail_at)
     assert code != 0
     assert f"injected: publish fails for the batch holding e-{fail_at}" in setup.worker_logs()
     served = Counter(

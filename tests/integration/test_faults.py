@@ -501,6 +501,19 @@ def test_a_producer_the_broker_fences_after_a_timeout_is_replaced_and_delivers(
 # --- a batch that fails ------------------------------------------------------------------
 
 
+def run_faulty_worker(setup: Setup, n: int, fail_at: int) -> int:
+    """Produce e-0..e-(n-1), run a worker whose publish raises for the batch holding
+    e-``fail_at`` (tests.integration.faulty_worker) until it exits: its exit code."""
+    setup.produce(good_events(n))
+    faulty = setup.start_worker(module=("tests.integration.faulty_worker", f"e-{fail_at}"))
+    try:
+        code = faulty.wait(90)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the faulty worker did not stop:\n" + setup.worker_logs()) from None
+    setup.workers.remove(faulty)  # it died on purpose: the helpers must not take it for a crash
+    return code
+
+
 def test_a_failed_batch_is_never_committed_past_and_a_restarted_worker_serves_it(
     make_setup: Any,
 ) -> None:
@@ -516,13 +529,7 @@ def test_a_failed_batch_is_never_committed_past_and_a_restarted_worker_serves_it
         topics={"partitions": 1},
         batching={"max_batch_size": 50, "max_wait_ms": 5, "max_batches_in_flight": 4},
     )
-    setup.produce(good_events(n))
-    faulty = setup.start_worker(module=("tests.integration.faulty_worker", f"e-{fail_at}"))
-    try:
-        code = faulty.wait(90)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("the faulty worker did not stop:\n" + setup.worker_logs()) from None
-    setup.workers.remove(faulty)  # it died on purpose: the helpers must not take it for a crash
+    code = run_faulty_worker(setup, n, fail_at)
     crashed_in_s = time.monotonic() - started
     logs = setup.worker_logs()
     assert code != 0, "a worker whose batch failed must not exit cleanly"
