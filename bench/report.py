@@ -258,8 +258,11 @@ def _largest_transaction_stage(txn: dict[str, Any], field: str) -> tuple[str, fl
 
 def throughput_cost(results: dict[str, Any]) -> str:
     """What costs exactly_once most at saturation, from its saturation run's scrape (and
-    at_least_once's): the busiest of the inference thread (processing) and each transaction
-    stage, as shares of the saturation window, and the CPU per 1,000 events of both."""
+    at_least_once's). A batch goes through two threads one after the other, the inference
+    thread (processing) and the transaction thread (begin, produce, send_offsets, commit), and
+    with two batches in flight the busier of the two sets the pace: named first, with its
+    share of the saturation window, then (for the transaction thread) its costliest stage,
+    and the CPU per 1,000 events of both guarantees."""
     systems = results.get("systems") or {}
     eos, alo = systems.get(EXACTLY_ONCE) or {}, systems.get(AT_LEAST_ONCE) or {}
     sat = eos.get("saturation") or {}
@@ -267,29 +270,30 @@ def throughput_cost(results: dict[str, Any]) -> str:
     txn = sat.get("transactions") or {}
     if window <= 0 or not txn:
         return "no transaction breakdown for the saturation run"
-    shares: dict[str, float] = {
+    stage_shares: dict[str, float] = {
         name: float(st.get("total_s") or 0.0) / window
         for name, st in (txn.get("stages") or {}).items()
         if st.get("count")
     }
+    threads = {"the transaction thread": float(txn.get("busy_s") or 0.0) / window}
     processing = (sat.get("stages") or {}).get("processing") or {}
     if processing.get("count"):
         busy = float(processing["mean_ms"]) * int(processing["count"]) / 1000.0
-        shares["processing"] = busy / window
-    if not shares:
-        return "no transaction breakdown for the saturation run"
-    costliest, share = max(shares.items(), key=lambda kv: kv[1])
-    what = "the inference thread's processing" if costliest == "processing" else costliest
+        threads["the inference thread's processing"] = busy / window
+    bottleneck, share = max(threads.items(), key=lambda kv: kv[1])
     committed = (txn.get("outcomes") or {}).get("committed") or 0
     per_txn = f"{sat.get('received', 0) / committed:,.0f} events each" if committed else ""
-    text = (
-        f"the costliest part: {what} ({share:.0%} of the saturation window); the transaction "
-        f"thread was busy {float(txn.get('busy_s') or 0.0) / window:.0%} of it ("
-        + ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "processing")
-        + f"; {committed:,} transactions{', ' + per_txn if per_txn else ''})"
-    )
-    if "processing" in shares and costliest != "processing":
-        text += f", processing {shares['processing']:.0%}"
+    text = f"the costliest part: {bottleneck} (busy {share:.0%} of the saturation window)"
+    if stage_shares:
+        stage, stage_share = max(stage_shares.items(), key=lambda kv: kv[1])
+        text += (
+            f"; in the transaction thread {stage} took the most ({stage_share:.0%}: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in stage_shares.items())
+            + f"; {committed:,} transactions{', ' + per_txn if per_txn else ''})"
+        )
+    for name, other in threads.items():
+        if name != bottleneck:
+            text += f"; {name} busy {other:.0%}"
     eos_cpu = sat.get("cpu_s_per_1k")
     alo_cpu = (alo.get("saturation") or {}).get("cpu_s_per_1k")
     if eos_cpu and alo_cpu:

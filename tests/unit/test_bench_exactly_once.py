@@ -210,9 +210,13 @@ def test_missed_targets_name_the_costliest_part() -> None:
     results = _results(35_000.0, 250.0)
     throughput, latency = report.exactly_once_targets(results)
     assert not throughput["met"] and throughput["ratio"] == pytest.approx(0.5)
-    # commit: 0.6 x 9 s of the 10 s window, more than send_offsets (27 %) or processing (10 %)
-    assert "the costliest part: commit (54% of the saturation window)" in throughput["measured"]
-    assert "the transaction thread was busy 90% of it" in throughput["measured"]
+    # the transaction thread: 9 s of the 10 s window, more than processing; in it commit
+    # (0.6 x 9 s) took the most
+    assert (
+        "the costliest part: the transaction thread (busy 90% of the saturation window)"
+        in throughput["measured"]
+    )
+    assert "in the transaction thread commit took the most (54%" in throughput["measured"]
     assert "CPU per 1k events 0.030 s vs 0.020 s (1.50x)" in throughput["measured"]
     assert not latency["met"]
     assert (
@@ -228,7 +232,8 @@ def test_missed_targets_name_the_costliest_part() -> None:
         "processing": {"count": 400, "mean_ms": 20.0}
     }
     row = report.exactly_once_targets(busy_inference)[0]
-    assert "the costliest part: the inference thread's processing (80%" in row["measured"]
+    assert "the costliest part: the inference thread's processing (busy 80%" in row["measured"]
+    assert "the transaction thread busy 10%" in row["measured"]
 
 
 def test_results_md_puts_both_guarantees_side_by_side() -> None:
