@@ -364,6 +364,16 @@ LIBRDKAFKA_BATCH_BYTES = 1_000_000
 RECORD_BATCH_OVERHEAD_BYTES = 128
 
 
+def framed_size(key: bytes | None, value: bytes) -> int:
+    """A record's bytes alone in a record batch, as a topic's max.message.bytes judges them
+    (with :data:`RECORD_BATCH_OVERHEAD_BYTES` of framing).
+
+    >>> framed_size(b"k", b"12345")
+    134
+    """
+    return len(key or b"") + len(value) + RECORD_BATCH_OVERHEAD_BYTES
+
+
 def _check_dead_letter_config(admin: Any, topology: Topology, timeout_s: float) -> list[str]:
     """Refuse a dead-letter topic whose max.message.bytes is below the largest dead letter:
     its dead letters would be refused (MSG_SIZE_TOO_LARGE) and their batches never done."""

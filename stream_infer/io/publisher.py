@@ -58,7 +58,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from stream_infer.core.events import OutRecord
 from stream_infer.errors import DeliveryError
 from stream_infer.io.access import AccessRefusals, is_refusal
-from stream_infer.io.clients import RECORD_BATCH_OVERHEAD_BYTES
+from stream_infer.io.clients import framed_size
 from stream_infer.io.reachability import Reachability
 from stream_infer.io.repeated_log import RateLimitedLog
 
@@ -98,7 +98,7 @@ _PERMANENT = frozenset(
     }
 )
 # Purged from a replaced producer: produced again at once.
-_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
 class Failure(Enum):
@@ -112,7 +112,7 @@ class Failure(Enum):
 
 # A size refusal a delivery report gives every record of a batch (the broker judges the whole
 # batch against max.message.bytes, and librdkafka never splits one).
-_BATCH_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+BATCH_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 def classify(
@@ -138,7 +138,7 @@ def classify(
     (<Failure.PERMANENT: 'permanent'>, <Failure.RETRY: 'retry'>)
     """
     code = err.code()
-    if code in _BATCH_TOO_LARGE and fits_alone and not at_produce:
+    if code in BATCH_TOO_LARGE and fits_alone and not at_produce:
         return Failure.RETRY
     if code in _BROKEN_PRODUCER or err.fatal():
         return Failure.BROKEN
@@ -475,7 +475,7 @@ class Publisher:
         if err.code() in _UNKNOWN_TOPIC and state.unknown_since is None:
             state.unknown_since = now
         limit = self._max_message_bytes.get(record.topic)
-        size = len(record.key or b"") + len(record.value) + RECORD_BATCH_OVERHEAD_BYTES
+        size = framed_size(record.key, record.value)
         kind = classify(
             err,
             at_produce=at_produce,
@@ -493,7 +493,7 @@ class Publisher:
             # Logged once per topic, not per record and retry; retried slowly until granted.
             self.access.refused("topic", record.topic, "Write", err.name())
             state.due = max(state.due, now + self.refused_backoff_s)
-        elif err.code() in _PURGED:
+        elif err.code() in PURGED:
             state.due = max(state.due, now)
         else:
             state.due = max(state.due, now + self.retry_backoff_s)

@@ -364,7 +364,8 @@ class BatchSource:
                     self.access.allowed("topic", topic or "")
             if good and self._on_fetch_delay is not None:
                 self._report_fetch_delay(good, received_wall)
-            if good and self.exactly_once:
+            if good and self.exactly_once and len(self._bases) < len(self.assignment):
+                # Until every owned partition has its base: then nothing per record here.
                 bases = self._bases
                 for r in good:  # the first offset read in a partition: where a rewind goes
                     tp = (cast(str, r.topic()), cast(int, r.partition()))

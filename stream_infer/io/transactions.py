@@ -56,20 +56,18 @@ from confluent_kafka import (
 from stream_infer.core.events import OutRecord
 from stream_infer.errors import BrokerError, DeliveryError
 from stream_infer.io.clients import (
-    RECORD_BATCH_OVERHEAD_BYTES,
     assign_partitions,
     exactly_once_consumer_config,
+    framed_size,
     groupless_consumer_config,
 )
-from stream_infer.io.publisher import Failure, Ticket, classify
+
+# PURGED: reports of records an abort purged (expected, not a refusal); BATCH_TOO_LARGE: a
+# size refusal (the broker judges a whole record batch against max.message.bytes).
+from stream_infer.io.publisher import BATCH_TOO_LARGE, PURGED, Failure, Ticket, classify
 from stream_infer.io.source import SourceBatch
 
 log = logging.getLogger(__name__)
-
-# A size refusal: the broker judges a whole record batch against max.message.bytes.
-_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
-# Delivery reports of records an abort purged: expected, not a refusal.
-_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
 class Source(Protocol):
@@ -356,7 +354,7 @@ class TransactionalPublisher:
         ``which`` (:func:`_which`), refused for good in an aborted attempt)."""
         why = self._refused.get(which) if which is not None else None
         limit = self._max_message_bytes.get(record.topic)
-        size = len(record.value) + len(record.key or b"") + RECORD_BATCH_OVERHEAD_BYTES
+        size = framed_size(record.key, record.value)
         if why is None and limit is not None and size > limit:
             why = f"{size} bytes with framing over {record.topic}'s max.message.bytes {limit}"
         if why is None:
@@ -390,21 +388,18 @@ class TransactionalPublisher:
 
     def _reported(self, err: KafkaError | None, msg: Message) -> None:
         """A delivery report (served inside ``poll`` and ``commit_transaction``)."""
-        if err is None or err.code() in _PURGED:
+        if err is None or err.code() in PURGED:
             return
         topic, key, value = msg.topic() or "", msg.key(), msg.value() or b""
         limit = self._max_message_bytes.get(topic)
-        fits = (
-            limit is not None
-            and len(value) + len(key or b"") + RECORD_BATCH_OVERHEAD_BYTES <= limit
-        )
+        fits = limit is not None and framed_size(key, value) <= limit
         # Only what fails the same way at every attempt (a delivery report's error carries no
         # retriable flag: classify by its code, as the at_least_once publisher does); a
         # transient error, a missing ACL or a timeout aborts and is served again as is. A size
         # refusal of a record within its topic's limit as read at start is the limit lowered
         # since, or its batch's: permanent once it came back in two attempts running.
         permanent = classify(err, fits_alone=fits) is Failure.PERMANENT
-        if permanent or err.code() in _TOO_LARGE:
+        if permanent or err.code() in BATCH_TOO_LARGE:
             producing = self._producing
             at = next(  # a scan: refusals only
                 (

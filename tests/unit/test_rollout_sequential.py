@@ -159,52 +159,37 @@ def test_false_promotion_at_the_margin_stays_under_alpha_checked_after_every_lab
 
 
 @pytest.mark.parametrize(
-    ("metric", "cand", "inc"),
-    [("accuracy", 0.12, 0.20), ("log_loss", 0.7, 0.55)],
+    ("metric", "cand", "inc", "seed", "decided"),
+    [
+        ("accuracy", 0.12, 0.20, 18, "promote"),
+        ("log_loss", 0.7, 0.55, 18, "promote"),
+        ("accuracy", 0.32, 0.20, 19, "abort"),
+        ("log_loss", 0.45, 0.7, 19, "abort"),
+    ],
 )
-def test_a_better_candidate_is_promoted_within_bounded_labels(
-    metric: str, cand: float, inc: float
+def test_a_clearly_better_candidate_is_promoted_and_a_clearly_worse_one_aborted(
+    metric: str, cand: float, inc: float, seed: int, decided: str
 ) -> None:
-    rng = np.random.default_rng(18)
+    rng = np.random.default_rng(seed)
     n, runs = 12000, 100
     if metric == "accuracy":
         c, i = bernoulli_errors(rng, runs, n, cand), bernoulli_errors(rng, runs, n, inc)
     else:
         c, i = two_point_log_loss(rng, runs, n, cand), two_point_log_loss(rng, runs, n, inc)
     result = simulate(c, i, rng.random((runs, n)) < 0.5, loss_bound(metric))  # type: ignore[arg-type]
-    median = int(np.median(result.promote_at))
-    print(
-        f"\n{metric}: better candidate promoted in {result.rate(result.promote_at):.0%} of "
-        f"{runs} runs, median {median} labels (both versions together)"
+    wanted, other = (
+        (result.promote_at, result.abort_at)
+        if decided == "promote"
+        else (result.abort_at, result.promote_at)
     )
-    assert result.rate(result.promote_at) == 1.0
-    assert result.rate(result.abort_at) == 0.0
-    assert median < n / 2
-
-
-@pytest.mark.parametrize(
-    ("metric", "cand", "inc"),
-    [("accuracy", 0.32, 0.20), ("log_loss", 0.45, 0.7)],
-)
-def test_a_clearly_worse_candidate_is_aborted(metric: str, cand: float, inc: float) -> None:
-    rng = np.random.default_rng(19)
-    n, runs = 12000, 100
-    if metric == "accuracy":
-        c, i = bernoulli_errors(rng, runs, n, cand), bernoulli_errors(rng, runs, n, inc)
-    else:
-        c, i = two_point_log_loss(rng, runs, n, cand), two_point_log_loss(rng, runs, n, inc)
-    result = simulate(c, i, rng.random((runs, n)) < 0.5, loss_bound(metric))  # type: ignore[arg-type]
-    median = int(np.median(result.abort_at))
+    median = int(np.median(wanted))
     print(
-        f"\n{metric}: worse candidate aborted in {result.rate(result.abort_at):.0%} of "
-        f"{runs} runs, median {median} labels (both versions together)"
+        f"\n{metric}: candidate ({decided}) decided in {result.rate(wanted):.0%} of {runs} runs, "
+        f"median {median} labels (both versions together)"
     )
-    assert result.rate(result.abort_at) == 1.0
-    assert result.rate(result.promote_at) == 0.0
+    assert result.rate(wanted) == 1.0
+    assert result.rate(other) == 0.0
     assert median < n / 2
-
-
-# Evidence, the per-pair AUC and the confidence sequence itself
 
 
 def test_evidence_is_the_vectorised_path() -> None:
