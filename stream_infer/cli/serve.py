@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +62,8 @@ def _check_transactions(topo: Topology) -> None:
     from stream_infer.io.clients import consumer_config, transactional_producer_config
     from stream_infer.io.transactions import transactions_problem
 
-    probe_id = topo.transactional_id(f"{socket.gethostname()}-{os.getpid()}") + ".probe"
+    probe_id = topo.transactional_id(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    probe_id += ".probe"
     problem = transactions_problem(
         transactional_producer_config(topo.kafka, probe_id),
         consumer_config(topo.kafka, "unused"),

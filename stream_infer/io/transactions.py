@@ -147,7 +147,12 @@ class TransactionalPublisher:
         # Records the broker refused for good in an aborted attempt, and why: dead letters
         # when their batch is served again (by output topic and input position, :func:`_which`).
         self._refused: dict[tuple[object, ...], str] = {}
-        self._size_refusals: Counter[tuple[object, ...]] = Counter()  # attempts refused, by size
+        # A size refusal of records within their topics' limits as read at start: a limit
+        # lowered since (the producer's batch.size no longer fits it). Ends the batch.
+        self._limit_lowered: str | None = None
+        # When the first of the attempts since the last commit began: a run of aborts (the
+        # group moving on, again and again) shows in oldest_unacked_s, for /healthz.
+        self._uncommitted_since: float | None = None
         self._producing: Sequence[OutRecord] = ()  # the records of the transaction in progress
         self._busy_since: float | None = None  # when the transaction in progress began
         self.problem: str | None = None  # why the thread stopped (None while it runs)
@@ -187,6 +192,9 @@ class TransactionalPublisher:
         batches submitted before it; ``after_commit`` runs on this thread once it committed."""
         ticket.records = records
         ticket.sent_at = time.monotonic()
+        if self._closing:  # the thread takes nothing more: read again by the next owner
+            ticket._rewind()
+            return
         self._queue.put((batch, records, ticket, after_commit))
         if self.problem is not None:  # the thread stopped: nothing will take it
             self._fail_queued(self.problem)
@@ -197,9 +205,12 @@ class TransactionalPublisher:
 
     @property
     def oldest_unacked_s(self) -> float:
-        """How long the transaction in progress has been open (0 when none is)."""
-        since = self._busy_since
-        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+        """While a transaction is open, how long since the first attempt that has not been
+        committed began (aborted attempts in a row count); 0 when none is open."""
+        if self._busy_since is None:
+            return 0.0
+        since = self._uncommitted_since or self._busy_since
+        return max(0.0, time.monotonic() - since)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish what is queued (the source drained its batches before), then stop. A
@@ -262,6 +273,8 @@ class TransactionalPublisher:
             ticket._rewind()
             return
         self._busy_since = time.monotonic()
+        if self._uncommitted_since is None:
+            self._uncommitted_since = self._busy_since
         deadline = self._busy_since + self.timeout_s
         keys = _which(records) if self._refused else None
         records = [self._deliverable(r, keys[i] if keys else None) for i, r in enumerate(records)]
@@ -287,7 +300,7 @@ class TransactionalPublisher:
         self.committed += 1
         self._aborts_in_row = 0
         self._refused.clear()
-        self._size_refusals.clear()
+        self._uncommitted_since = None
         source.committed(batch)
         self._on_outcome("committed")
         if after_commit is not None:
@@ -309,8 +322,16 @@ class TransactionalPublisher:
         self._aborts_in_row += 1 if counted else 0
         self._on_outcome("aborted")
         self._aborted_epoch = batch.epoch
-        if self._aborts_in_row >= self.max_attempts:
+        problem = None
+        if self._limit_lowered is not None:
+            problem = (
+                f"{self._limit_lowered}: an output topic's max.message.bytes is lower than when "
+                "this worker started (its producer's batch.size was fitted to it then); a "
+                "restart reads it again"
+            )
+        elif self._aborts_in_row >= self.max_attempts:
             problem = f"{self._aborts_in_row} transactions in a row aborted, the last: {why}"
+        if problem is not None:
             log.critical("batch %d failed: %s", batch.seq, problem)
             ticket._fail(DeliveryError(problem, topic="(transaction)"))
             return
@@ -396,10 +417,13 @@ class TransactionalPublisher:
         # Only what fails the same way at every attempt (a delivery report's error carries no
         # retriable flag: classify by its code, as the at_least_once publisher does); a
         # transient error, a missing ACL or a timeout aborts and is served again as is. A size
-        # refusal of a record within its topic's limit as read at start is the limit lowered
-        # since, or its batch's: permanent once it came back in two attempts running.
+        # refusal of a record within its topic's limit as read at start is its batch's: the
+        # limit was lowered since, and every batch would be refused: the batch fails (a
+        # restart fits the producer's batches to the limit again), nothing is dead-lettered.
         permanent = classify(err, fits_alone=fits) is Failure.PERMANENT
-        if permanent or err.code() in BATCH_TOO_LARGE:
+        if not permanent and err.code() in BATCH_TOO_LARGE:
+            self._limit_lowered = f"{topic} refused a batch of records as too large"
+        elif permanent:
             producing = self._producing
             at = next(  # a scan: refusals only
                 (
@@ -414,9 +438,7 @@ class TransactionalPublisher:
                 if at is not None
                 else _which([OutRecord(topic, key, value)])[0]
             )
-            self._size_refusals[which] += 0 if permanent else 1
-            if permanent or self._size_refusals[which] >= 2:
-                self._refused[which] = f"{err.name()}: {err.str()}"
+            self._refused[which] = f"{err.name()}: {err.str()}"
         log.warning("a record for %s was refused in a transaction: %s", msg.topic(), err.str())
 
 

@@ -701,24 +701,56 @@ def test_a_passing_delivery_error_aborts_and_the_record_is_produced_again_as_is(
     assert h.producer.visible == [b"bad"]
 
 
-def test_a_size_refusal_of_a_record_within_the_known_limit_is_dead_lettered_the_second_time(
+def test_a_size_refusal_of_a_record_within_the_known_limit_fails_the_batch(
     make: Callable[..., Harness],
 ) -> None:
-    """Within the topic's max.message.bytes read at start, a size refusal may be its batch's
-    or the limit lowered since: served again as is once, and a dead letter if refused again."""
+    """Within the topic's max.message.bytes read at start, a size refusal is its batch's: the
+    limit was lowered since and every batch would be refused. No dead letter (the record
+    fits): the batch fails, and the restart fits the producer's batches to the new limit."""
     letters, undeliverable = _letters()
     h = make(undeliverable=undeliverable, max_message_bytes={"out": 1_000_000})
     h.producer.refused[b"bad"] = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")
     h.start()
-    tickets = []
-    for epoch in range(3):
-        ticket = h.submit(_batch(epoch, epoch=epoch), [OutRecord("out", b"k", b"bad", _msg(0, 5))])
-        assert settled(ticket, 5.0)
-        tickets.append(ticket)
-    assert [t.rewound for t in tickets] == [True, True, False]
-    assert tickets[2].done
-    assert [r.value for r, _ in letters] == [b"bad"]
-    assert h.producer.visible == [b"dead:bad"]
+    ticket = h.submit(_batch(0, epoch=0), [OutRecord("out", b"k", b"bad", _msg(0, 5))])
+    assert settled(ticket, 5.0)
+    assert isinstance(ticket.error, DeliveryError)
+    assert "max.message.bytes is lower than when this worker started" in str(ticket.error)
+    assert letters == []
+    assert h.producer.visible == []
+    assert h.outcomes == ["aborted"]
+
+
+def test_a_batch_submitted_after_close_is_rewound_not_lost(make: Callable[..., Harness]) -> None:
+    h = make().start()
+    h.publisher.close(timeout_s=5.0)
+    ticket = h.submit(_batch(0), _records("late-", 1))
+    assert settled(ticket, 1.0) and ticket.rewound
+    assert h.producer.visible == []
+
+
+def test_aborts_in_a_row_show_in_the_age_of_the_uncommitted_attempt(
+    make: Callable[..., Harness],
+) -> None:
+    """Rebalances in a row do not fail the batch, but /healthz must see that nothing commits:
+    oldest_unacked_s counts from the first attempt since the last commit."""
+    h = make()
+    h.producer.fail["send_offsets_to_transaction"] = [abortable()]
+    h.producer.gate = threading.Event()
+    h.start()
+    first = h.submit(_batch(0, epoch=0), _records("p", 1))
+    h.producer.gate.set()
+    assert settled(first, 5.0) and first.rewound
+    time.sleep(0.2)  # the age to be seen below, not a wait for a background thread
+    h.producer.gate.clear()
+    second = h.submit(_batch(1, epoch=1), _records("p", 1))
+    deadline = time.monotonic() + 5.0
+    while h.publisher.oldest_unacked_s == 0.0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert h.publisher.oldest_unacked_s >= 0.2  # since the aborted attempt began
+    h.producer.gate.set()
+    assert settled(second, 5.0) and second.done
+    assert h.publisher.oldest_unacked_s == 0.0
 
 
 # --- init and close ---------------------------------------------------------------------------
