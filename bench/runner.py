@@ -35,7 +35,7 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from bench import stages
-from bench.events import EventPool
+from bench.events import EventPool, pool_for
 from bench.plan import Plan
 from bench.procs import Started, Supervisor, TreeSampler, clean_env
 from bench.reader import RDKAFKA_LOG, PhaseStats, PredictionReader
@@ -84,7 +84,11 @@ class SystemRun:
             session_timeout_ms=ctx.plan.session_timeout_ms,
             batching=spec.batching,
             guarantee=spec.guarantee,
+            workload=spec.workload,
         )
+        # The workload's events (bench/workloads.py): the shared pool when its features are
+        # the shipped topology's, else one made for its features.
+        self.pool = ctx.pool if self.topo.features == ctx.pool.features else pool_for(self.topo)
         self.procs: list[Started] = []
         self.sampler: TreeSampler | None = None
         self.reader = PredictionReader(
@@ -141,7 +145,7 @@ class SystemRun:
         self.start()
         conf = {"bootstrap.servers": self.ctx.bootstrap_servers, "logger": RDKAFKA_LOG}
         producer = Producer(conf)
-        for key, value in itertools.islice(self.ctx.pool.stamped(PROBE_SEED), n_probe):
+        for key, value in itertools.islice(self.pool.stamped(PROBE_SEED), n_probe):
             producer.produce(self.topo.topics.input, value, key)
         producer.flush(30)
         self.wait_for(PROBE_SEED, n_probe, first_timeout_s=self.ctx.plan.start_timeout_s)
@@ -161,7 +165,7 @@ class SystemRun:
 
     def prefill(self, n: int, seed: int) -> float:
         """Produce n events as fast as possible; returns the seconds it took."""
-        events = list(itertools.islice(self.ctx.pool.stamped(seed), n))
+        events = list(itertools.islice(self.pool.stamped(seed), n))
         producer = Producer(
             {
                 "bootstrap.servers": self.ctx.bootstrap_servers,
@@ -251,7 +255,7 @@ class SystemRun:
         t_start, producer = start_open_loop(
             self.ctx.bootstrap_servers,
             self.topo.topics.input,
-            self.ctx.pool.stamped(seed),
+            self.pool.stamped(seed),
             rate=rate,
             duration_s=duration_s,
         )

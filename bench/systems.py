@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from bench.workloads import SMALL, Workload, topology_data
 from stream_infer.local.tansu import free_port
 from stream_infer.settings import Topology, load_topology
 
@@ -36,6 +37,8 @@ class SystemSpec:
     # processing.guarantee; exactly_once also drops the shipped max_batches_in_flight (see
     # write_topology): the product's own default under exactly_once applies.
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # The model and features served (bench/workloads.py); SMALL is the shipped topology's.
+    workload: Workload = SMALL
 
     def commands(self, topology_path: Path) -> list[list[str]]:
         py = sys.executable
@@ -60,7 +63,13 @@ STREAM_INFER_EXACTLY_ONCE = SystemSpec(
 
 
 def stream_infer_with(
-    batch_size: int, wait_ms: float, *, key: str, label: str, workers: int = 1
+    batch_size: int,
+    wait_ms: float,
+    *,
+    key: str,
+    label: str,
+    workers: int = 1,
+    workload: Workload = SMALL,
 ) -> SystemSpec:
     return SystemSpec(
         key,
@@ -68,6 +77,7 @@ def stream_infer_with(
         "stream-infer",
         batching={"max_batch_size": batch_size, "max_wait_ms": wait_ms},
         workers=workers,
+        workload=workload,
     )
 
 
@@ -80,13 +90,18 @@ def write_topology(
     batching: dict[str, float],
     guarantee: str = "at_least_once",
     base: Path = BASE_TOPOLOGY,
+    workload: Workload = SMALL,
 ) -> tuple[Path, Topology]:
     """Write this run's topology file and return it, loaded and validated (no env overrides).
 
     Under ``exactly_once`` the shipped file's ``batching.max_batches_in_flight`` (4, the
     at_least_once default written out) is dropped unless ``batching`` sets it: the product's
-    default under exactly_once (2) applies, as it would to a topology that does not set it."""
-    data: dict[str, Any] = yaml.safe_load(base.read_text(encoding="utf-8"))
+    default under exactly_once (2) applies, as it would to a topology that does not set it.
+
+    ``workload`` sets the features and the model (bench/workloads.py: for SMALL, the shipped
+    file's models and features; otherwise one version, the workload's artifact, built on
+    first use)."""
+    data: dict[str, Any] = topology_data(workload, base)
     data["kafka"] = dict(data.get("kafka") or {}) | {
         "bootstrap_servers": bootstrap_servers,
         "group_id": f"bench-{run_id}",
@@ -97,9 +112,6 @@ def write_topology(
         if isinstance(value, str):
             topics[name] = f"bench.{run_id}.{value.rsplit('.', 1)[-1]}"
     data["topics"] = topics
-    for model in data["models"]:
-        for version in model["versions"]:
-            version["path"] = str((base.parent / version["path"]).resolve())
     data["worker"] = dict(data.get("worker") or {}) | {"web_port": free_port()}
     data["device"] = "cpu"
     if guarantee != "at_least_once":
