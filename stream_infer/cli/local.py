@@ -189,7 +189,9 @@ def demo(
 )
 @LOG_LEVEL
 def build_example_models(out: Path) -> None:
-    """Train the phishing example's two model versions (seeded) and write them to OUT."""
+    """Train the phishing example's model versions (seeded) and write them to OUT: v1, v2 and
+    v3-degraded, a deliberately worse one (trained on shuffled labels) for backtests and
+    rollouts to reject."""
     from stream_infer.examples import phishing
 
     for version, meta in phishing.build(out).items():

@@ -1,11 +1,15 @@
 """The phishing-risk example: a small torch MLP in two versions, trained on River's bundled
 Phishing dataset (1,250 labelled web pages, 9 features; no download).
 
-    stream-infer build-example-models   # writes models/phishing/risk/{v1,v2}
+    stream-infer build-example-models   # writes models/phishing/risk/{v1,v2,v3-degraded}
 
 v1 is a torch.export artifact trained on the first 60% of the data; v2 is a wider network in
-state_dict form (weights only, rebuilt from :class:`RiskMLP`) trained on all of it. Training is
-seeded and deterministic on the CPU.
+state_dict form (weights only, rebuilt from :class:`RiskMLP`) trained on all of it.
+v3-degraded is deliberately worse: v2's network trained on the labels in a seeded random order
+(:func:`shuffled`), so its scores carry no information about the page (accuracy about 0.52 and
+log loss about 0.86 on the whole dataset, where the base rate alone gives 0.56 and 0.69): the
+candidate that a backtest flags and a rollout aborts at its first gate. Training is seeded and
+deterministic on the CPU.
 """
 
 from __future__ import annotations
@@ -86,13 +90,19 @@ def accuracy(
     return float((p.numpy() == (y > 0.5)).mean())
 
 
+def shuffled(y: npt.NDArray[np.float32], seed: int) -> npt.NDArray[np.float32]:
+    """The labels in a seeded random order: what a model learns from them is noise."""
+    return y[np.random.default_rng(seed).permutation(len(y))]
+
+
 def build(out_dir: Path) -> dict[str, ModelMeta]:
-    """Train and write both versions under ``out_dir/risk/{v1,v2}``."""
+    """Train and write the versions under ``out_dir/risk/{v1,v2,v3-degraded}``."""
     torch.use_deterministic_algorithms(True)
     x, y = load_dataset()
     cut = int(len(x) * 0.6)
     v1 = train(x[:cut], y[:cut], hidden=16, epochs=30, seed=1)
     v2 = train(x, y, hidden=32, epochs=40, seed=2)
+    v3 = train(x, shuffled(y, seed=3), hidden=32, epochs=40, seed=3)
     metas = {
         "v1": save_export(
             v1,
@@ -111,6 +121,16 @@ def build(out_dir: Path) -> dict[str, ModelMeta]:
             output="logit",
             description=f"MLP 9-32-32-1 on all {len(x)} rows; "
             f"training accuracy {accuracy(v2, x, y):.3f}",
+        ),
+        "v3-degraded": save_state_dict(
+            v3,
+            out_dir / "risk" / "v3-degraded",
+            module_class="stream_infer.examples.phishing:RiskMLP",
+            module_kwargs={"n_features": len(FEATURES), "hidden": 32},
+            features=FEATURES,
+            output="logit",
+            description=f"DEGRADED on purpose: MLP 9-32-32-1 on all {len(x)} rows with their "
+            f"labels shuffled (seed 3); accuracy on the true labels {accuracy(v3, x, y):.3f}",
         ),
     }
     return metas
