@@ -9,6 +9,7 @@ get the answers it asked for, 130 for Ctrl-C.
     serve.py     worker, topics, validate
     operate.py   control, tail
     local.py     broker, demo, produce, build-example-models
+    backtest.py  backtest
 
 Subcommands import what they need when they run, so ``stream-infer --help`` loads no torch.
 """
@@ -19,7 +20,7 @@ import sys
 
 import click
 
-from stream_infer.cli import local, operate, serve
+from stream_infer.cli import backtest, local, operate, serve
 from stream_infer.cli.common import LOG_LEVELS, OVERRIDES_HELP
 from stream_infer.errors import BrokerError, ConfigError, ModelError, StreamInferError
 
@@ -58,6 +59,7 @@ for command in (
     local.demo,
     operate.control,
     local.build_example_models,
+    backtest.backtest,
 ):
     cli.add_command(command)
 
