@@ -348,6 +348,68 @@ class LearningMetrics:
         )
 
 
+class RolloutMetrics:
+    """The metrics of label-driven rollouts (stream_infer.online.rollout), registered beside
+    :class:`LearningMetrics`. Step and weight come from the control log (every worker shows the
+    same); the evidence, the driver flag and the decisions from the driving worker (0 / absent
+    elsewhere: take the max over workers)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = self.registry = metrics.registry
+        self.step = Gauge(
+            "stream_infer_rollout_step",
+            "The current step (index into the plan) of the model's running rollout; -1: none",
+            ["model"],
+            registry=r,
+        )
+        self.weight = Gauge(
+            "stream_infer_rollout_weight",
+            "The candidate's traffic share at the rollout's step (0: shadow, or finished "
+            "without a promotion); 1 once promoted",
+            ["model"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "stream_infer_rollout_running",
+            "1 while the model's rollout runs (held included), else 0",
+            ["model"],
+            registry=r,
+        )
+        self.driver = Gauge(
+            "stream_infer_rollout_driver",
+            "1 on the worker that drives the rollouts (it owns input partition 0), else 0",
+            registry=r,
+        )
+        self.labels = Gauge(
+            "stream_infer_rollout_labels",
+            "Labels in the driver's evidence for the running rollout, per version",
+            ["model", "version"],
+            registry=r,
+        )
+        self.evidence = Gauge(
+            "stream_infer_rollout_evidence",
+            "The driver's evidence per version: the mean loss of the rollout's metric (log_loss"
+            ": log loss; accuracy: error rate; roc_auc: 1 - AUC over pairs) and its anytime-valid"
+            " bounds (stat mean, lower, upper)",
+            ["model", "version", "metric", "stat"],
+            registry=r,
+        )
+        self.difference = Gauge(
+            "stream_infer_rollout_difference",
+            "Bounds on mean loss(candidate) - mean loss(incumbent) (bound lower, upper) and the"
+            " margin the gate compares them with (bound margin)",
+            ["model", "bound"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "stream_infer_rollout_decisions_total",
+            "Step commands this worker wrote as a rollout's driver, by decision (advance, hold,"
+            " promote, abort)",
+            ["model", "decision"],
+            registry=r,
+        )
+
+
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level.upper(),

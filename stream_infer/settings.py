@@ -442,10 +442,14 @@ class OnlineSettings(_Frozen):
     metrics_window: int = Field(default=1000, ge=1, description="rolling prequential window")
     snapshot_dir: Path | None = Field(default=None, description="learner snapshots; none: off")
     snapshot_interval_s: float = Field(default=60.0, gt=0.0)
+    rollouts: bool = Field(
+        default=False,
+        description="join labels for label-driven rollouts even without learners or monitors",
+    )
 
     @property
     def enabled(self) -> bool:
-        return bool(self.learners or self.monitors)
+        return bool(self.learners or self.monitors or self.rollouts)
 
 
 # What a record's framing may add to its key and value (record headers, batch header).

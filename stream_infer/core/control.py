@@ -8,6 +8,22 @@ Commands (JSON, one per message on the control topic; schemas/control-command.sc
     {"id": "c4", "command": "unshadow", "model": "risk"}
     {"id": "c5", "command": "rollback", "model": "risk"}
     {"id": "c6", "command": "status"}
+    {"id": "c7", "command": "rollout", "model": "risk", "version": "v2",
+     "plan": {"steps": [0, 0.05, 0.25, 0.5, 1], "metric": "log_loss", "margin": 0.01,
+              "confidence": 0.95, "min_labels": 500, "max_duration_s": 600,
+              "on_timeout": "hold"}}
+    {"id": "c8", "command": "rollout", "model": "risk", "action": "resume"}
+
+A ``rollout`` moves the candidate ``version`` through the plan's weight steps, gated on labels
+(:mod:`stream_infer.core.rollout`); the command itself routes step 0. Each later step is an
+ordinary ``split`` / ``swap`` (or, for a step that timed out on ``hold``, a ``rollout`` with
+``"action": "hold"``) that one worker, the rollout's driver, writes to the log with a
+``"rollout"`` tag: ``{"id": <the rollout command's id>, "step", "decision", "reason",
+"evidence"}``. The table checks the tag against the rollout in force (its id, the step that
+follows, still running), so a stale driver's copy changes nothing; an abort routes what served
+before the rollout began. Any other command that changes the model's routing (an operator's
+``swap``, ``split``, ``rollback``, a drift policy's) cancels the rollout: the operator's word
+wins, and the driver stops.
 
 Only what is declared changeable changes: a command names a declared model and declared
 versions, or it is rejected with a reason and nothing changes. When the topology sets an HMAC
@@ -30,17 +46,29 @@ import hmac
 import json
 import math
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, get_args
 
 import orjson
 
 from stream_infer.core.events import ModelVersion
+from stream_infer.core.rollout import Metric, RolloutPlan
 from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
 
-COMMANDS = ("swap", "split", "shadow", "unshadow", "rollback", "status", "reset_learner")
+COMMANDS = (
+    "swap",
+    "split",
+    "shadow",
+    "unshadow",
+    "rollback",
+    "status",
+    "reset_learner",
+    "rollout",
+)
+ROLLOUT_ACTIONS = ("start", "hold", "resume")
+ROLLOUT_DECISIONS = ("advance", "hold", "promote", "abort")
 # Commands that act on something other than the routing; the routing stays as it is.
 NO_ROUTING_CHANGE = ("status", "reset_learner")
 MAX_COMMAND_BYTES = 64 * 1024
@@ -60,6 +88,8 @@ DUPLICATE = "duplicate_command"
 SHADOW_SERVES = "shadow_serves"
 EXPIRED = "expired"
 STALE = "stale"
+INVALID_ROLLOUT = "invalid_rollout"
+ROLLOUT_CONFLICT = "rollout_conflict"
 # The longest command id accepted (new_command_id makes 16 characters, derived_command_id 38).
 MAX_ID_CHARS = 128
 
@@ -79,6 +109,10 @@ class Command:
     # Apply only if the routing table is at this generation (drift policies: a command
     # computed from a routing that has changed since is stale).
     if_generation: int | None = None
+    # ``rollout``: start (with the plan), hold (the driver's) or resume (an operator's).
+    action: str | None = None
+    # ``rollout`` start: the plan document; a driver's step command: its tag (see above).
+    rollout: Mapping[str, Any] | None = None
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
@@ -265,9 +299,105 @@ def _shape(doc: Mapping[str, Any], command_id: str, issued_at: float | None) -> 
     if if_generation is not None and (type(if_generation) is not int or if_generation < 0):
         msg = f"'if_generation' must be an integer >= 0, got {if_generation!r}"
         raise ControlError(MALFORMED, msg, command_id=command_id)
+    tag = doc.get("rollout")
+    if cmd.command in ("split", "swap", "shadow") and tag is not None:
+        tag = _rollout_tag(tag, command_id)
+    elif cmd.command != "rollout":
+        tag = None
     return Command(
-        cmd.id, cmd.command, cmd.model, cmd.version, cmd.weights, issued_at, if_generation
+        cmd.id,
+        cmd.command,
+        cmd.model,
+        cmd.version,
+        cmd.weights,
+        issued_at,
+        if_generation,
+        action=cmd.action,
+        rollout=tag if cmd.command != "rollout" else cmd.rollout,
     )
+
+
+def _rollout_tag(tag: Any, command_id: str) -> dict[str, Any]:
+    """A driver's step tag: ``{"id", "step", "decision", ...}``; ControlError if malformed."""
+    if (
+        not isinstance(tag, dict)
+        or not isinstance(tag.get("id"), str)
+        or not tag["id"]
+        or type(tag.get("step")) is not int
+        or tag["step"] < 0
+        or tag.get("decision") not in ROLLOUT_DECISIONS
+    ):
+        msg = (
+            "'rollout' must be an object with 'id' (the rollout's), 'step' (an integer >= 0) "
+            f"and 'decision' (one of {', '.join(ROLLOUT_DECISIONS)}), got {tag!r}"
+        )
+        raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+    evidence = tag.get("evidence")
+    if evidence is not None and not isinstance(evidence, dict):
+        msg = f"'rollout.evidence' must be an object, got {evidence!r}"
+        raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+    return dict(tag)
+
+
+def rollout_plan(doc: Any, command_id: str = "") -> RolloutPlan:
+    """The :class:`RolloutPlan` of a ``rollout`` command's ``plan``; ControlError
+    (``invalid_rollout``) when it is not one. ``confidence`` is ``1 - alpha``.
+
+    >>> plan = rollout_plan({"steps": [0, 0.5, 1], "metric": "accuracy", "min_labels": 50})
+    >>> [s.weight for s in plan.steps], plan.metric, plan.alpha, plan.steps[0].min_labels
+    ([0.0, 0.5, 1.0], 'accuracy', 0.05, 50)
+    >>> try:
+    ...     rollout_plan({"steps": [0.5, 0.2]})
+    ... except ControlError as exc:
+    ...     print(exc.reason)
+    invalid_rollout
+    """
+    if not isinstance(doc, dict):
+        msg = f"'plan' must be an object, got {doc!r}"
+        raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+    known = {"steps", "metric", "margin", "confidence", "min_labels", "max_duration_s"}
+    unknown = set(doc) - known - {"on_timeout"}
+    if unknown:
+        msg = f"unknown plan fields {sorted(unknown)}; known: {sorted(known | {'on_timeout'})}"
+        raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+    steps = doc.get("steps", [0.0, 0.05, 0.25, 0.5, 1.0])
+    numbers = {
+        "margin": doc.get("margin", 0.0),
+        "confidence": doc.get("confidence", 0.95),
+        "max_duration_s": doc.get("max_duration_s", 3600.0),
+    }
+    try:
+        if not isinstance(steps, list) or not all(
+            type(w) in (int, float) and math.isfinite(w) for w in steps
+        ):
+            msg = f"steps must be a list of weights in [0, 1], got {steps!r}"
+            raise ValueError(msg)
+        for name, value in numbers.items():
+            if type(value) not in (int, float) or not math.isfinite(value):
+                msg = f"{name} must be a finite number, got {value!r}"
+                raise ValueError(msg)
+        min_labels = doc.get("min_labels", 500)
+        if type(min_labels) is not int:
+            msg = f"min_labels must be an integer, got {min_labels!r}"
+            raise ValueError(msg)
+        if not 0.0 < numbers["confidence"] < 1.0:
+            msg = f"confidence must be in (0, 1), got {numbers['confidence']!r}"
+            raise ValueError(msg)
+        metric, on_timeout = doc.get("metric", "log_loss"), doc.get("on_timeout", "hold")
+        if metric not in get_args(Metric):
+            msg = f"metric must be one of {', '.join(get_args(Metric))}, got {metric!r}"
+            raise ValueError(msg)
+        return RolloutPlan.of(
+            [float(w) for w in steps],
+            min_labels=min_labels,
+            max_duration_s=float(numbers["max_duration_s"]),
+            on_timeout=on_timeout,
+            metric=metric,
+            margin=float(numbers["margin"]),
+            alpha=round(1.0 - float(numbers["confidence"]), 12),
+        )
+    except ValueError as exc:
+        raise ControlError(INVALID_ROLLOUT, str(exc), command_id=command_id) from None
 
 
 def _fields(doc: Mapping[str, Any], command_id: str) -> Command:
@@ -278,6 +408,23 @@ def _fields(doc: Mapping[str, Any], command_id: str) -> Command:
     if name == "status":
         return Command(command_id, name)
     model = _str_field(doc, "model", command_id)
+    if name == "rollout":
+        action = doc.get("action", "start")
+        if action not in ROLLOUT_ACTIONS:
+            msg = f"'action' must be one of {', '.join(ROLLOUT_ACTIONS)}, got {action!r}"
+            raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+        if action == "start":
+            candidate = _str_field(doc, "version", command_id)
+            plan = doc.get("plan", {})
+            rollout_plan(plan, command_id)  # checked here: a bad plan is rejected, not stored
+            return Command(command_id, name, model, candidate, action=action, rollout=plan)
+        if action == "hold":
+            tag = _rollout_tag(doc.get("rollout"), command_id)
+            if tag["decision"] != "hold":
+                msg = f"a hold carries decision 'hold', got {tag['decision']!r}"
+                raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
+            return Command(command_id, name, model, action=action, rollout=tag)
+        return Command(command_id, name, model, action=action)
     if name in ("swap", "reset_learner"):
         return Command(command_id, name, model, _str_field(doc, "version", command_id))
     if name == "shadow":
@@ -335,6 +482,8 @@ class RoutingTable:
     learners: frozenset[ModelVersion] | None = None
     seen: set[str] = field(default_factory=set)
     generation: int = 0
+    # Per model, its latest rollout (running or finished), as the log has moved it.
+    rollouts: dict[str, RolloutRecord] = field(default_factory=dict)
 
     @classmethod
     def initial(
@@ -396,6 +545,16 @@ class RoutingTable:
                 raise ControlError(UNKNOWN_VERSION, msg, command_id=cmd.id)
             return version
 
+        running = self.rollouts.get(model)
+        if running is not None and running.outcome != "running":
+            running = None
+        if cmd.command == "rollout":
+            return self._plan_rollout(cmd, model, current, running, known)
+        if cmd.rollout is not None:  # a driver's step: it must follow the rollout in force
+            self._check_step(cmd, model, running)
+            if cmd.rollout["decision"] == "abort":
+                assert running is not None  # _check_step
+                return {**self.routes, model: running.before}
         if cmd.command == "reset_learner":
             version = known(cmd.version or "")
             if self.learners is not None and ModelVersion(model, version) not in self.learners:
@@ -433,12 +592,132 @@ class RoutingTable:
             new = self.history[model][-1]
         return {**self.routes, model: new}
 
+    def _plan_rollout(
+        self,
+        cmd: Command,
+        model: str,
+        current: Route,
+        running: RolloutRecord | None,
+        known: Callable[[str], str],
+    ) -> dict[str, Route]:
+        """The routes after a ``rollout`` command (start: step 0; hold, resume: unchanged)."""
+        if cmd.action == "start":
+            candidate = known(cmd.version or "")
+            if running is not None:
+                msg = f"rollout {running.id} of {model!r} is still running (step {running.step})"
+                raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
+            if len(current.weights) != 1:
+                msg = (
+                    f"{model!r} is split ({dict(current.weights)}): a rollout starts from one "
+                    "serving version (the incumbent); swap first"
+                )
+                raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
+            incumbent = current.versions[0]
+            if candidate == incumbent:
+                msg = f"{model}:{candidate} serves already: it cannot be the rollout's candidate"
+                raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
+            plan = rollout_plan(cmd.rollout, cmd.id)
+            return {**self.routes, model: step_route(current, incumbent, candidate, plan, 0)}
+        if cmd.action == "hold":
+            self._check_step(cmd, model, running)
+            return dict(self.routes)
+        # resume
+        if running is None or not running.held:
+            msg = f"{model!r} has no held rollout to resume"
+            raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
+        return dict(self.routes)
+
+    def _check_step(self, cmd: Command, model: str, running: RolloutRecord | None) -> None:
+        tag = cmd.rollout or {}
+        if running is None or running.id != tag.get("id"):
+            latest = self.rollouts.get(model)
+            state = f"{latest.id} is {latest.outcome}" if latest else "there is none"
+            msg = f"a step of rollout {tag.get('id')!r}, which is not running ({state})"
+            raise ControlError(STALE, msg, command_id=cmd.id)
+        step, decision = tag.get("step"), tag.get("decision")
+        expected = running.step + 1 if decision == "advance" else running.step
+        if step != expected or step >= len(running.plan.steps):
+            msg = f"a {decision} at step {step}: rollout {running.id} is at step {running.step}"
+            raise ControlError(STALE, msg, command_id=cmd.id)
+        if decision == "advance" and running.held:
+            msg = f"rollout {running.id} is held at step {running.step}: resume it first"
+            raise ControlError(STALE, msg, command_id=cmd.id)
+
+    def _track_rollout(self, cmd: Command, routes: dict[str, Route], when: float) -> bool:
+        """Move the model's rollout record as ``cmd`` says; whether it changed."""
+        model = cmd.model or ""
+        record = self.rollouts.get(model)
+        if cmd.command == "rollout" and cmd.action == "start":
+            current = self.routes[model]
+            self.rollouts[model] = RolloutRecord(
+                id=cmd.id,
+                model=model,
+                candidate=cmd.version or "",
+                incumbent=current.versions[0],
+                plan=rollout_plan(cmd.rollout, cmd.id),
+                plan_doc=dict(cmd.rollout or {}),
+                before=current,
+                started_at=when,
+                step_started_at=when,
+                last_command=cmd.id,
+                decisions=(_decision(cmd, "start", 0, routes[model], when),),
+            )
+            return True
+        if record is None or record.outcome != "running":
+            return False
+        if cmd.command == "rollout" and cmd.action == "resume":
+            decision = _decision(cmd, "resume", record.step, routes[model], when)
+            self.rollouts[model] = replace(
+                record,
+                held=False,
+                step_started_at=when,
+                last_command=cmd.id,
+                decisions=(*record.decisions, decision),
+            )
+            return True
+        tag = cmd.rollout if cmd.command != "rollout" or cmd.action == "hold" else None
+        if tag is None:  # an operator's (or a policy's) routing change of this model: it wins
+            if cmd.command in NO_ROUTING_CHANGE or routes[model] == self.routes[model]:
+                return False
+            decision = _decision(cmd, "cancelled", record.step, routes[model], when)
+            self.rollouts[model] = replace(
+                record,
+                outcome="cancelled",
+                cancelled_by=cmd.id,
+                last_command=cmd.id,
+                decisions=(*record.decisions, decision),
+            )
+            return True
+        kind = str(tag["decision"])
+        evidence = tag.get("evidence") if isinstance(tag.get("evidence"), dict) else None
+        changes: dict[str, Any] = {
+            "last_command": cmd.id,
+            "evidence": evidence if evidence is not None else record.evidence,
+            "decisions": (
+                *record.decisions,
+                _decision(cmd, kind, int(tag["step"]), routes[model], when, tag.get("reason")),
+            ),
+        }
+        if kind == "advance":
+            changes |= {"step": int(tag["step"]), "step_started_at": when, "held": False}
+            changes["base"] = evidence_counts(evidence)
+        elif kind == "hold":
+            changes["held"] = True
+        else:
+            changes["outcome"] = "promoted" if kind == "promote" else "aborted"
+        self.rollouts[model] = replace(record, **changes)
+        return True
+
     def commit(self, cmd: Command, routes: dict[str, Route], now: float) -> bool:
         """Make ``routes`` (from :meth:`plan`) the routing in force; whether anything changed.
 
         A command that changes no route pushes no history and is not counted in ``applied``.
+        A rollout's state that moves (started, a step, held, resumed, finished, cancelled)
+        counts in ``generation`` even when no route changes.
         """
         self.seen.add(cmd.id)
+        when = cmd.issued_at if cmd.issued_at is not None else now
+        rollout_moved = cmd.model in self.routes and self._track_rollout(cmd, routes, when)
         if cmd.command in NO_ROUTING_CHANGE:
             if cmd.command == "reset_learner":
                 self.generation += 1
@@ -446,7 +725,9 @@ class RoutingTable:
             return False
         model = cmd.model or ""
         if routes[model] == self.routes[model]:
-            return False
+            if rollout_moved:
+                self.generation += 1
+            return rollout_moved
         if cmd.command == "rollback":
             self.history[model].pop()
         else:
@@ -458,11 +739,107 @@ class RoutingTable:
         return True
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "routes": {m: r.as_dict() for m, r in sorted(self.routes.items())},
             "changed_at": self.changed_at,
             "applied": self.applied,
         }
+        if self.rollouts:  # only once the log has a rollout: older readers see what they knew
+            doc["rollouts"] = {m: r.as_dict() for m, r in sorted(self.rollouts.items())}
+        return doc
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout as the control log has moved it: the same on every worker that has read as
+    far. ``base``: each version's label count when the current step began (from the evidence
+    the step's command carried); ``evidence``: the last evidence a step command carried."""
+
+    id: str
+    model: str
+    candidate: str
+    incumbent: str
+    plan: RolloutPlan
+    plan_doc: dict[str, Any]
+    before: Route  # what served before the rollout: an abort routes it again
+    started_at: float
+    step_started_at: float
+    last_command: str
+    step: int = 0
+    held: bool = False
+    outcome: str = "running"  # running, promoted, aborted, cancelled
+    base: tuple[int, int] = (0, 0)  # (candidate, incumbent) labels when the step began
+    evidence: dict[str, Any] | None = None
+    cancelled_by: str | None = None
+    decisions: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def weight(self) -> float:
+        """The candidate's traffic share at the current step (0: shadow)."""
+        if self.outcome == "promoted":
+            return 1.0
+        if self.outcome in ("aborted", "cancelled"):
+            return 0.0
+        return self.plan.steps[self.step].weight
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "candidate": self.candidate,
+            "incumbent": self.incumbent,
+            "plan": self.plan_doc,
+            "step": self.step,
+            "weight": self.weight,
+            "held": self.held,
+            "outcome": self.outcome,
+            "started_at": self.started_at,
+            "step_started_at": self.step_started_at,
+            "evidence": self.evidence,
+            "cancelled_by": self.cancelled_by,
+            "decisions": list(self.decisions[-20:]),
+        }
+
+
+def _decision(
+    cmd: Command, kind: str, step: int, route: Route, when: float, reason: Any = None
+) -> dict[str, Any]:
+    out = {"command_id": cmd.id, "decision": kind, "step": step, "at": when}
+    out["routing"] = route.as_dict()
+    if reason is not None:
+        out["reason"] = str(reason)
+    return out
+
+
+def evidence_counts(evidence: Mapping[str, Any] | None) -> tuple[int, int]:
+    """The (candidate, incumbent) label counts in a step's evidence (0 when absent)."""
+    if not evidence:
+        return (0, 0)
+    out = []
+    for side in ("candidate", "incumbent"):
+        part = evidence.get(side)
+        labels = part.get("labels") if isinstance(part, Mapping) else None
+        out.append(labels if type(labels) is int and labels >= 0 else 0)
+    return out[0], out[1]
+
+
+def step_route(
+    current: Route, incumbent: str, candidate: str, plan: RolloutPlan, step: int
+) -> Route:
+    """The routing of a rollout's ``step``: weight 0 shadows the candidate beside the
+    incumbent; a weight in (0, 1) splits; weight 1 serves the candidate alone.
+
+    >>> plan = RolloutPlan.of([0.0, 0.25, 1.0])
+    >>> step_route(Route.single("v1"), "v1", "v2", plan, 0).as_dict()
+    {'weights': {'v1': 1.0}, 'shadow': 'v2'}
+    >>> step_route(Route.single("v1"), "v1", "v2", plan, 1).as_dict()
+    {'weights': {'v1': 0.75, 'v2': 0.25}, 'shadow': None}
+    """
+    weight = plan.steps[step].weight
+    if weight == 0.0:
+        return Route.single(incumbent).with_shadow(candidate)
+    if weight == 1.0:
+        return Route.single(candidate)
+    return Route(weights=((incumbent, 1.0 - weight), (candidate, weight)))
 
 
 def required_versions(routes: Mapping[str, Route]) -> set[ModelVersion]:
@@ -485,10 +862,13 @@ def encode_ack(
     now: float,
     not_loaded: str | None = None,
     serving: Mapping[str, Route] | None = None,
+    rollout_driver: Mapping[str, Any] | None = None,
 ) -> bytes:
     """One worker's answer. ``not_loaded``: the command is applied to the routing table (as
     on every worker) but this worker cannot load what it routes; ``serving`` is then the
-    routing it still serves (the last it could load, if any)."""
+    routing it still serves (the last it could load, if any). ``rollout_driver``: the worker
+    that drives rollouts adds its live view (``"rollout_driver"``: its evidence so far and its
+    last decision, per running rollout)."""
     applied, rejected, not_loaded_status = STATUSES
     status = rejected if error else not_loaded_status if not_loaded else applied
     doc: dict[str, Any] = {
@@ -506,4 +886,6 @@ def encode_ack(
         doc["reason"] = ARTIFACT_INVALID
         doc["detail"] = not_loaded
         doc["serving"] = {m: r.as_dict() for m, r in sorted((serving or {}).items())}
+    if rollout_driver:
+        doc["rollout_driver"] = dict(rollout_driver)
     return orjson.dumps(doc)

@@ -75,9 +75,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -384,6 +385,64 @@ class Evidence:
             losses = losses_many(metric, labels, probas, self.clip)
         self._sequences[side].update_many(losses)
         self._labels[side] += int(np.asarray(labels).size)
+
+    def snapshot(self) -> dict[str, object]:
+        """What a step command carries: per version the labels, the mean loss, its bounds and
+        the sequence's six sums, so a driver that takes over resumes the same confidence
+        sequences (:meth:`restored`). AUC pairs still waiting for a partner are not carried.
+
+        >>> ev = Evidence("accuracy")
+        >>> ev.add_many("candidate", [1, 0, 1], [0.9, 0.2, 0.3])
+        >>> again = Evidence.restored("accuracy", 0.05, ev.snapshot())
+        >>> again.view() == ev.view(), again.view().n_candidate
+        (True, 3)
+        """
+        out: dict[str, object] = {}
+        for side in get_args(Side):
+            cs = self._sequences[side]
+            s = cs.state
+            out[side] = {
+                "labels": self._labels[side],
+                "n": s.n,
+                "mean": None if not s.n else cs.mean,
+                "lower": cs.lower,
+                "upper": cs.upper,
+                "state": [s.n, s.sum_x, s.sum_dev2, s.sum_lam, s.sum_lam_x, s.sum_penalty],
+            }
+        view = self.view()
+        out["difference"] = {"lower": view.lower, "upper": view.upper}
+        return out
+
+    @classmethod
+    def restored(
+        cls, metric: Metric, alpha: float, snapshot: Mapping[str, Any], clip: float = 1e-4
+    ) -> Evidence:
+        """The evidence a :meth:`snapshot` describes; ValueError if it is not one."""
+        ev = cls(metric, alpha, clip)
+        for side in get_args(Side):
+            part = snapshot.get(side)
+            if not isinstance(part, Mapping):
+                msg = f"Evidence.restored: no {side!r} in the snapshot"
+                raise ValueError(msg)
+            raw_state, labels = part.get("state"), part.get("labels")
+            if (
+                not isinstance(raw_state, list)
+                or len(raw_state) != 6
+                or not all(type(v) in (int, float) and math.isfinite(v) for v in raw_state)
+                or type(labels) is not int
+                or labels < 0
+                or raw_state[0] < 0
+            ):
+                msg = f"Evidence.restored: the {side!r} state is malformed"
+                raise ValueError(msg)
+            n = int(raw_state[0])
+            if n and raw_state[3] <= 0:
+                msg = f"Evidence.restored: the {side!r} state is malformed"
+                raise ValueError(msg)
+            state = SequenceState(n, *(float(v) for v in raw_state[1:]))
+            ev._sequences[side] = ConfidenceSequence(alpha / 2.0, ev.bound, state=state)
+            ev._labels[side] = labels
+        return ev
 
     def view(self) -> EvidenceView:
         """The counts and the bounds on the difference, now."""

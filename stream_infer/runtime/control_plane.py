@@ -18,6 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Message
 
@@ -54,6 +55,7 @@ class ControlPlane:
         worker_id: str,
         on_reset: Callable[[str], None] = lambda _model: None,
         on_served: Callable[[], None] = lambda: None,
+        rollout_driver: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.topology = topology
         self.metrics = metrics
@@ -71,6 +73,7 @@ class ControlPlane:
         self._hmac_key = key.get_secret_value().encode() if key else None
         self._on_reset = on_reset
         self._on_served = on_served
+        self._rollout_driver = rollout_driver  # the driver's live view, when this worker drives
         self._resets_skipped = 0  # resets the replay skipped (a restored snapshot follows them)
 
     def load(self) -> str | None:
@@ -216,6 +219,7 @@ class ControlPlane:
             now=time.time(),
             not_loaded=self.models.problem if error is None else None,
             serving=self.models.snapshot.routes,
+            rollout_driver=self._rollout_driver(),
         )
         # Not awaited: an ack gates no offset (the control log is replayed, not committed), and
         # waiting on it would hold every later command (a rollback) while the acks topic

@@ -36,9 +36,11 @@ import orjson
 from stream_infer.core.control import seal
 from stream_infer.core.events import DeadLetter, FeatureBatch, ModelVersion, OutRecord, Record
 from stream_infer.core.serde import decode_labels
-from stream_infer.observability import LearningMetrics, Metrics
+from stream_infer.observability import LearningMetrics, Metrics, RolloutMetrics
 from stream_infer.online.learner import OnlineLearner
 from stream_infer.online.loop import Drift, LearningLoop, RoutesReader, Scored
+from stream_infer.online.rollout import Reader as RolloutsReader
+from stream_infer.online.rollout import RolloutDriver
 from stream_infer.online.snapshots import SnapshotStore
 from stream_infer.settings import LearnerSettings, Topology
 
@@ -59,10 +61,17 @@ class LearningService:
         queue_wait_s: float = 10.0,
         stall_s: float = 60.0,
         worker: str = "worker",
+        rollouts: RolloutsReader | None = None,
     ) -> None:
         self.topology = topology
         self.online = topology.online
         self.metrics = LearningMetrics(metrics)
+        # Label-driven rollouts: the driver is fed every joined label; it acts while this
+        # worker owns input partition 0 (see stream_infer.online.rollout).
+        self._rollouts = rollouts
+        self.rollout_driver = RolloutDriver()
+        self.rollout_metrics = RolloutMetrics(metrics)
+        self._rollout_models: set[str] = set()
         self._publish = publish
         self._predictors = predictors
         # Join, score, learn, drift, policy: the pure step this thread runs on each item.
@@ -75,6 +84,7 @@ class LearningService:
             labelled=bool(topology.topics.labels),
             wall_clock=time.time,
             clock=time.monotonic,
+            on_labelled=self.rollout_driver.observe if rollouts is not None else None,
         )
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=queue_size)
         self.queue_wait_s = queue_wait_s
@@ -272,8 +282,61 @@ class LearningService:
         for (model, version), preq in self.loop.prequential.items():
             for metric, value in preq.report().items():
                 self.metrics.prequential.labels(model, version, metric).set(value)
+        self.drive_rollouts()
         if self.snapshots is not None and self.snapshots.due():
             self.snapshot()
+
+    def drive_rollouts(self) -> None:
+        """One tick of the rollout driver (learning thread, once a second): its decisions are
+        sealed and published to the control topic, the metrics set."""
+        if self._rollouts is None:
+            return
+        generation, records = self._rollouts()
+        owned = self._owned
+        driving = owned is not None and 0 in owned
+        docs = self.rollout_driver.tick(records, generation, driving=driving, now=time.time())
+        if docs:
+            self._publish([self._rollout_command(doc) for doc in docs])
+        m = self.rollout_metrics
+        m.driver.set(1 if driving else 0)
+        status = self.rollout_driver.status()["rollouts"]
+        for model, record in records.items():
+            running = record.outcome == "running"
+            self._rollout_models.add(model)
+            m.running.labels(model).set(1 if running else 0)
+            m.step.labels(model).set(record.step if running else -1)
+            m.weight.labels(model).set(record.weight)
+            live = status.get(model)
+            if live is None:
+                continue
+            metric = live["metric"]
+            for version, ev in live["evidence"]["versions"].items():
+                m.labels.labels(model, version).set(ev["labels"])
+                for stat in ("mean", "lower", "upper"):
+                    value = ev[stat]
+                    m.evidence.labels(model, version, metric, stat).set(
+                        float("nan") if value is None else value
+                    )
+            diff = live["evidence"]["difference"]
+            for bound in ("lower", "upper"):
+                value = diff[bound]
+                m.difference.labels(model, bound).set(float("nan") if value is None else value)
+            m.difference.labels(model, "margin").set(live["margin"])
+
+    def _rollout_command(self, doc: dict[str, Any]) -> OutRecord:
+        key = self.topology.control.hmac_key
+        doc = seal(doc, key.get_secret_value().encode() if key else None, time.time())
+        tag = doc.get("rollout", {})
+        self.rollout_metrics.decisions.labels(doc.get("model", ""), tag.get("decision", "?")).inc()
+        log.warning(
+            "rollout %s: sending %s (%s) at step %s: %s",
+            tag.get("id"),
+            doc["id"],
+            tag.get("decision"),
+            tag.get("step"),
+            tag.get("reason"),
+        )
+        return OutRecord(self.topology.topics.control, str(doc["id"]).encode(), orjson.dumps(doc))
 
     def snapshot(self) -> int:
         """Write every learner's state to this worker's snapshot files (atomically), if there

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from confluent_kafka import Message
 
+from stream_infer.core.control import RolloutRecord
 from stream_infer.io.source import SourceBatch
 from stream_infer.observability import Metrics
 from stream_infer.runtime.batches import BatchHandler
@@ -63,6 +64,7 @@ class InferenceRuntime:
                 routes=lambda: self.control.table.routes,
                 generation=lambda: self.control.table.generation,
                 worker=topology.worker.id or socket.gethostname(),
+                rollouts=self._rollouts,
             )
         self.models = Models(
             topology,
@@ -79,6 +81,7 @@ class InferenceRuntime:
             worker_id=self.worker_id,
             on_reset=lambda model: self._serving_changed({model}),
             on_served=self._serve_once_loaded,
+            rollout_driver=self._rollout_driver_view,
         )
         self.batches = BatchHandler(
             topology, self.metrics, self.models, self.kafka, self.threads, self.learning
@@ -95,6 +98,28 @@ class InferenceRuntime:
         (loader thread). Their error starts afresh: so do their drift monitors."""
         if self.learning is not None:
             self.learning.serving_changed(models)
+
+    def _rollouts(self) -> tuple[int, dict[str, RolloutRecord]]:
+        """The table's generation and rollouts, read together from another thread (the loader
+        thread moves them): the generation is read before and after the records, and the read
+        is taken again if it moved, so the records are never older than the generation given
+        (the table moves a rollout before it counts the generation)."""
+        table = self.control.table
+        while True:
+            before = table.generation
+            try:
+                records = dict(table.rollouts)
+            except RuntimeError:  # the dict changed while copied: read again
+                continue
+            if table.generation == before:
+                return before, records
+
+    def _rollout_driver_view(self) -> dict[str, Any] | None:
+        """The rollout driver's live view, when this worker drives a running rollout."""
+        if self.learning is None:
+            return None
+        view = self.learning.rollout_driver.status()
+        return view if view.get("driving") and view.get("rollouts") else None
 
     def _assigned(self, parts: list[tuple[str, int]]) -> None:
         """The consumer thread's assignment changed (after a revocation or an assignment)."""

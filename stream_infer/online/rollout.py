@@ -1,0 +1,340 @@
+"""The driver of label-driven rollouts: joined labels become evidence, and the gate's decisions
+become control commands. Pure: no Kafka, no metrics, no hidden clock.
+
+A ``rollout`` command in the control log starts a rollout (:mod:`stream_infer.core.control`
+keeps its record, the same on every worker). Exactly one worker drives it: the one whose
+consumer owns partition 0 of the input topic (the runtime says so with ``driving``). The
+driver is fed, on the learning thread, every labelled prediction its worker joins
+(:meth:`RolloutDriver.observe`): the candidate's and the incumbent's, whether they served the
+event or shadowed it. Each :meth:`RolloutDriver.tick` adds them to the rollout's
+:class:`~stream_infer.core.rollout.Evidence`, asks :func:`~stream_infer.core.rollout.next_action`
+what to do, and returns the command documents to publish (unsealed):
+
+    ADVANCE  ``split`` to the next step's weight (weight 1: the candidate alone)
+    PROMOTE  ``swap`` to the candidate
+    ABORT    ``swap`` to the incumbent (the table routes what served before the rollout)
+    HOLD     ``rollout`` with ``"action": "hold"`` (no routing change)
+
+Each carries a ``"rollout"`` tag (the rollout's id, the step, the decision, the reason and the
+evidence: per version the labels, the mean loss, its confidence bounds and the confidence
+sequence's six sums), ``if_generation`` (the routing table's generation it was decided at) and
+an id derived from both (:func:`rollout_command_id`): two drivers that decide the same at the
+same generation (a rebalance, briefly, can make two) mint the same id and the log applies one
+copy; a copy decided from an older table is rejected ``stale``.
+
+The evidence is what this worker joins: the labels of the events of the input partitions it
+owns (each worker joins the labels of its own partitions). With N workers the gate sees about
+1/N of the labels, a fixed set of keys; ``min_labels`` counts those.
+
+Takeover. A driver that dies loses its partitions; the worker that gets partition 0 becomes the
+driver and rebuilds the rollout from the log: the step, when it began and the label counts it
+began at come from the record, and the evidence from the last step command's tag (its
+confidence sequences resume exactly where they were when that command was written; labels the
+old driver joined after it are lost, and the new driver's own labels from before the takeover
+are not used). A rollout at step 0 that has no step command yet starts its evidence afresh.
+
+A driver that has sent a command waits for the log to apply it (``resend_s``: after that it
+decides again; an unchanged decision at an unchanged generation has the same id, so a copy is
+harmless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from stream_infer.core.control import RolloutRecord
+from stream_infer.core.rollout import (
+    Action,
+    ActionKind,
+    Evidence,
+    RolloutState,
+    Side,
+    next_action,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFERED = 1_000_000  # labelled predictions waiting for a tick, per version (then dropped)
+
+
+def rollout_command_id(rollout_id: str, step: int, decision: str, generation: int) -> str:
+    """The id of a driver's step command: ``rollout-`` and 32 hex digits of a digest of the
+    rollout, the step, the decision and the generation it was decided at; the same on every
+    driver that decides the same.
+
+    >>> rollout_command_id("cmd-1", 2, "advance", 7)
+    'rollout-a89b7183f8f151e3b3441e6c3458a311'
+    """
+    body = orjson.dumps([rollout_id, step, decision, generation])
+    return f"rollout-{hashlib.sha256(body).hexdigest()[:32]}"
+
+
+@dataclass
+class _Session:
+    """This driver's hold on one rollout: its evidence, the log's last command it follows, and
+    the command it sent that the log has not applied yet."""
+
+    rollout_id: str
+    evidence: Evidence
+    synced: str  # the record's last command this evidence follows
+    restored: bool  # the evidence came from a step command's tag
+    pending: tuple[str, float] | None = None  # (command id, when sent)
+    last: Action | None = None
+    last_at: float = 0.0
+    dropped: int = 0
+    invalid: int = 0
+
+
+@dataclass
+class _Buffer:
+    labels: list[float] = field(default_factory=list)
+    probas: list[float] = field(default_factory=list)
+
+
+class RolloutDriver:
+    """Turns labelled predictions into rollout decisions for this worker, while it drives.
+
+    Not thread-safe: :meth:`observe` and :meth:`tick` run on the learning thread;
+    :meth:`status` returns a copy made by the last tick (safe to read from any thread).
+    """
+
+    def __init__(self, resend_s: float = 10.0) -> None:
+        self.resend_s = resend_s
+        self.driving = False
+        self._sessions: dict[str, _Session] = {}
+        self._watched: dict[tuple[str, str], Side] = {}
+        self._buffers: dict[tuple[str, str], _Buffer] = {}
+        self._status: dict[str, Any] = {"driving": False, "rollouts": {}}
+
+    # -- the learning thread ---------------------------------------------------------------
+
+    def observe(self, model: str, version: str, label: float, proba: float) -> None:
+        """One joined label and the prediction ``version`` made for its event."""
+        key = (model, version)
+        if key not in self._watched:
+            return
+        buf = self._buffers.setdefault(key, _Buffer())
+        if len(buf.labels) >= MAX_BUFFERED:
+            return
+        buf.labels.append(1.0 if label >= 0.5 else 0.0)
+        buf.probas.append(proba)
+
+    def tick(
+        self,
+        records: Mapping[str, RolloutRecord],
+        generation: int,
+        *,
+        driving: bool,
+        now: float,
+    ) -> list[dict[str, Any]]:
+        """The commands to publish now (unsealed). ``records``: the routing table's rollouts
+        at ``generation``; ``driving``: whether this worker drives (owns input partition 0);
+        ``now``: seconds since the epoch (the clock the step times are in)."""
+        self.driving = driving
+        running = {m: r for m, r in records.items() if r.outcome == "running"}
+        if not driving:
+            self._sessions.clear()
+            self._buffers.clear()
+            self._watched = {}
+            self._status = {"driving": False, "rollouts": {}}
+            return []
+        self._watched = {}
+        for model, record in running.items():
+            self._watched[(model, record.candidate)] = "candidate"
+            self._watched[(model, record.incumbent)] = "incumbent"
+        for model in list(self._sessions):
+            if model not in running:
+                del self._sessions[model]
+        out: list[dict[str, Any]] = []
+        for model, record in running.items():
+            session = self._session(record)
+            self._feed(model, record, session)
+            doc = self._decide(record, session, generation, now)
+            if doc is not None:
+                out.append(doc)
+        self._buffers = {k: v for k, v in self._buffers.items() if k in self._watched}
+        self._status = {
+            "driving": True,
+            "rollouts": {m: self._describe(r, self._sessions[m]) for m, r in running.items()},
+        }
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """This worker's view: whether it drives, and per running rollout its live evidence
+        and its last decision (what ``status`` acks and the metrics show)."""
+        return self._status
+
+    # -- inside a tick ---------------------------------------------------------------------
+
+    def _session(self, record: RolloutRecord) -> _Session:
+        session = self._sessions.get(record.model)
+        if session is not None and session.rollout_id == record.id:
+            if record.last_command == session.synced:
+                return session
+            if session.pending is not None and record.last_command == session.pending[0]:
+                session.synced, session.pending = record.last_command, None
+                return session  # our own command: the evidence in memory follows it
+            last = record.decisions[-1]["decision"] if record.decisions else None
+            if last == "resume":  # an operator's resume: the evidence goes on
+                session.synced, session.pending = record.last_command, None
+                return session
+        session = self._rebuilt(record)
+        self._sessions[record.model] = session
+        return session
+
+    def _rebuilt(self, record: RolloutRecord) -> _Session:
+        """A session from the log alone: the evidence of the last step command's tag."""
+        plan = record.plan
+        evidence, restored = plan.evidence(), False
+        if record.evidence is not None:
+            try:
+                evidence = Evidence.restored(plan.metric, plan.alpha, record.evidence, plan.clip)
+                restored = True
+            except ValueError as exc:
+                log.warning(
+                    "rollout %s: the evidence of %s cannot be restored (%s); starting afresh",
+                    record.id,
+                    record.last_command,
+                    exc,
+                )
+        log.info(
+            "rollout %s of %s: driving from the control log at step %d (%s evidence)",
+            record.id,
+            record.model,
+            record.step,
+            "restored" if restored else "fresh",
+        )
+        # Labels counted before this session are not in its evidence: they start afresh.
+        self._buffers = {k: v for k, v in self._buffers.items() if k[0] != record.model}
+        return _Session(record.id, evidence, record.last_command, restored)
+
+    def _feed(self, model: str, record: RolloutRecord, session: _Session) -> None:
+        sides: tuple[tuple[str, Side], ...] = (
+            (record.candidate, "candidate"),
+            (record.incumbent, "incumbent"),
+        )
+        for version, side in sides:
+            buf = self._buffers.pop((model, version), None)
+            if buf is None or not buf.labels:
+                continue
+            labels, probas = buf.labels, buf.probas
+            ok = [0.0 <= p <= 1.0 for p in probas]  # NaN fails both comparisons
+            if not all(ok):
+                session.invalid += ok.count(False)
+                labels = [y for y, good in zip(labels, ok, strict=True) if good]
+                probas = [p for p, good in zip(probas, ok, strict=True) if good]
+            session.evidence.add_many(side, labels, probas)
+
+    def _decide(
+        self, record: RolloutRecord, session: _Session, generation: int, now: float
+    ) -> dict[str, Any] | None:
+        if session.pending is not None:
+            if now - session.pending[1] < self.resend_s:
+                return None  # the log has not applied it yet
+            session.pending = None
+        state = RolloutState(
+            step=record.step,
+            step_started_s=record.step_started_at,
+            n_candidate_before=record.base[0],
+            n_incumbent_before=record.base[1],
+            held=record.held,
+        )
+        action, _after = next_action(record.plan, state, session.evidence.view(), now)
+        session.last, session.last_at = action, now
+        if action.kind is ActionKind.STAY:
+            return None
+        doc = self._command(record, session, action, generation)
+        session.pending = (str(doc["id"]), now)
+        log.info(
+            "rollout %s of %s: %s at step %d (%s)",
+            record.id,
+            record.model,
+            action.kind.value,
+            action.step,
+            action.reason,
+        )
+        return doc
+
+    def _command(
+        self, record: RolloutRecord, session: _Session, action: Action, generation: int
+    ) -> dict[str, Any]:
+        kind = action.kind.value
+        tag = {
+            "id": record.id,
+            "step": action.step,
+            "decision": kind,
+            "reason": action.reason,
+            "evidence": session.evidence.snapshot(),
+        }
+        body: dict[str, Any]
+        if action.kind is ActionKind.ADVANCE:
+            weight = action.weight if action.weight is not None else 0.0
+            weights = {record.candidate: weight}
+            if weight < 1.0:
+                weights[record.incumbent] = round(1.0 - weight, 12)
+            body = {"command": "split", "model": record.model, "weights": weights}
+        elif action.kind is ActionKind.PROMOTE:
+            body = {"command": "swap", "model": record.model, "version": record.candidate}
+        elif action.kind is ActionKind.ABORT:
+            body = {"command": "swap", "model": record.model, "version": record.incumbent}
+        else:  # HOLD
+            body = {"command": "rollout", "model": record.model, "action": "hold"}
+        command_id = rollout_command_id(record.id, action.step, kind, generation)
+        return {"id": command_id, **body, "rollout": tag, "if_generation": generation}
+
+    def _describe(self, record: RolloutRecord, session: _Session) -> dict[str, Any]:
+        view = session.evidence.view()
+        snap = session.evidence.snapshot()
+        versions = {}
+        for side, version in (("candidate", record.candidate), ("incumbent", record.incumbent)):
+            part = snap[side]
+            assert isinstance(part, dict)
+            versions[version] = {k: part[k] for k in ("labels", "mean", "lower", "upper")}
+            versions[version]["side"] = side
+        last = session.last
+        return {
+            "id": record.id,
+            "step": record.step,
+            "weight": record.weight,
+            "held": record.held,
+            "metric": record.plan.metric,
+            "margin": record.plan.margin,
+            "evidence": {
+                "versions": versions,
+                "difference": {
+                    "lower": _finite(view.lower),
+                    "upper": _finite(view.upper),
+                },
+                "at_step": {
+                    "candidate": view.n_candidate - record.base[0],
+                    "incumbent": view.n_incumbent - record.base[1],
+                },
+                "restored_from_log": session.restored,
+                "invalid_predictions": session.invalid,
+            },
+            "decision": None
+            if last is None
+            else {"kind": last.kind.value, "reason": last.reason, "at": session.last_at},
+            "waiting_for": session.pending[0] if session.pending else None,
+        }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def clock() -> float:
+    """The driver's clock: seconds since the epoch (the step times in the log are too)."""
+    return time.time()
+
+
+Reader = Callable[[], tuple[int, Mapping[str, RolloutRecord]]]
+"""Reads the routing table's generation and rollouts, consistently (see the runtime)."""

@@ -1,0 +1,222 @@
+"""The rollout driver's state machine, against a real routing table and a fake clock: its
+decisions become commands the table applies, a driver that takes over rebuilds from the log,
+two drivers never apply conflicting steps."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from stream_infer.core import control
+from stream_infer.core.control import RoutingTable, parse_command, seal
+from stream_infer.core.rollout import Evidence
+from stream_infer.core.routing import Route
+from stream_infer.errors import ControlError
+from stream_infer.online.rollout import RolloutDriver
+
+T0 = 1_700_000_000.0
+_IDS = itertools.count()
+
+
+class Log:
+    """A control log and the table every worker builds from it."""
+
+    def __init__(self) -> None:
+        self.table = RoutingTable.initial({"risk": ("v1", "v2")}, {"risk": "v1"}, now=T0)
+        self.applied: list[dict[str, Any]] = []
+        self.rejected: list[tuple[dict[str, Any], str]] = []
+
+    def write(self, doc: dict[str, Any], now: float) -> None:
+        sealed = seal(doc, None, now)
+        try:
+            self.table.apply(parse_command(orjson.dumps(sealed)), now)
+            self.applied.append(sealed)
+        except ControlError as exc:
+            self.rejected.append((sealed, exc.reason))
+
+    def start(self, plan: dict[str, Any], now: float = T0) -> str:
+        doc = {"id": f"cmd-{next(_IDS)}", "command": "rollout", "model": "risk", "version": "v2"}
+        self.write(doc | {"plan": plan}, now)
+        return str(doc["id"])
+
+    def tick(self, driver: RolloutDriver, now: float, *, driving: bool = True) -> list[str]:
+        docs = driver.tick(
+            dict(self.table.rollouts), self.table.generation, driving=driving, now=now
+        )
+        for doc in docs:
+            self.write(doc, now)
+        return [d["rollout"]["decision"] for d in docs]
+
+
+def feed(driver: RolloutDriver, version: str, n: int, accuracy: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.5
+    right = rng.random(n) < accuracy
+    for y, ok in zip(labels.tolist(), right.tolist(), strict=True):
+        p = 0.9 if y == ok else 0.1
+        driver.observe("risk", version, float(y), p)
+
+
+PLAN = {"steps": [0, 0.5, 1], "metric": "accuracy", "min_labels": 200, "margin": 0.02}
+
+
+def test_a_better_candidate_is_promoted_step_by_step() -> None:
+    log, driver, now = Log(), RolloutDriver(), T0
+    rid = log.start(PLAN)
+    decisions: list[str] = []
+    routes = []
+    for i in range(40):
+        now += 1.0
+        decisions += log.tick(driver, now)  # first tick: it learns what it watches
+        feed(driver, "v2", 150, 0.95, seed=2 * i)
+        feed(driver, "v1", 150, 0.6, seed=2 * i + 1)
+        routes.append(log.table.routes["risk"])
+        if log.table.rollouts["risk"].outcome != "running":
+            break
+    assert decisions == ["advance", "advance", "promote"]
+    assert log.table.routes["risk"] == Route.single("v2")
+    assert Route(weights=(("v1", 0.5), ("v2", 0.5))) in routes
+    assert log.table.rollouts["risk"].outcome == "promoted" and log.rejected == []
+    # every step command names the rollout and carries its evidence
+    steps = [d for d in log.applied if "rollout" in d and d["command"] != "rollout"]
+    assert all(d["rollout"]["id"] == rid and d["rollout"]["evidence"] for d in steps)
+
+
+def test_a_worse_candidate_is_aborted_at_its_first_gate() -> None:
+    log, driver, now = Log(), RolloutDriver(), T0
+    log.start(PLAN)
+    decisions: list[str] = []
+    for i in range(40):
+        now += 1.0
+        decisions += log.tick(driver, now)
+        feed(driver, "v2", 150, 0.5, seed=2 * i)
+        feed(driver, "v1", 150, 0.95, seed=2 * i + 1)
+        if log.table.rollouts["risk"].outcome != "running":
+            break
+    assert decisions == ["abort"]
+    assert log.table.routes["risk"] == Route.single("v1")  # the shadow is gone too
+    assert log.table.rollouts["risk"].step == 0
+
+
+def test_a_step_that_times_out_holds_or_aborts_as_the_plan_says() -> None:
+    for on_timeout, expected in (("hold", ["hold"]), ("abort", ["abort"])):
+        log, driver = Log(), RolloutDriver()
+        log.start(PLAN | {"max_duration_s": 30, "on_timeout": on_timeout}, now=T0)
+        decisions = []
+        for t in (1.0, 10.0, 29.0, 31.0, 40.0, 80.0):
+            decisions += log.tick(driver, T0 + t)
+            feed(driver, "v2", 5, 0.9, seed=int(t))  # never enough labels
+        assert decisions == expected, on_timeout
+    # the abort left nothing held to resume
+    log.write({"id": "resume-1", "command": "rollout", "model": "risk", "action": "resume"}, T0)
+    assert [r for _, r in log.rejected] == [control.ROLLOUT_CONFLICT]
+
+
+def test_a_held_rollout_resumes_and_keeps_its_evidence() -> None:
+    log, driver = Log(), RolloutDriver()
+    log.start(PLAN | {"max_duration_s": 5}, now=T0)
+    log.tick(driver, T0 + 1)
+    feed(driver, "v2", 50, 0.9, seed=1)
+    feed(driver, "v1", 50, 0.9, seed=2)
+    assert log.tick(driver, T0 + 6) == ["hold"]
+    assert log.table.rollouts["risk"].held
+    assert log.tick(driver, T0 + 7) == []  # held: nothing more
+    log.write({"id": "resume-2", "command": "rollout", "model": "risk", "action": "resume"}, T0 + 8)
+    assert not log.table.rollouts["risk"].held
+    log.tick(driver, T0 + 9)
+    view = driver.status()["rollouts"]["risk"]["evidence"]["versions"]
+    assert view["v2"]["labels"] == 50 and view["v1"]["labels"] == 50
+
+
+def test_a_driver_that_takes_over_resumes_from_the_last_step_commands_evidence() -> None:
+    log, old, now = Log(), RolloutDriver(), T0
+    log.start(PLAN)
+    for i in range(20):
+        now += 1.0
+        log.tick(old, now)
+        feed(old, "v2", 150, 0.95, seed=2 * i)
+        feed(old, "v1", 150, 0.6, seed=2 * i + 1)
+        if log.table.rollouts["risk"].step == 1:
+            break
+    record = log.table.rollouts["risk"]
+    assert record.step == 1 and record.evidence is not None
+    carried = record.evidence
+    # the old driver dies (its memory with it); another worker gets partition 0
+    new = RolloutDriver()
+    now += 1.0
+    assert log.tick(new, now) == []
+    status = new.status()["rollouts"]["risk"]
+    assert status["evidence"]["restored_from_log"]
+    assert status["evidence"]["versions"]["v2"]["labels"] == carried["candidate"]["labels"]
+    restored = Evidence.restored("accuracy", 0.05, carried)
+    assert status["evidence"]["difference"]["upper"] == restored.view().upper
+    decisions: list[str] = []
+    for i in range(20):
+        now += 1.0
+        feed(new, "v2", 150, 0.95, seed=100 + 2 * i)
+        feed(new, "v1", 150, 0.6, seed=101 + 2 * i)
+        decisions += log.tick(new, now)
+        if log.table.rollouts["risk"].outcome != "running":
+            break
+    assert decisions == ["advance", "promote"]
+    assert log.table.routes["risk"] == Route.single("v2")
+
+
+def test_a_worker_that_does_not_drive_sends_nothing_and_keeps_no_evidence() -> None:
+    log, driver, now = Log(), RolloutDriver(), T0
+    log.start(PLAN)
+    for i in range(10):
+        now += 1.0
+        assert log.tick(driver, now, driving=False) == []
+        feed(driver, "v2", 300, 0.95, seed=i)
+        feed(driver, "v1", 300, 0.5, seed=i + 50)
+    assert driver.status() == {"driving": False, "rollouts": {}}
+    assert log.table.rollouts["risk"].step == 0
+
+
+def test_two_drivers_at_once_never_apply_conflicting_steps() -> None:
+    """A rebalance can briefly leave two workers that think they own partition 0: their
+    commands are derived from the same table, so the log applies one decision per generation."""
+    log, a, b, now = Log(), RolloutDriver(), RolloutDriver(), T0
+    log.start(PLAN)
+    for i in range(40):
+        now += 1.0
+        for driver, seed in ((a, i), (b, 1000 + i)):
+            docs = driver.tick(
+                dict(log.table.rollouts), log.table.generation, driving=True, now=now
+            )
+            feed(driver, "v2", 150, 0.95, seed=seed)
+            feed(driver, "v1", 150, 0.6, seed=seed + 7)
+            for doc in docs:
+                log.write(doc, now)
+        if log.table.rollouts["risk"].outcome != "running":
+            break
+    decisions = [
+        d["rollout"]["decision"]
+        for d in log.applied
+        if "rollout" in d and d["command"] != "rollout"
+    ]
+    assert decisions == ["advance", "advance", "promote"]
+    assert all(r in (control.DUPLICATE, control.STALE) for _, r in log.rejected)
+
+
+def test_invalid_predictions_are_counted_not_used() -> None:
+    log, driver = Log(), RolloutDriver()
+    log.start(PLAN)
+    log.tick(driver, T0 + 1)
+    driver.observe("risk", "v2", 1.0, float("nan"))
+    driver.observe("risk", "v2", 1.0, 3.0)
+    driver.observe("risk", "v2", 1.0, 0.8)
+    log.tick(driver, T0 + 2)
+    ev = driver.status()["rollouts"]["risk"]["evidence"]
+    assert ev["invalid_predictions"] == 2 and ev["versions"]["v2"]["labels"] == 1
+
+
+@pytest.mark.parametrize("bad", [{"candidate": {}}, {"candidate": {"labels": 1, "state": [1]}}])
+def test_evidence_that_cannot_be_restored_starts_afresh(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"Evidence\.restored"):
+        Evidence.restored("accuracy", 0.05, bad)
