@@ -30,7 +30,7 @@ def _stream(seed: int, n: int) -> Any:
     return ids, x, ts, labels, cand, inc
 
 
-def _expected(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def _expected(labels: Any, scores: Any) -> dict[str, float]:
     preq = Prequential(1000)
     for y, p in zip(labels.tolist(), scores.tolist(), strict=True):
         preq.update_one(y, p)
