@@ -7,7 +7,7 @@ get the answers it asked for, 130 for Ctrl-C.
 
     common.py    the shared options (--log-level, TOPOLOGY), topology loading, the answers rule
     serve.py     worker, topics, validate
-    operate.py   control, tail
+    operate.py   control, rollout, tail
     local.py     broker, demo, produce, build-example-models
     backtest.py  backtest
 
@@ -58,6 +58,7 @@ for command in (
     operate.tail,
     local.demo,
     operate.control,
+    operate.rollout,
     local.build_example_models,
     backtest.backtest,
 ):

@@ -1,4 +1,4 @@
-"""Commands an operator runs against live workers: ``control`` and ``tail``."""
+"""Commands an operator runs against live workers: ``control``, ``rollout`` and ``tail``."""
 
 from __future__ import annotations
 
@@ -235,4 +235,151 @@ def _tail_acks(
     exit_unless_all_answered(acks, command_id, workers, wait)
     if not acks:
         click.echo(f"no answer to {command_id} within {wait:g}s", err=True)
+        sys.exit(1)
+
+
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h`` -> seconds; click.BadParameter otherwise."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = f"{text!r}: expected a duration such as 90, 90s, 10m or 2h"
+        raise click.BadParameter(msg, param_hint="--max-duration")
+    return value
+
+
+@click.command()
+@TOPOLOGY
+@click.option("--model", required=True, help="the model to roll out a version of")
+@click.option("--candidate", help="the version to roll out (the one serving is the incumbent)")
+@click.option(
+    "--steps",
+    default="0,0.05,0.25,0.5,1",
+    show_default=True,
+    help="the candidate's weight at each step, increasing, in [0, 1] (0: shadow)",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["log_loss", "accuracy", "roc_auc"]),
+    default="log_loss",
+    show_default=True,
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="how much worse (in the metric's loss units) the candidate may be and still pass",
+)
+@click.option("--confidence", type=float, default=0.95, show_default=True)
+@click.option(
+    "--min-labels",
+    type=int,
+    default=500,
+    show_default=True,
+    help="labels each version needs at each step (as joined by the driving worker)",
+)
+@click.option("--max-duration", default="1h", show_default=True, help="per step: 90s, 10m, 2h, ...")
+@click.option(
+    "--on-timeout",
+    type=click.Choice(["hold", "abort"]),
+    default="hold",
+    show_default=True,
+    help="what a step that runs out of time without a verdict does",
+)
+@click.option("--resume", is_flag=True, help="resume the model's held rollout instead")
+@click.option(
+    "--wait",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="seconds to wait for the workers' acks",
+)
+@click.option("--workers", type=click.IntRange(min=1), help="stop waiting once N workers answered")
+def rollout(
+    topology: Path,
+    model: str,
+    candidate: str | None,
+    steps: str,
+    metric: str,
+    margin: float,
+    confidence: float,
+    min_labels: int,
+    max_duration: str,
+    on_timeout: str,
+    resume: bool,
+    wait: float,
+    workers: int | None,
+) -> None:
+    """Roll --candidate out on evidence: each step's weight is reached only when the joined
+    labels show, with --confidence, that the candidate is not worse than the incumbent by more
+    than --margin; worse, it is aborted back to the incumbent; past the last step it is
+    swapped in.
+
+    Sends one `rollout` command and prints each worker's answer (one JSON object a line);
+    the steps that follow are split/swap commands the driving worker writes to the control
+    log (`stream-infer control TOPOLOGY status` shows where it is). With --resume, a held
+    rollout's step starts its clock again."""
+    from stream_infer.core.control import rollout_plan
+    from stream_infer.errors import ControlError
+    from stream_infer.io.clients import check_reachable
+    from stream_infer.io.controller import Controller, new_command
+
+    topo = load(topology)
+    if resume:
+        fields: dict[str, Any] = {"model": model, "action": "resume"}
+    else:
+        if not candidate:
+            raise click.UsageError("rollout needs --candidate (or --resume)")
+        try:
+            weights = [float(w) for w in steps.split(",") if w.strip()]
+        except ValueError:
+            msg = f"--steps {steps!r}: expected weights such as 0,0.05,0.25,0.5,1"
+            raise click.UsageError(msg) from None
+        plan = {
+            "steps": weights,
+            "metric": metric,
+            "margin": margin,
+            "confidence": confidence,
+            "min_labels": min_labels,
+            "max_duration_s": _seconds(max_duration),
+            "on_timeout": on_timeout,
+        }
+        try:
+            rollout_plan(plan)
+        except ControlError as exc:
+            raise click.UsageError(exc.detail) from None
+        if not topo.topics.labels or not topo.online.enabled:
+            why = (
+                f"{topology}: a rollout is gated on joined labels: the topology needs "
+                "topics.labels and online learning on (online.rollouts: true, a learner or a "
+                "monitor)"
+            )
+            raise ConfigError(why)
+        if weights and weights[0] == 0.0 and not topo.topics.shadow:
+            why = (
+                f"{topology}: the first step (weight 0) shadows the candidate, and shadows "
+                "are scored only with topics.shadow; declare it, or start above 0"
+            )
+            raise ConfigError(why)
+        fields = {"model": model, "version": candidate, "plan": plan}
+    check_reachable(topo.kafka)
+    ctl = Controller(topo)
+    try:
+        sent = ctl.send(new_command("rollout", **fields))
+        click.echo(f"sent {orjson.dumps(sent).decode()}", err=True)
+        acks = ctl.acks(sent["id"], wait_s=wait, workers=workers)
+    finally:
+        ctl.close()
+    for ack in acks:
+        click.echo(orjson.dumps(ack).decode())
+    if not acks:
+        click.echo(f"no worker answered within {wait:g}s", err=True)
+        sys.exit(1)
+    exit_unless_all_answered(acks, sent["id"], workers, wait)
+    if any(a["status"] != "applied" for a in acks):
         sys.exit(1)
