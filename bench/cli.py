@@ -12,6 +12,8 @@ Parts: floor (the harness alone: load generator -> broker -> reader), ceiling, n
 stream-infer (default settings), exactly-once (stream-infer, default batching,
 processing.guarantee exactly_once; Apache Kafka only, skipped on tansu), sweep (batch size x
 max wait, then stream-infer with the best settings), scale (1 vs 2 workers in one group).
+models (each workload's model: a forward pass at batch 1 and 256; no broker), features
+(ceiling and stream-infer saturated on 9, 64 and 256 features, and on 9 padded to 7.5 KB).
 Results go to
 bench/results/ (bench/results/quick/ for --quick; a tansu run in tansu/ below that):
 results.json, RESULTS.md and latency_vs_throughput.png; logs of every process, the broker's
@@ -425,6 +427,15 @@ def _steps(
         steps.append(("sweep", sweep))
     if "scale" in parts:
         steps.append(("scale", scale))
+    if "models" in parts or "features" in parts:
+        from bench import features
+
+        if "models" in parts:
+            steps.append(("models", lambda: results.update(workloads=features.measure_models())))
+        if "features" in parts:
+            steps.append(
+                ("features", lambda: results.update(features=features.measure_features(ctx, plan)))
+            )
     return steps
 
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-PARTS = ("floor", "ceiling", "naive", "stream-infer", "exactly-once", "sweep", "scale")
+PARTS = (
+    "floor",
+    "ceiling",
+    "naive",
+    "stream-infer",
+    "exactly-once",
+    "sweep",
+    "scale",
+    "models",
+    "features",
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,12 @@ class Plan:
     floor_duration_s: float = 8.0
     floor_warmup_s: float = 2.0
     scale_workers: tuple[int, ...] = (1, 2)
+    # Issue 16, parts "models" (each workload's forward pass at batch 1 and 256, no broker) and
+    # "features" (ceiling and stream-infer saturated on 9, 64, 256 features and on 9 padded to
+    # a 256-feature event's size; bench/features.py). Events per run, fewer for big events so
+    # that a run's input stays under features_max_bytes.
+    features_events: int = 100_000
+    features_max_bytes: int = 300_000_000
     # Harness.
     session_timeout_ms: int = 10_000
     start_timeout_s: float = 120.0  # until the first prediction
@@ -86,4 +102,6 @@ QUICK = Plan(
     start_timeout_s=60.0,
     stall_timeout_s=8.0,
     stop_grace_s=2.0,
+    features_events=5_000,
+    features_max_bytes=20_000_000,
 )

@@ -444,6 +444,9 @@ def markdown(results: dict[str, Any], baseline: dict[str, Any] | None = None) ->
     lines += _latency_md(results, baseline) + _stages_md(results)
     lines += _floor_md(results, baseline)
     lines += _sweep_md(results, baseline) + _scale_md(results, baseline)
+    from bench import features  # issue 16: the models, the feature sweep
+
+    lines += features.markdown_lines(results)
     lines += ["![p99 latency vs throughput](latency_vs_throughput.png)", ""]
     return "\n".join(lines)
 
@@ -977,5 +980,10 @@ def write_all(
     written.append(path)
     path = out_dir / "latency_vs_throughput.png"
     if plot(results, path):
+        written.append(path)
+    from bench import features
+
+    path = out_dir / "cpu_vs_features.png"
+    if features.plot(results, path):
         written.append(path)
     return written

@@ -35,7 +35,7 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from bench import stages
-from bench.events import EventPool, pool_for
+from bench.events import EventPool, events_for
 from bench.plan import Plan
 from bench.procs import Started, Supervisor, TreeSampler, clean_env
 from bench.reader import RDKAFKA_LOG, PhaseStats, PredictionReader
@@ -88,7 +88,7 @@ class SystemRun:
         )
         # The workload's events (bench/workloads.py): the shared pool when its features are
         # the shipped topology's, else one made for its features.
-        self.pool = ctx.pool if self.topo.features == ctx.pool.features else pool_for(self.topo)
+        self.pool = events_for(ctx.pool, self.topo, spec.workload.event_padding)
         self.procs: list[Started] = []
         self.sampler: TreeSampler | None = None
         self.reader = PredictionReader(

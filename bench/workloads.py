@@ -64,6 +64,9 @@ class Workload:
     hidden: tuple[int, ...]  # hidden layer widths of the MLP: n -> hidden... -> 1
     seed: int = 0
     shipped: Path | None = None
+    # Bytes of an extra top-level string field in each event, which the worker parses and
+    # ignores (bench/events.py): a bigger event with the same features and model.
+    event_padding: int = 0
 
     @property
     def n_features(self) -> int:
@@ -120,7 +123,17 @@ HEAVY = Workload("heavy", "heavy: MLP 9-2048-2048-1", phishing.FEATURES, (2048, 
 FEATURES_9 = _features_workload(9)
 FEATURES_64 = _features_workload(64)
 FEATURES_256 = _features_workload(256)
-FEATURE_SWEEP = (FEATURES_9, FEATURES_64, FEATURES_256)
+# The 9-feature events and model with ~7.5 KB of ignored text in each event: about the size
+# of a 256-feature event, so the sweep tells the bytes' cost from the features'.
+FEATURES_9_PADDED = Workload(
+    "features-9-padded",
+    "9 features + 7,500 B ignored field (MLP 9-16-16-1)",
+    synthetic_features(9),
+    (16, 16),
+    seed=9,
+    event_padding=7_500,
+)
+FEATURE_SWEEP = (FEATURES_9, FEATURES_64, FEATURES_256, FEATURES_9_PADDED)
 ALL = (SMALL, HEAVY, *FEATURE_SWEEP)
 BY_KEY = {w.key: w for w in ALL}
 
