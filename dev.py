@@ -51,7 +51,13 @@ def setup() -> None:
         return
     pip = (PY, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     _run(*pip, TORCH_SPEC)
-    _run(*pip, "-e", ".[dev,bench]")
+    _run(*pip, "-e", ".[dev,bench,peers]")
+    # The bench's Quix Streams peer caps confluent-kafka and pydantic below ours: its own folder,
+    # put on sys.path only by bench/peer_quix.py (pyproject.toml, [tool.stream-infer.bench]).
+    import tomllib  # here: dev.py must reach the version check above on any python3
+
+    quix = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["stream-infer"]["bench"]
+    _run(*pip, "--upgrade", "--target", VENV / "peers-quix", *quix["quix"])
     STAMP.write_text(want)
 
 

@@ -11,7 +11,9 @@ folder) where Java 17+ and Maven (or the cached jars) are present, else the embe
 Parts: floor (the harness alone: load generator -> broker -> reader), ceiling, naive,
 stream-infer (default settings), exactly-once (stream-infer, default batching,
 processing.guarantee exactly_once; Apache Kafka only, skipped on tansu), sweep (batch size x
-max wait, then stream-infer with the best settings), scale (1 vs 2 workers in one group).
+max wait, then stream-infer with the best settings), scale (1 vs 2 workers in one group),
+peers (Quix Streams and Bytewax measured like the others, then alternated rounds of
+saturation runs: ceiling, stream-infer, Quix, Bytewax, on the small and the heavy model).
 models (each workload's model: a forward pass at batch 1 and 256; no broker), features
 (ceiling and stream-infer saturated on 9, 64 and 256 features, and on 9 padded to 7.5 KB).
 Results go to
@@ -122,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if "peers" in parts and (missing := _missing_peers()):
+        print(
+            f"the peers part needs {missing}: `python3 dev.py setup` installs them (Bytewax: "
+            ".venv/bin/pip install -e '.[peers]'; Quix Streams, in its own folder: see "
+            "bench/README.md), or leave out the part (--only without peers)",
+            file=sys.stderr,
+        )
+        return 2
     from bench import report
     from bench.runner import say
     from stream_infer.errors import BrokerError
@@ -193,6 +203,21 @@ def main(argv: list[str] | None = None) -> int:
     if run_info["errors"] and not code:
         code = 1
     return code
+
+
+def _missing_peers() -> str | None:
+    """What the peers part lacks, or None: Bytewax (the ``peers`` extra) in this venv, and
+    Quix Streams in ``<venv>/peers-quix`` (bench/peer_quix.py says why it lives apart)."""
+    import importlib.util
+
+    # As bench/peer_quix.py's QUIX_TARGET; not imported: that module puts it on sys.path.
+    quix_target = Path(sys.prefix) / "peers-quix"
+    missing = []
+    if importlib.util.find_spec("bytewax") is None:
+        missing.append("Bytewax (bytewax[kafka]==0.21.1)")
+    if not (quix_target / "quixstreams").is_dir():
+        missing.append(f"Quix Streams (quixstreams==3.28.1 in {quix_target})")
+    return " and ".join(missing) or None
 
 
 @dataclass(frozen=True)
@@ -327,7 +352,7 @@ def _run_parts(
 def _steps(
     ctx: Any, plan: Plan, parts: list[str], results: dict[str, Any], engine: str = "kafka"
 ) -> list[tuple[str, Any]]:
-    from bench import runner, systems
+    from bench import report, runner, systems
 
     systems_out: dict[str, Any] = results.setdefault("systems", {})
 
@@ -400,6 +425,47 @@ def _steps(
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
+    def peers() -> None:
+        from dataclasses import replace
+
+        from bench import workloads
+
+        # Issue 16: the peers measured like every system (saturation, latency at the
+        # fractions, RSS) on the small model; then the alternated rounds on every model.
+        for spec in (systems.QUIX, systems.BYTEWAX):
+            quix = spec.kind == "quix"
+            system(spec, plan.peers_events_quix if quix else plan.peers_events_fast)
+        base = [systems.CEILING, systems.STREAM_INFER_DEFAULT, systems.QUIX, systems.BYTEWAX]
+        out = results["peers"] = {
+            "rounds": plan.peers_rounds,
+            "order": [s.key for s in base],
+            "workloads": {},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for wkey in plan.peers_workloads:
+            workload = workloads.BY_KEY.get(wkey)
+            if workload is None:
+                runner.say(f"peers: no workload {wkey!r} in bench/workloads.py: skipped")
+                continue
+            heavy = wkey == "heavy"
+            fast = plan.peers_heavy_events_fast if heavy else plan.peers_events_fast
+            slow = plan.peers_heavy_events_quix if heavy else plan.peers_events_quix
+            events = {s.key: slow if s.kind == "quix" else fast for s in base}
+            entry: dict[str, Any] = {"events": events, "describe": workloads.describe(workload)}
+            try:
+                entry["cost"] = workloads.measure_cost_subprocess(workload)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                entry["cost_error"] = str(exc)
+            specs = [replace(s, workload=workload) for s in base]
+            rounds = runner.measure_rounds(ctx, specs, events, plan.peers_rounds)
+            entry |= {"runs": rounds, "summary": report.summarize_rounds(rounds)}
+            out["workloads"][wkey] = entry
+        for row in report.peers_targets(results):
+            runner.say(
+                f"peers target ({row['workload']}) {row['target']}: {row['measured']} "
+                f"{'met' if row['met'] else 'MISSED'}"
+            )
+
     def floor() -> None:
         results["floor"] = runner.measure_floor(
             ctx, plan.floor_rates, plan.floor_duration_s, plan.floor_warmup_s
@@ -427,6 +493,8 @@ def _steps(
         steps.append(("sweep", sweep))
     if "scale" in parts:
         steps.append(("scale", scale))
+    if "peers" in parts:
+        steps.append(("peers", peers))
     if "models" in parts or "features" in parts:
         from bench import features
 

@@ -12,6 +12,7 @@ PARTS = (
     "exactly-once",
     "sweep",
     "scale",
+    "peers",
     "models",
     "features",
 )
@@ -50,6 +51,17 @@ class Plan:
     # that a run's input stays under features_max_bytes.
     features_events: int = 100_000
     features_max_bytes: int = 300_000_000
+    # Issue 16, part "peers": Quix Streams and Bytewax measured like the others (saturation,
+    # latency at the fractions, RSS; small model), then rounds of saturation runs of the
+    # ceiling, stream-infer (default), Quix and Bytewax in turn, the order rotated each round,
+    # on each model; the targets use the medians. Saturation events per run: Quix serves one
+    # event per forward pass (~5k events/s small, ~1k heavy), sized for ~15-25 s a run.
+    peers_rounds: int = 3
+    peers_events_fast: int = 200_000  # ceiling, stream-infer, Bytewax; small model
+    peers_events_quix: int = 75_000
+    peers_heavy_events_fast: int = 50_000  # heavy model (bench/workloads.py HEAVY)
+    peers_heavy_events_quix: int = 10_000
+    peers_workloads: tuple[str, ...] = ("small", "heavy")  # bench/workloads.py keys
     # Harness.
     session_timeout_ms: int = 10_000
     start_timeout_s: float = 120.0  # until the first prediction
@@ -104,4 +116,8 @@ QUICK = Plan(
     stop_grace_s=2.0,
     features_events=5_000,
     features_max_bytes=20_000_000,
+    peers_events_fast=20_000,
+    peers_events_quix=3_000,
+    peers_heavy_events_fast=5_000,
+    peers_heavy_events_quix=1_000,
 )

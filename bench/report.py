@@ -33,6 +33,9 @@ SYSTEM_ORDER = (
     "stream-infer-default",
     "stream-infer-exactly-once",
     "stream-infer-best",
+    "quix",
+    "bytewax",
+    "bytewax-collect",
 )
 AT_LEAST_ONCE = "stream-infer-default"
 EXACTLY_ONCE = "stream-infer-exactly-once"
@@ -46,6 +49,19 @@ TARGET_RSS_BYTES = 1 * GB
 # Issue 15: exactly_once at default batching keeps >= 70 % of at_least_once's throughput, and
 # its p99 at 50 % of its saturation stays within max_wait + one transaction commit (measured).
 TARGET_EOS_THROUGHPUT = 0.70
+# Issue 16: stream-infer against the peers, on the medians of the alternated rounds (part
+# "peers"): >= 5x Quix Streams' per-message idiom and >= 1.5x the best batched peer on every
+# model; >= 75 % of the ceiling on the small model, >= 90 % on the heavy one; CPU per 1k events
+# <= 2x the ceiling's on the small model; peak RSS < 1 GB in every phase.
+PEERS_SI = "stream-infer-default"
+PEERS_CEILING = "ceiling"
+PER_MESSAGE_PEER = "quix"
+BATCHED_PEERS = ("bytewax", "bytewax-collect")
+TARGET_VS_PER_MESSAGE_PEER = 5.0
+TARGET_VS_BATCHED_PEER = 1.5
+TARGET_VS_CEILING_BY_WORKLOAD = {"small": 0.75, "heavy": 0.90}
+TARGET_CPU_VS_CEILING = 2.0
+TARGET_CPU_WORKLOADS = ("small",)
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:
@@ -378,6 +394,211 @@ def _row(target: str, measured: str, ratio: float, met: bool) -> dict[str, Any]:
     return {"target": target, "measured": measured, "ratio": ratio, "met": met}
 
 
+# --- peers (issue 16) --------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return float(statistics.median(values)) if values else None
+
+
+def summarize_rounds(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per system, over the alternated rounds: every run's saturation, the medians of
+    throughput and CPU per 1k events, and the largest peak RSS. Failed runs (``error``) count
+    in ``failed`` and nowhere else."""
+    out: dict[str, dict[str, Any]] = {}
+    for runs in rounds:
+        for run in runs:
+            key = run["system"]
+            entry = out.setdefault(
+                key,
+                {"label": run.get("label", key), "eps": [], "cpu_s_per_1k": [], "failed": 0},
+            )
+            entry.setdefault("peak_rss_bytes", 0)
+            sat = run.get("saturation") or {}
+            if "error" in run or not sat.get("throughput_eps"):
+                entry["failed"] += 1
+                continue
+            entry["eps"].append(float(sat["throughput_eps"]))
+            if sat.get("throughput_interdecile_eps"):
+                entry.setdefault("interdecile_eps", []).append(
+                    float(sat["throughput_interdecile_eps"])
+                )
+            if sat.get("cpu_s_per_1k") is not None:
+                entry["cpu_s_per_1k"].append(float(sat["cpu_s_per_1k"]))
+            entry["peak_rss_bytes"] = max(
+                entry["peak_rss_bytes"], int(run.get("peak_rss_bytes") or 0)
+            )
+            if not sat.get("complete", True):
+                entry["incomplete"] = entry.get("incomplete", 0) + 1
+    for entry in out.values():
+        entry["median_eps"] = _median(entry["eps"])
+        entry["median_cpu_s_per_1k"] = _median(entry["cpu_s_per_1k"])
+        entry["median_interdecile_eps"] = _median(entry.get("interdecile_eps", []))
+    return out
+
+
+def _peer_workloads(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    workloads = ((results.get("peers") or {}).get("workloads")) or {}
+    return [(k, w) for k, w in workloads.items() if w.get("summary")]
+
+
+def peers_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's targets, per model, from the medians of the alternated rounds (thresholds
+    fixed here; every measured value and ratio computed)."""
+    rows: list[dict[str, Any]] = []
+    for wkey, w in _peer_workloads(results):
+        summary = w["summary"]
+        si = (summary.get(PEERS_SI) or {}).get("median_eps")
+        if not si:
+            continue
+
+        def add(target: str, measured: str, ratio: float, met: bool, wkey: str = wkey) -> None:
+            rows.append(_row(target, measured, ratio, met) | {"workload": wkey})
+
+        quix = (summary.get(PER_MESSAGE_PEER) or {}).get("median_eps")
+        if quix:
+            ratio = si / quix
+            add(
+                f">= {TARGET_VS_PER_MESSAGE_PEER:g}x Quix Streams (per-message)",
+                f"{ratio:.1f}x ({si:,.0f} / {quix:,.0f} events/s)",
+                ratio,
+                ratio >= TARGET_VS_PER_MESSAGE_PEER,
+            )
+        batched = [
+            (key, float(summary[key]["median_eps"]))
+            for key in BATCHED_PEERS
+            if (summary.get(key) or {}).get("median_eps")
+        ]
+        if batched:
+            best_key, best = max(batched, key=lambda kv: kv[1])
+            ratio = si / best
+            add(
+                f">= {TARGET_VS_BATCHED_PEER:g}x the best batched peer",
+                f"{ratio:.2f}x ({si:,.0f} / {best:,.0f} events/s, "
+                f"{summary[best_key].get('label', best_key)})",
+                ratio,
+                ratio >= TARGET_VS_BATCHED_PEER,
+            )
+        ceiling = summary.get(PEERS_CEILING) or {}
+        bound = TARGET_VS_CEILING_BY_WORKLOAD.get(wkey)
+        if bound is not None and ceiling.get("median_eps"):
+            ratio = si / float(ceiling["median_eps"])
+            add(
+                f">= {bound:.0%} of the ceiling",
+                f"{ratio:.0%} ({si:,.0f} / {float(ceiling['median_eps']):,.0f} events/s)",
+                ratio,
+                ratio >= bound,
+            )
+        si_cpu = (summary.get(PEERS_SI) or {}).get("median_cpu_s_per_1k")
+        ceil_cpu = ceiling.get("median_cpu_s_per_1k")
+        if wkey in TARGET_CPU_WORKLOADS and si_cpu and ceil_cpu:
+            ratio = float(si_cpu) / float(ceil_cpu)
+            add(
+                f"CPU per 1k events <= {TARGET_CPU_VS_CEILING:g}x the ceiling's",
+                f"{ratio:.2f}x ({float(si_cpu):.3f} / {float(ceil_cpu):.3f} CPU s per 1k events)",
+                ratio,
+                ratio <= TARGET_CPU_VS_CEILING,
+            )
+        rss = int((summary.get(PEERS_SI) or {}).get("peak_rss_bytes") or 0)
+        if rss:
+            add(
+                "peak RSS < 1 GB (every round)",
+                f"{rss / 2**20:,.0f} MiB ({rss / TARGET_RSS_BYTES:.0%} of 1 GB)",
+                rss / TARGET_RSS_BYTES,
+                rss < TARGET_RSS_BYTES,
+            )
+    return rows
+
+
+def _peers_md(results: dict[str, Any]) -> list[str]:
+    peers = results.get("peers") or {}
+    workloads = _peer_workloads(results)
+    if not workloads:
+        return []
+    lines = [
+        "## stream-infer against the peers (issue 16)",
+        "",
+        f"{peers.get('rounds', '?')} rounds per model; each round runs the saturation phase of "
+        "every system in turn (pre-filled input, fresh topics, group and process), the order "
+        "rotated by one each round; the medians below are over the rounds. Events/s is the "
+        "bench's saturation measure (first to last prediction); the 10-90 % column counts only "
+        "the middle 80 % of the arrivals, a cross-check for systems whose output comes in a "
+        "few large bursts (the first to last window leaves out the time to the first burst). "
+        "Each peer's "
+        "latency at fractions of its own saturation is in the latency table (small model). "
+        "Order of round 1: " + ", ".join(peers.get("order") or []) + ".",
+        "",
+        "| model | forward pass, batch 1 / 256 (ms) | system | median events/s | runs (events/s) "
+        "| median events/s, 10-90 % of arrivals | median CPU s / 1k | peak RSS MiB "
+        "| stream-infer / this |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for wkey, w in workloads:
+        summary = w["summary"]
+        si = (summary.get(PEERS_SI) or {}).get("median_eps")
+        batches = (w.get("cost") or {}).get("batches") or {}
+        cost = " / ".join(
+            _fmt((batches.get(b) or {}).get("median_ms"), ".2f") for b in ("1", "256")
+        )
+        model = f"{wkey}: {(w.get('describe') or {}).get('architecture', '')}".strip(": ")
+        for key, entry in summary.items():
+            eps = entry.get("median_eps")
+            runs = ", ".join(_fmt(x) for x in entry.get("eps", []))
+            if entry.get("failed"):
+                runs += f" ({entry['failed']} failed)"
+            versus = f"{si / eps:.2f}x" if si and eps else "-"
+            lines.append(
+                f"| {model} | {cost} | {entry.get('label', key)} | {_fmt(eps)} | {runs} | "
+                f"{_fmt(entry.get('median_interdecile_eps'))} | "
+                f"{_fmt(entry.get('median_cpu_s_per_1k'), '.3f')} | "
+                f"{_fmt((entry.get('peak_rss_bytes') or 0) / 2**20)} | {versus} |"
+            )
+    lines.append("")
+    if len(workloads) > 1:
+        lines += _model_cost_md(workloads)
+    rows = peers_targets(results)
+    if rows:
+        lines += ["| model | target (issue 16) | measured | met |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['workload']} | {r['target']} | {r['measured']} | "
+            f"{'yes' if r['met'] else '**no**'} |"
+            for r in rows
+        ]
+        lines.append("")
+    return lines
+
+
+def _model_cost_md(workloads: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Throughput against model cost: each system's median on every model, relative to its
+    own on the first (the small one)."""
+    (first_key, first), rest = workloads[0], workloads[1:]
+    systems = list(first["summary"])
+    head = f"| system | {first_key} events/s |" + "".join(
+        f" {k} events/s | {k} / {first_key} | {k} CPU s / 1k |" for k, _ in rest
+    )
+    lines = [
+        "### Throughput against model cost",
+        "",
+        "Each system's median saturation on each model; the ratio says how much of its "
+        f"throughput on {first_key} it keeps when the model costs more.",
+        "",
+        head,
+        "|---|---:|" + "---:|---:|---:|" * len(rest),
+    ]
+    for key in systems:
+        base = first["summary"][key].get("median_eps")
+        line = f"| {first['summary'][key].get('label', key)} | {_fmt(base)} |"
+        for _k, w in rest:
+            entry = w["summary"].get(key) or {}
+            eps = entry.get("median_eps")
+            share = f"{eps / base:.0%}" if eps and base else "-"
+            line += f" {_fmt(eps)} | {share} | {_fmt(entry.get('median_cpu_s_per_1k'), '.3f')} |"
+        lines.append(line)
+    return [*lines, ""]
+
+
 # --- markdown ----------------------------------------------------------------------------
 
 
@@ -447,6 +668,7 @@ def markdown(results: dict[str, Any], baseline: dict[str, Any] | None = None) ->
     from bench import features  # issue 16: the models, the feature sweep
 
     lines += features.markdown_lines(results)
+    lines += _peers_md(results)
     lines += ["![p99 latency vs throughput](latency_vs_throughput.png)", ""]
     return "\n".join(lines)
 
@@ -971,6 +1193,7 @@ def write_all(
     out_dir.mkdir(parents=True, exist_ok=True)
     results["targets"] = targets(results)
     results["targets_exactly_once"] = exactly_once_targets(results)
+    results["targets_peers"] = peers_targets(results)
     written = []
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")

@@ -242,6 +242,7 @@ class SystemRun:
             "first_prediction_after_s": round(stats.first_recv - self.started_at, 3),
             "window_s": round(window_s, 3),
             "throughput_eps": received / window_s,
+            "throughput_interdecile_eps": interdecile_rate(stats),
             "cpu_s": cpu["system"],
             **_per_1k(cpu, received),
             "loadavg_1m": os.getloadavg()[0],
@@ -454,6 +455,19 @@ def delete_topics(bootstrap_servers: str, names: list[str]) -> None:
         log.warning("could not delete topics %s: %s", names, exc)
 
 
+def interdecile_rate(stats: PhaseStats) -> float | None:
+    """Predictions per second between the 10th and the 90th percentile of their arrival
+    times: a cross-check of ``throughput_eps`` (first to last arrival) that a system whose
+    output comes in a few large bursts cannot inflate with its first burst (the first to last
+    window leaves out the time before the first burst, which a batch of thousands makes
+    large). None with fewer than 10 arrivals or no spread."""
+    recv = np.sort(np.frombuffer(stats.recv, dtype=np.float64))
+    if len(recv) < 10:
+        return None
+    t10, t90 = np.percentile(recv, [10, 90]).tolist()
+    return 0.8 * len(recv) / (t90 - t10) if t90 > t10 else None
+
+
 def _per_1k(cpu: dict[str, float], events: float) -> dict[str, float]:
     """CPU seconds per 1,000 events: the system's, the broker's and the harness's."""
     k = max(events, 1e-9) / 1000
@@ -558,6 +572,54 @@ def measure_scale(ctx: BenchContext, spec: SystemSpec, n_events: int) -> dict[st
         "peak_rss_bytes": peak,
         "assignments_in_logs": assignments,
     }
+
+
+def measure_saturation(ctx: BenchContext, spec: SystemSpec, n_events: int) -> dict[str, Any]:
+    """One saturation run of ``spec`` (fresh topics, group and process): the saturation
+    figures, the workload served and the run's peak RSS."""
+    with SystemRun(ctx, spec) as run:
+        sat = run.saturation(n_events)
+        peak = run.peak_rss_bytes
+    return {
+        "system": spec.key,
+        "label": spec.label,
+        "kind": spec.kind,
+        "workload": spec.workload.key,
+        "saturation": sat,
+        "peak_rss_bytes": peak,
+    }
+
+
+def measure_rounds(
+    ctx: BenchContext,
+    specs: list[SystemSpec],
+    events: dict[str, int],
+    rounds: int,
+) -> list[list[dict[str, Any]]]:
+    """``rounds`` rounds, each one saturation run of every spec in turn, the order rotated by
+    one each round (round 1: a b c d, round 2: b c d a, ...), so that no system is always first
+    or always last in a drift of the machine's load. ``events`` maps a spec's key to its
+    pre-filled event count. A failed run is recorded with its error and the round goes on."""
+    out: list[list[dict[str, Any]]] = []
+    for r in range(rounds):
+        order = specs[r % len(specs) :] + specs[: r % len(specs)]
+        runs = []
+        for spec in order:
+            try:
+                got = measure_saturation(ctx, spec, events[spec.key])
+            except SystemFailed as exc:
+                say(f"round {r + 1}: {spec.key} FAILED {exc}")
+                runs.append({"system": spec.key, "workload": spec.workload.key, "error": str(exc)})
+                continue
+            sat = got["saturation"]
+            say(
+                f"round {r + 1}/{rounds} {spec.workload.key} {spec.key}: "
+                f"{sat['throughput_eps']:,.0f} events/s, {sat['cpu_s_per_1k']:.3f} CPU s/1k, "
+                f"peak RSS {got['peak_rss_bytes'] / 2**20:,.0f} MiB"
+            )
+            runs.append(got | {"round": r + 1})
+        out.append(runs)
+    return out
 
 
 def _count_in(path: Path, needle: str) -> int:

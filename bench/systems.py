@@ -24,7 +24,7 @@ from stream_infer.settings import Topology, load_topology
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TOPOLOGY = ROOT / "topologies" / "phishing.yaml"
 
-Kind = Literal["ceiling", "naive", "stream-infer"]
+Kind = Literal["ceiling", "naive", "stream-infer", "quix", "bytewax"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class SystemSpec:
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     # The model and features served (bench/workloads.py); SMALL is the shipped topology's.
     workload: Workload = SMALL
+    # Extra command-line arguments of a peer (bench/peer_bytewax.py: its batching).
+    args: tuple[str, ...] = ()
 
     def commands(self, topology_path: Path) -> list[list[str]]:
         py = sys.executable
@@ -46,6 +48,10 @@ class SystemSpec:
             return [[py, "-m", "bench.ceiling", str(topology_path)]]
         if self.kind == "naive":
             return [[py, "-m", "bench.naive_faust", str(topology_path)]]
+        if self.kind == "quix":
+            return [[py, "-m", "bench.peer_quix", str(topology_path)]]
+        if self.kind == "bytewax":
+            return [[py, "-m", "bench.peer_bytewax", str(topology_path), *self.args]]
         cmd = [py, "-m", "stream_infer", "--log-level", "info", "worker", str(topology_path)]
         return [list(cmd) for _ in range(self.workers)]
 
@@ -53,6 +59,20 @@ class SystemSpec:
 CEILING = SystemSpec("ceiling", "ceiling (plain confluent-kafka loop)", "ceiling")
 NAIVE = SystemSpec("naive", "naive faust (one event at a time)", "naive")
 STREAM_INFER_DEFAULT = SystemSpec("stream-infer-default", "stream-infer (default)", "stream-infer")
+# Issue 16: the peers a Python user would pick instead, each in its idiom (bench/README.md).
+QUIX = SystemSpec("quix", "Quix Streams 3.28.1 (per-message apply)", "quix")
+BYTEWAX = SystemSpec(
+    "bytewax",
+    "Bytewax 0.21.1 (flat_map_batch, one forward pass per poll batch)",
+    "bytewax",
+    args=("--batching", "flat_map_batch"),
+)
+BYTEWAX_COLLECT = SystemSpec(
+    "bytewax-collect",
+    "Bytewax 0.21.1 (collect 1000 / 10 ms, one forward pass per list)",
+    "bytewax",
+    args=("--batching", "collect", "--batch", "1000", "--max-wait-ms", "10"),
+)
 # Issue 15: the same worker and default batching, each micro-batch one Kafka transaction.
 STREAM_INFER_EXACTLY_ONCE = SystemSpec(
     "stream-infer-exactly-once",
