@@ -193,7 +193,7 @@ def backtest(
         _require_matplotlib()
     if window is None:
         span_ms = (until_ms or round(time.time() * 1000)) - start_ms
-        window_s = max(1.0, span_ms / 1000 / WINDOWS)
+        window_s = float(max(1, round(span_ms / 1000 / WINDOWS)))
     else:
         try:
             window_s = parse_duration_s(window)
