@@ -27,6 +27,7 @@ from stream_infer.examples import phishing
 from stream_infer.inference.predictor import TorchPredictor
 from stream_infer.online.backtest import QUANTILES
 from stream_infer.online.prequential import Prequential
+from tests.brokers import broker_choice
 from tests.integration.conftest import MODELS
 
 N_OLD = 200  # events three hours ago: before every start the test asks for
@@ -92,6 +93,10 @@ def _groups(bootstrap: str) -> set[str]:
 
 
 def test_backtest_equals_scoring_the_window_in_process(make_setup: Any, tmp_path: Path) -> None:
+    if not broker_choice().is_apache_kafka:
+        # Seen on tansu 0.6.0: the backtest read 4 of the window's 612 events (its ListOffsets
+        # under-reports a partition's end when the last batch held several records: BROKER.md).
+        pytest.skip("needs Apache Kafka's ListOffsets (by time and end offsets); tansu's differs")
     versions = [{"version": v, "path": str(MODELS / v)} for v in ("v1", "v2", "v3-degraded")]
     setup = make_setup(models=[{"name": "risk", "serving": "v1", "versions": versions}])
     topics, bootstrap = setup.topics, setup.bootstrap
