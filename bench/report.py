@@ -558,6 +558,8 @@ def _peers_md(results: dict[str, Any]) -> list[str]:
     lines.append("")
     if len(workloads) > 1:
         lines += _model_cost_md(workloads)
+        if any(len(v) > 1 for v in model_cost_points(results).values()):
+            lines += ["![throughput vs model cost](throughput_vs_model_cost.png)", ""]
     rows = peers_targets(results)
     if rows:
         lines += ["| model | target (issue 16) | measured | met |", "|---|---|---|---|"]
@@ -1187,6 +1189,48 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def model_cost_points(results: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Per system label: (forward pass at batch 1 in ms, median saturation events/s) for each
+    model of the peers' rounds whose cost was measured, cheapest model first."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for _wkey, w in _peer_workloads(results):
+        cost = (((w.get("cost") or {}).get("batches") or {}).get("1") or {}).get("median_ms")
+        if not cost:
+            continue
+        for key, entry in w["summary"].items():
+            if entry.get("median_eps"):
+                label = entry.get("label", key)
+                out.setdefault(label, []).append((float(cost), float(entry["median_eps"])))
+    return {label: sorted(points) for label, points in out.items()}
+
+
+def plot_model_cost(results: dict[str, Any], path: Path) -> bool:
+    """Median saturation against the model's forward pass at batch 1, one line per system
+    (the peers' rounds, issue 16); False when fewer than two models have both."""
+    points = {k: v for k, v in model_cost_points(results).items() if len(v) > 1}
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, pts in points.items():
+        ax.plot([c for c, _ in pts], [e for _, e in pts], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model: one forward pass at batch 1 (ms, log)")
+    ax.set_ylabel("median saturation throughput (events/s, log)")
+    ax.set_title("Throughput against model cost (median of the alternated rounds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
 def write_all(
     results: dict[str, Any], out_dir: Path, baseline: dict[str, Any] | None = None
 ) -> list[Path]:
@@ -1208,5 +1252,8 @@ def write_all(
 
     path = out_dir / "cpu_vs_features.png"
     if features.plot(results, path):
+        written.append(path)
+    path = out_dir / "throughput_vs_model_cost.png"
+    if plot_model_cost(results, path):
         written.append(path)
     return written

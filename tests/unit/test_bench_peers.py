@@ -239,3 +239,23 @@ def test_results_md_shows_the_peers_the_targets_and_the_model_cost() -> None:
     # written into results.json too
     assert report.peers_targets(results)
     assert report.peers_targets({}) == [] and report._peers_md({}) == []
+
+
+def test_throughput_against_model_cost_pairs_each_median_with_the_forward_pass(
+    tmp_path: Path,
+) -> None:
+    results = _results(
+        small={"stream-infer-default": [30_000, 31_000, 32_000], "quix": [5_000, 5_000, 5_000]},
+        heavy={"stream-infer-default": [8_000, 8_000, 8_000], "quix": [900, 1_000, 1_100]},
+    )
+    assert report.model_cost_points(results) == {}  # no cost measured: nothing to plot
+    assert not report.plot_model_cost(results, tmp_path / "none.png")
+    workloads = results["peers"]["workloads"]
+    workloads["small"]["cost"] = {"batches": {"1": {"median_ms": 0.09}}}
+    workloads["heavy"]["cost"] = {"batches": {"1": {"median_ms": 0.8}}}
+    points = report.model_cost_points(results)
+    assert points["STREAM-INFER-DEFAULT"] == [(0.09, 31_000.0), (0.8, 8_000.0)]
+    assert points["QUIX"] == [(0.09, 5_000.0), (0.8, 1_000.0)]
+    assert report.plot_model_cost(results, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    assert "throughput_vs_model_cost.png" in report.markdown(results)
