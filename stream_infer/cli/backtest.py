@@ -260,6 +260,7 @@ def run_backtest(
 ) -> dict[str, Any]:
     """Replay, score and join; the report (:meth:`Backtest.report`) with the replay's range."""
     import numpy as np
+    from rich.console import Console
     from rich.progress import Progress
 
     from stream_infer.core.serde import FeatureDecoder, decode_labels
@@ -309,7 +310,8 @@ def run_backtest(
         idle_timeout_s=idle_timeout_s,
     ) as replay:
         ranges = replay.open()
-        with Progress(disable=not progress, transient=True) as bar:
+        # On stderr: stdout carries the report alone.
+        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
             task = bar.add_task("replaying", total=replay.total)
             for records in replay.batches(batch_size):
                 events = [r for r in records if r.topic() == input_topic]

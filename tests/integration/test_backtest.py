@@ -46,9 +46,9 @@ def _produce(bootstrap: str, topic: str, items: list[tuple[int, bytes, bytes]]) 
     assert producer.flush(30) == 0
 
 
-def _run(*args: str) -> None:
+def _run(*args: str, quiet: bool = True) -> None:
     try:
-        main(["backtest", *args, "--quiet", "--idle-timeout", "5"])
+        main(["backtest", *args, "--idle-timeout", "5", *(["--quiet"] if quiet else [])])
     except SystemExit as exc:  # main exits only on an error
         raise AssertionError(f"backtest exited {exc.code}") from None
 
@@ -197,6 +197,7 @@ def test_backtest_equals_scoring_the_window_in_process(make_setup: Any, tmp_path
         "1h",
         "--out",
         str(report_path),
+        quiet=False,  # with the progress bar
     )
     report = orjson.loads(report_path.read_bytes())
     assert report["counts"]["events"] == N_WINDOW + N_INVALID
