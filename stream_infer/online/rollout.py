@@ -17,7 +17,8 @@ what to do, and returns the command documents to publish (unsealed):
 
 Each carries a ``"rollout"`` tag (the rollout's id, the step, the decision, the reason and the
 evidence: per version the labels, the mean loss, its confidence bounds and the confidence
-sequence's six sums), ``if_generation`` (the routing table's generation it was decided at) and
+sequence's six sums; the driving worker; whether its evidence was restored from the log),
+``if_generation`` (the routing table's generation it was decided at) and
 an id derived from both (:func:`rollout_command_id`): two drivers that decide the same at the
 same generation (a rebalance, briefly, can make two) mint the same id and the log applies one
 copy; a copy decided from an older table is rejected ``stale``.
@@ -106,7 +107,8 @@ class RolloutDriver:
     :meth:`status` returns a copy made by the last tick (safe to read from any thread).
     """
 
-    def __init__(self, resend_s: float = 10.0) -> None:
+    def __init__(self, worker: str = "", resend_s: float = 10.0) -> None:
+        self.worker = worker  # named in each step command's tag: who decided it
         self.resend_s = resend_s
         self.driving = False
         self._sessions: dict[str, _Session] = {}
@@ -273,6 +275,8 @@ class RolloutDriver:
             "decision": kind,
             "reason": action.reason,
             "evidence": session.evidence.snapshot(),
+            "driver": self.worker,
+            "restored": session.restored,
         }
         body: dict[str, Any]
         if action.kind is ActionKind.ADVANCE:

@@ -62,6 +62,7 @@ class LearningService:
         stall_s: float = 60.0,
         worker: str = "worker",
         rollouts: RolloutsReader | None = None,
+        worker_id: str = "",
     ) -> None:
         self.topology = topology
         self.online = topology.online
@@ -69,7 +70,7 @@ class LearningService:
         # Label-driven rollouts: the driver is fed every joined label; it acts while this
         # worker owns input partition 0 (see stream_infer.online.rollout).
         self._rollouts = rollouts
-        self.rollout_driver = RolloutDriver()
+        self.rollout_driver = RolloutDriver(worker_id or worker)
         self.rollout_metrics = RolloutMetrics(metrics)
         self._rollout_models: set[str] = set()
         self._publish = publish

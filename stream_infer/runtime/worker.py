@@ -65,6 +65,7 @@ class InferenceRuntime:
                 generation=lambda: self.control.table.generation,
                 worker=topology.worker.id or socket.gethostname(),
                 rollouts=self._rollouts,
+                worker_id=self.worker_id,
             )
         self.models = Models(
             topology,
