@@ -124,6 +124,15 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+def busy(sat: dict[str, Any], stage: str) -> float | None:
+    """The share of the saturation window the worker's inference thread spent in ``stage``
+    (its histogram's count x mean over the window; one worker)."""
+    st = (sat.get("stages") or {}).get(stage) or {}
+    if not st.get("count") or st.get("mean_ms") is None or not sat.get("window_s"):
+        return None
+    return float(st["count"] * st["mean_ms"] / 1000.0 / sat["window_s"])
+
+
 def models_md(results: dict[str, Any]) -> list[str]:
     workloads = results.get("workloads") or {}
     if not workloads:
@@ -162,16 +171,20 @@ def features_md(results: dict[str, Any]) -> list[str]:
         "The ceiling and stream-infer (default settings) at saturation, one fresh run each per "
         "row, on n synthetic features per event (model n-16-16-1), and on 9 features padded "
         "with an ignored text field to about the size of a 256-feature event. CPU is the "
-        "system's user+sys per 1,000 events over its saturation window. Plot: "
-        "`cpu_vs_features.png`.",
+        "system's user+sys per 1,000 events over its saturation window. **busy**: the share "
+        "of stream-infer's window its inference thread spent processing batches (decode, "
+        "infer, encode, produce calls), and in brackets the model's part of it, from the "
+        "worker's histograms: wall time, which on a busy machine includes waiting for a CPU "
+        "or the GIL, so read it beside the CPU column. Plot: `cpu_vs_features.png`.",
         "",
         "| features | event bytes | events | ceiling events/s | ceiling CPU s/1k "
-        "| stream-infer events/s | stream-infer CPU s/1k | throughput vs ceiling "
+        "| stream-infer events/s | stream-infer CPU s/1k | busy (model) | throughput vs ceiling "
         "| CPU vs ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         c, s = _sat(p, "ceiling"), _sat(p, "stream-infer")
+        work, model = busy(s, "processing"), busy(s, "model")
         name = f"{p.get('n_features')}"
         if p.get("event_padding"):
             name += f" + {p['event_padding']:,} B padding"
@@ -179,6 +192,7 @@ def features_md(results: dict[str, Any]) -> list[str]:
             f"| {name} | {_f(p.get('mean_event_bytes'), ',.0f')} | {_f(p.get('events'), ',')} | "
             f"{_f(c.get('throughput_eps'), ',.0f')} | {_f(c.get('cpu_s_per_1k'), '.3f')} | "
             f"{_f(s.get('throughput_eps'), ',.0f')} | {_f(s.get('cpu_s_per_1k'), '.3f')} | "
+            f"{_f(work, '.0%')} ({_f(model, '.0%')}) | "
             f"{_ratio(s.get('throughput_eps'), c.get('throughput_eps'))} | "
             f"{_ratio(s.get('cpu_s_per_1k'), c.get('cpu_s_per_1k'))} |"
         )

@@ -198,7 +198,20 @@ def _results() -> dict[str, Any]:
             "event_padding": 0,
             "mean_event_bytes": 331.0,
             "events": 1000,
-            "systems": {"ceiling": sat(40_000, 0.010), "stream-infer": sat(30_000, 0.025)},
+            "systems": {
+                "ceiling": sat(40_000, 0.010),
+                "stream-infer": {
+                    "saturation": {
+                        "throughput_eps": 30_000,
+                        "cpu_s_per_1k": 0.025,
+                        "window_s": 4.0,
+                        "stages": {
+                            "processing": {"count": 200, "mean_ms": 10.0},
+                            "model": {"count": 200, "mean_ms": 2.0},
+                        },
+                    }
+                },
+            },
         },
         {
             "workload": "features-256",
@@ -230,10 +243,11 @@ def test_the_feature_table_is_computed_from_the_results() -> None:
     md = "\n".join(features.markdown_lines(_results()))
     row9 = next(line for line in md.splitlines() if line.startswith("| 9 |"))
     # stream-infer / ceiling: 30,000 / 40,000 and 0.025 / 0.010
-    assert "| 40,000 | 0.010 | 30,000 | 0.025 | 0.75x | 2.50x |" in row9
+    # busy: 200 batches x 10 ms (model 2 ms) over a 4 s window
+    assert "| 40,000 | 0.010 | 30,000 | 0.025 | 50% (10%) | 0.75x | 2.50x |" in row9
     assert "| 331 |" in row9
     row256 = next(line for line in md.splitlines() if line.startswith("| 256 |"))
-    assert row256.endswith("| 8,000 | 0.100 | - | - | - | - |")
+    assert row256.endswith("| 8,000 | 0.100 | - | - | - (-) | - | - |")
     assert "| 9 + 7,500 B padding | 7,844 |" in md
     assert "features-256 stream-infer: it died" in md
     assert "| heavy | MLP 9-2048-2048-1 |" in md and "| 0.900 | 25.00 | 97.60 |" in md
