@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from stream_infer.observability import LearningMetrics, Metrics
+from stream_infer.observability import LearningMetrics, Metrics, RolloutMetrics
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or"}
 _KEYWORDS |= {"unless", "offset", "inf", "nan", "atan2"}
@@ -60,9 +60,11 @@ def dashboard_metric_names(dashboard: dict[str, Any]) -> set[str]:
 def worker_registry() -> CollectorRegistry:
     """The registry a worker serves on /metrics, with every metric it can register (all defined
     in stream_infer.observability): the serving metrics (Metrics) and, when the topology
-    enables online learning, the learning metrics (LearningMetrics)."""
+    enables online learning, the learning metrics (LearningMetrics) and the rollout metrics
+    (RolloutMetrics)."""
     metrics = Metrics()
     LearningMetrics(metrics)
+    RolloutMetrics(metrics)
     return metrics.registry
 
 
