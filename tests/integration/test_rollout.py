@@ -5,6 +5,7 @@ step is in the control log and acknowledged by the workers."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -256,7 +257,7 @@ def test_a_driver_killed_mid_rollout_is_replaced_and_the_rollout_goes_on(
     drivers = [i for i, port in enumerate(ports) if scrape(port, "stream_infer_rollout_driver")]
     assert len(drivers) == 1, drivers
     killed = drivers[0]
-    before = audit.steps(rollout_id)
+    old_driver = f"{socket.gethostname()}-{setup.workers[killed].pid}"  # the worker's id
     setup.workers[killed].kill()  # SIGKILL: no drain, no goodbye
     setup.workers[killed].wait(10)
     record = run_until(
@@ -266,8 +267,11 @@ def test_a_driver_killed_mid_rollout_is_replaced_and_the_rollout_goes_on(
     steps = audit.steps(rollout_id)
     decisions = [(d["rollout"]["decision"], d["rollout"]["step"]) for d in steps]
     assert decisions == [("advance", 1), ("advance", 2), ("advance", 3), ("promote", 3)]
-    old_driver = before[0]["rollout"]["driver"]
+    # the killed driver's steps, then only the survivor's (whatever the old one did between
+    # the read and the kill is still its own)
+    before = [d for d in steps if d["rollout"]["driver"] == old_driver]
     after = steps[len(before) :]
+    assert before and before == steps[: len(before)], [d["rollout"]["driver"] for d in steps]
     assert after and all(d["rollout"]["driver"] != old_driver for d in after)
     # the new driver went on from the evidence the log carried, not from nothing
     first_new = after[0]["rollout"]
