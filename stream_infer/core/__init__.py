@@ -11,5 +11,5 @@ here is plain Python (numpy, orjson) and is tested in microseconds with fake clo
     watchdog.py   Watchdog: a model call bounded in time on its own thread.
     pipeline.py   Pipeline: one batch decoded, routed, scored (Predictor protocol), encoded.
     rollout.py    anytime-valid confidence sequences on versions' losses and the rollout step
-                  machine (groundwork for label-driven rollouts: not wired to the runtime yet).
+                  machine of label-driven rollouts (driven by stream_infer.online.rollout).
 """
