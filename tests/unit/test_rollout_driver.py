@@ -5,6 +5,7 @@ two drivers never apply conflicting steps."""
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import numpy as np
@@ -220,3 +221,91 @@ def test_invalid_predictions_are_counted_not_used() -> None:
 def test_evidence_that_cannot_be_restored_starts_afresh(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"Evidence\.restored"):
         Evidence.restored("accuracy", 0.05, bad)
+
+
+# --- the wiring: the learning service feeds the driver joined labels and publishes its steps --
+
+
+def test_the_learning_service_drives_only_with_partition_0_and_publishes_sealed_steps() -> None:
+    from stream_infer.core.events import FeatureBatch
+    from stream_infer.observability import Metrics
+    from stream_infer.runtime.learning import LearningService
+    from stream_infer.settings import parse_topology
+
+    topo = parse_topology(
+        {
+            "name": "t",
+            "topics": {
+                "input": "in",
+                "predictions": "out",
+                "dead_letter": "dlq",
+                "control": "ctl",
+                "labels": "labels",
+                "shadow": "shadow",
+            },
+            "features": ["a"],
+            "models": [
+                {
+                    "name": "risk",
+                    "serving": "v1",
+                    "versions": [{"version": "v1", "path": "m"}, {"version": "v2", "path": "m"}],
+                }
+            ],
+            "online": {"rollouts": True},
+            "device": "cpu",
+        },
+        env={},
+    )
+    log = Log()
+    # the service's clock is the wall clock: the rollout starts now
+    plan = {"steps": [0, 1], "metric": "accuracy", "min_labels": 50, "margin": 0.05}
+    log.start(plan, now=time.time())
+    published: list[Any] = []
+    metrics = Metrics()
+    service = LearningService(
+        topo,
+        metrics,
+        publish=published.extend,
+        predictors=dict,
+        routes=lambda: log.table.routes,
+        rollouts=lambda: (log.table.generation, dict(log.table.rollouts)),
+        worker_id="w-1",
+    )
+
+    def serve_and_label(n: int, start: int) -> None:
+        ids = [f"e{start + i}" for i in range(n)]
+        batch = FeatureBatch(
+            ids, [b"k"] * n, [None] * n, list(range(n)), np.zeros((n, 1), np.float32)
+        )
+        # both versions score every event (step 0 shadows v2); v2 is right, v1 is wrong
+        scored = [("risk", "v1", ids, np.full(n, 0.1)), ("risk", "v2", ids, np.full(n, 0.9))]
+        service._on_scored(batch, scored, [0] * n)
+        service._on_labels([(i, 1.0) for i in ids])
+
+    service.assigned([1, 2])  # not partition 0: it does not drive
+    service.drive_rollouts()
+    serve_and_label(200, 0)
+    service.drive_rollouts()
+    assert published == []
+    assert service.rollout_driver.status() == {"driving": False, "rollouts": {}}
+    service.assigned([0, 3])  # now it owns partition 0
+    service.drive_rollouts()  # it starts watching: labels from now on count
+    serve_and_label(200, 1000)
+    service.drive_rollouts()
+    [record] = published
+    doc = orjson.loads(record.value)
+    assert record.topic == "ctl" and doc["id"] == record.key.decode()
+    assert (doc["command"], doc["weights"], doc["rollout"]["decision"]) == (
+        "split",
+        {"v2": 1.0},
+        "advance",
+    )
+    assert doc["rollout"]["driver"] == "w-1" and "issued_at" in doc  # sealed
+    assert doc["rollout"]["evidence"]["candidate"]["labels"] == 200
+    text = metrics.registry.get_sample_value
+    assert text("stream_infer_rollout_driver") == 1
+    assert text("stream_infer_rollout_labels", {"model": "risk", "version": "v2"}) == 200
+    assert text("stream_infer_rollout_step", {"model": "risk"}) == 0
+    assert (
+        text("stream_infer_rollout_decisions_total", {"model": "risk", "decision": "advance"}) == 1
+    )
