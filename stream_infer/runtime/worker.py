@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import socket
@@ -282,6 +283,7 @@ class InferenceRuntime:
         source = self.kafka.source
         if source is not None and self.models.serves and not self._source_started:
             self._source_started = True
+            freeze_heap()
             source.start()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -331,3 +333,24 @@ class InferenceRuntime:
                 close()
             except Exception:
                 log.exception("stopping %s failed; stopping the rest", name)
+
+
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (faust, torch, the models, the routing) into
+    the collector's permanent generation (``gc.freeze``), once, before the first record is read.
+
+    CPython's full (generation 2) collection walks every tracked object, and a loaded worker
+    holds a few hundred thousand of them: one full collection stopped every thread for 80 to
+    400 ms in the benchmark, every few seconds under load, which was the worker's tail at low
+    load. Frozen objects are still freed when their reference count drops to zero; only a
+    reference cycle among them is never collected, which start-up objects that live as long
+    as the process do not form. Objects made later (batches, later versions) are collected as
+    before."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "start-up heap frozen: %d objects left out of the collector's scans (%.0f ms)",
+        gc.get_freeze_count(),
+        (time.perf_counter() - started) * 1000,
+    )
