@@ -42,6 +42,7 @@ class Librdkafka:
         self.commits = 0
         self.commit_error: KafkaError | None = None
         self.slow = False
+        self.hang_s = 0.0
         self.closed = False
         self.assigned: set[tuple[str, int]] = set()
         self.on_revoke: Callable[[Any, list[TopicPartition]], None] | None = None
@@ -98,6 +99,8 @@ class Librdkafka:
     # --- broker round trips (the lag probe)
     def _round_trip(self, timeout: float) -> None:
         self.broker_calls += 1
+        if self.hang_s:  # a broker that answers late, within the call's timeout
+            time.sleep(min(timeout, self.hang_s))
         if self.slow:
             time.sleep(min(timeout, 0.05))
             raise KafkaException(TIMED_OUT)
@@ -141,6 +144,7 @@ class Running:
 
     def start(self) -> None:
         self.source._thread.start()
+        self.source._probe.start()  # as BatchSource.start() does
 
     def wait_handed(self, n: int, timeout_s: float = 2.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -287,6 +291,28 @@ def test_a_lag_probe_whose_every_call_times_out_never_ends_the_consumer_thread(
     assert r.source.lag == {}  # never measured: nothing made up
 
 
+def test_consumption_goes_on_while_the_lag_probe_waits_on_the_broker(
+    running: Callable[..., Running],
+) -> None:
+    """Issue 16, item 5: the probe's broker round trips (metadata, watermarks, committed) ran
+    on the consumer thread and held consumption up every lag_interval_s. Here every round trip
+    takes 0.8 s: records keep being handed over meanwhile, each within a few ms."""
+    r = running([0], batch=1, in_flight=1000)
+    r.source.lag_budget_s = r.source.metadata_budget_s = 5.0
+    r.consumer.hang_s = 0.8
+    r.start()
+    deadline = time.monotonic() + 5.0
+    while r.consumer.broker_calls == 0:  # the probe's first call is under way
+        assert time.monotonic() < deadline, "the lag probe never asked the broker"
+        time.sleep(0.005)
+    started = time.monotonic()
+    for o in range(10):
+        r.consumer.add([_record(0, o)])
+        r.wait_handed(o + 1, timeout_s=5.0)
+    assert time.monotonic() - started < 0.5  # not 0.8 s per probe call
+    assert r.source.probe_alive and r.source.error is None
+
+
 def test_a_lag_probe_that_times_out_keeps_the_last_figures(running: Callable[..., Running]) -> None:
     r = running([0])
     source, consumer = r.source, r.consumer
@@ -299,3 +325,20 @@ def test_a_lag_probe_that_times_out_keeps_the_last_figures(running: Callable[...
     source._measure_lag(consumer)  # type: ignore[arg-type]
     assert time.monotonic() - started <= source.lag_budget_s + 0.1
     assert source.lag == {("in", 0): 100} and source.partition_counts == {"in": 1}
+
+
+def test_a_lag_probe_that_fails_is_the_sources_error_for_healthz(
+    running: Callable[..., Running],
+) -> None:
+    """The probe has its own thread: its death must not pass unseen (the lag and the topics'
+    existence would freeze at their last values). /healthz reads ``source.error``."""
+    r = running([0])
+
+    def broken(consumer: Any, *, paused: bool = False) -> None:
+        raise RuntimeError("a bug in the probe")
+
+    r.source._measure_lag = broken  # type: ignore[method-assign]
+    r.start()
+    r.source._probe.join(5.0)
+    assert not r.source.probe_alive
+    assert isinstance(r.source.error, RuntimeError)
