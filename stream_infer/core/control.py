@@ -659,6 +659,7 @@ class RoutingTable:
                 before=current,
                 started_at=when,
                 step_started_at=when,
+                step_began_at=when,
                 last_command=cmd.id,
                 decisions=(_decision(cmd, "start", 0, routes[model], when),),
             )
@@ -700,6 +701,7 @@ class RoutingTable:
         }
         if kind == "advance":
             changes |= {"step": int(tag["step"]), "step_started_at": when, "held": False}
+            changes["step_began_at"] = when
             changes["base"] = evidence_counts(evidence)
         elif kind == "hold":
             changes["held"] = True
@@ -763,9 +765,12 @@ class RolloutRecord:
     plan_doc: dict[str, Any]
     before: Route  # what served before the rollout: an abort routes it again
     started_at: float
-    step_started_at: float
+    step_started_at: float  # the step's clock (max_duration): a resume starts it again
     last_command: str
     step: int = 0
+    # When the step began (its command's issued_at; a resume does not move it): the labels of
+    # events served since then are the step's own.
+    step_began_at: float = 0.0
     held: bool = False
     outcome: str = "running"  # running, promoted, aborted, cancelled
     base: tuple[int, int] = (0, 0)  # (candidate, incumbent) labels when the step began
@@ -794,6 +799,7 @@ class RolloutRecord:
             "outcome": self.outcome,
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
+            "step_began_at": self.step_began_at,
             "evidence": self.evidence,
             "cancelled_by": self.cancelled_by,
             "decisions": list(self.decisions[-20:]),

@@ -155,8 +155,9 @@ class LearningLoop:
     clock
         Monotonic seconds: the age of the joiner's entries.
     on_labelled
-        Called with (model, version, label, prediction) for each version that served (or
-        shadowed) a joined event, before it is scored: a rollout driver's evidence.
+        Called with (model, version, label, prediction, served at: ``wall_clock``) for each
+        version that served (or shadowed) a joined event, before it is scored: a rollout
+        driver's evidence.
     """
 
     def __init__(
@@ -170,7 +171,7 @@ class LearningLoop:
         labelled: bool = True,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
-        on_labelled: Callable[[str, str, float, float], None] | None = None,
+        on_labelled: Callable[[str, str, float, float, float], None] | None = None,
     ) -> None:
         self.online = online
         self.features = tuple(features)
@@ -181,7 +182,8 @@ class LearningLoop:
         self.wall_clock = wall_clock
         self.clock = clock
         # Every joined label with the prediction of each version that served or shadowed its
-        # event (model, version, label, prediction): a rollout driver's evidence.
+        # event (model, version, label, prediction, when it was served): a rollout driver's
+        # evidence.
         self.on_labelled = on_labelled
         self.joiner = LabelJoiner(online.label_ttl_s, online.max_pending, clock=clock)
         self.prequential: dict[ModelVersion, Prequential] = {}
@@ -321,7 +323,7 @@ class LearningLoop:
                 scored_by.add(key)
                 watched = not self._warming_up(learners.get(key))
                 if self.on_labelled is not None:
-                    self.on_labelled(s.model, s.version, item.label, s.prediction)
+                    self.on_labelled(s.model, s.version, item.label, s.prediction, s.ts)
                 events += self._score(key, item.label, s.prediction, watched=watched)
             x = dict(zip(self.features, item.features, strict=True))
             for key, learner in learners.items():

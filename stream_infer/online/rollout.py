@@ -23,6 +23,11 @@ an id derived from both (:func:`rollout_command_id`): two drivers that decide th
 same generation (a rebalance, briefly, can make two) mint the same id and the log applies one
 copy; a copy decided from an older table is rejected ``stale``.
 
+Every joined label feeds the confidence sequences, but a step's ``min_labels`` counts only
+the labels of events served since the step began (``served_at`` against the record's
+``step_began_at``; the serving worker's clock against the deciding one's): labels of events an
+earlier step served, still arriving, do not pass a step that has not yet served anything.
+
 The evidence is what this worker joins: the labels of the events of the input partitions it
 owns (each worker joins the labels of its own partitions). With N workers the gate sees about
 1/N of the labels, a fixed set of keys; ``min_labels`` counts those.
@@ -46,7 +51,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -92,12 +97,16 @@ class _Session:
     last_at: float = 0.0
     dropped: int = 0
     invalid: int = 0
+    # Labels of events served since the current step began, per side: the step's own count.
+    step_key: tuple[int, float] = (-1, 0.0)
+    at_step: dict[str, int] = field(default_factory=lambda: {"candidate": 0, "incumbent": 0})
 
 
 @dataclass
 class _Buffer:
     labels: list[float] = field(default_factory=list)
     probas: list[float] = field(default_factory=list)
+    served_at: list[float] = field(default_factory=list)
 
 
 class RolloutDriver:
@@ -118,8 +127,11 @@ class RolloutDriver:
 
     # -- the learning thread ---------------------------------------------------------------
 
-    def observe(self, model: str, version: str, label: float, proba: float) -> None:
-        """One joined label and the prediction ``version`` made for its event."""
+    def observe(
+        self, model: str, version: str, label: float, proba: float, served_at: float = math.inf
+    ) -> None:
+        """One joined label, the prediction ``version`` made for its event and when it was
+        served (seconds since the epoch; unknown: counted as served now)."""
         key = (model, version)
         if key not in self._watched:
             return
@@ -128,6 +140,7 @@ class RolloutDriver:
             return
         buf.labels.append(1.0 if label >= 0.5 else 0.0)
         buf.probas.append(proba)
+        buf.served_at.append(served_at)
 
     def tick(
         self,
@@ -223,17 +236,26 @@ class RolloutDriver:
             (record.candidate, "candidate"),
             (record.incumbent, "incumbent"),
         )
+        step_key = (record.step, record.step_began_at)
+        if session.step_key != step_key:  # a new step: its own count starts at 0
+            session.step_key = step_key
+            session.at_step = {"candidate": 0, "incumbent": 0}
         for version, side in sides:
             buf = self._buffers.pop((model, version), None)
             if buf is None or not buf.labels:
                 continue
-            labels, probas = buf.labels, buf.probas
+            labels, probas, served = buf.labels, buf.probas, buf.served_at
             ok = [0.0 <= p <= 1.0 for p in probas]  # NaN fails both comparisons
             if not all(ok):
                 session.invalid += ok.count(False)
                 labels = [y for y, good in zip(labels, ok, strict=True) if good]
                 probas = [p for p, good in zip(probas, ok, strict=True) if good]
+                served = [t for t, good in zip(served, ok, strict=True) if good]
             session.evidence.add_many(side, labels, probas)
+            # Every label feeds the confidence sequence (an event the version scored is a
+            # sample of its loss, whenever it was served); only the labels of events served
+            # since the step began count toward the step's min_labels.
+            session.at_step[side] += sum(1 for t in served if t >= record.step_began_at)
 
     def _decide(
         self, record: RolloutRecord, session: _Session, generation: int, now: float
@@ -249,7 +271,15 @@ class RolloutDriver:
             n_incumbent_before=record.base[1],
             held=record.held,
         )
-        action, _after = next_action(record.plan, state, session.evidence.view(), now)
+        view = session.evidence.view()
+        # The gate counts, at this step, the labels of events served since it began: labels of
+        # events an earlier step served (still arriving) feed the bounds, not the step's count.
+        view = replace(
+            view,
+            n_candidate=record.base[0] + session.at_step["candidate"],
+            n_incumbent=record.base[1] + session.at_step["incumbent"],
+        )
+        action, _after = next_action(record.plan, state, view, now)
         session.last, session.last_at = action, now
         if action.kind is ActionKind.STAY:
             return None
@@ -317,10 +347,7 @@ class RolloutDriver:
                     "lower": _finite(view.lower),
                     "upper": _finite(view.upper),
                 },
-                "at_step": {
-                    "candidate": view.n_candidate - record.base[0],
-                    "incumbent": view.n_incumbent - record.base[1],
-                },
+                "at_step": dict(session.at_step),
                 "restored_from_log": session.restored,
                 "invalid_predictions": session.invalid,
             },

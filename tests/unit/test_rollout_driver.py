@@ -53,13 +53,20 @@ class Log:
         return [d["rollout"]["decision"] for d in docs]
 
 
-def feed(driver: RolloutDriver, version: str, n: int, accuracy: float, seed: int) -> None:
+def feed(
+    driver: RolloutDriver,
+    version: str,
+    n: int,
+    accuracy: float,
+    seed: int,
+    served_at: float = float("inf"),
+) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.random(n) < 0.5
     right = rng.random(n) < accuracy
     for y, ok in zip(labels.tolist(), right.tolist(), strict=True):
         p = 0.9 if y == ok else 0.1
-        driver.observe("risk", version, float(y), p)
+        driver.observe("risk", version, float(y), p, served_at)
 
 
 PLAN = {"steps": [0, 0.5, 1], "metric": "accuracy", "min_labels": 200, "margin": 0.02}
@@ -85,6 +92,30 @@ def test_a_better_candidate_is_promoted_step_by_step() -> None:
     # every step command names the rollout and carries its evidence
     steps = [d for d in log.applied if "rollout" in d and d["command"] != "rollout"]
     assert all(d["rollout"]["id"] == rid and d["rollout"]["evidence"] for d in steps)
+
+
+def test_labels_of_events_an_earlier_step_served_do_not_pass_a_step() -> None:
+    log, driver, now = Log(), RolloutDriver(), T0
+    log.start(PLAN)
+    while log.table.rollouts["risk"].step == 0:
+        now += 1.0
+        feed(driver, "v2", 150, 0.95, seed=int(now), served_at=now - 0.5)
+        feed(driver, "v1", 150, 0.6, seed=int(now) + 1, served_at=now - 0.5)
+        log.tick(driver, now)
+    began = log.table.rollouts["risk"].step_began_at
+    # plenty of labels, but of events served before step 1 began (still arriving)
+    for i in range(5):
+        now += 1.0
+        feed(driver, "v2", 300, 0.95, seed=100 + i, served_at=began - 0.5)
+        feed(driver, "v1", 300, 0.6, seed=200 + i, served_at=began - 0.5)
+        assert log.tick(driver, now) == []
+    status = driver.status()["rollouts"]["risk"]["evidence"]
+    assert status["at_step"] == {"candidate": 0, "incumbent": 0}
+    assert status["versions"]["v2"]["labels"] > 1500  # they fed the bounds all the same
+    now += 1.0
+    feed(driver, "v2", 250, 0.95, seed=300, served_at=began + 0.5)
+    feed(driver, "v1", 250, 0.6, seed=301, served_at=began + 0.5)
+    assert log.tick(driver, now) == ["advance"]
 
 
 def test_a_worse_candidate_is_aborted_at_its_first_gate() -> None:
