@@ -158,6 +158,12 @@ def produce(
     type=click.FloatRange(min=0),
     help="seconds until the concept flips (labels invert); 0: never",
 )
+@click.option(
+    "--rollout",
+    is_flag=True,
+    help="show label-driven rollouts instead: v3-degraded aborted at its first gate, then v2 "
+    "promoted step by step (no canary, no drift)",
+)
 @LOG_LEVEL
 def demo(
     topology_path: Path | None,
@@ -165,6 +171,7 @@ def demo(
     duration: float | None,
     bad_fraction: float,
     drift_at: float,
+    rollout: bool,
 ) -> None:
     """Broker, worker, events in, predictions out, on this machine. Ctrl-C stops it all."""
     from stream_infer.local.demo import DEFAULT_TOPOLOGY, run_demo
@@ -176,6 +183,7 @@ def demo(
             duration_s=duration,
             bad_fraction=bad_fraction,
             drift_at_s=drift_at or None,
+            rollout=rollout,
         )
     )
 

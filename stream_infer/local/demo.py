@@ -8,6 +8,14 @@ ADWIN catches the error drift, the policies retire the canary and move traffic t
 learner, which re-learns. The live table shows events/s, latency, batches, predictions by
 version, dead letters by reason, the routing in force, drift events and each version's
 rolling accuracy. Ctrl-C (or ``--duration``) stops everything; nothing is left running.
+
+With ``rollout=True`` (``stream-infer demo --rollout``) it shows label-driven rollouts instead
+of the canary and the drift: the topology gets the deliberately degraded ``v3-degraded``
+version and no drift policies (a policy's swap would cancel a rollout); a rollout of
+``v3-degraded`` is aborted at its first gate (the shadow step), then one of ``v2`` is promoted
+step by step (0 -> 5 % -> 25 % -> 50 % -> 100 %). The live table shows the step, the weight,
+each version's labels and error rate with its anytime-valid bounds, the bounds on the
+difference against the margin, and every decision.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -133,7 +142,135 @@ class Labeler:
             close_producer(self._producer)
 
 
-def _table(state: dict[str, Any], metrics: dict[str, float]) -> Table:
+# The demo's rollouts: accuracy within 5 points, 300 labels per version at each step.
+ROLLOUT_PLAN: dict[str, Any] = {
+    "steps": [0.0, 0.05, 0.25, 0.5, 1.0],
+    "metric": "accuracy",
+    "margin": 0.05,
+    "confidence": 0.95,
+    "min_labels": 300,
+    "max_duration_s": 60.0,
+    "on_timeout": "abort",
+}
+ROLLOUT_CANDIDATES = ("v3-degraded", "v2")  # the worse one first: it is aborted, then v2
+
+
+def rollout_topology(topology_path: Path, out: Path) -> Path:
+    """The demo topology for rollouts: ``topology_path`` with ``v3-degraded`` beside its
+    first model's versions (from the same folder), labels joined for rollouts, and no drift
+    policies. Model paths become absolute (the file is written elsewhere)."""
+    doc = yaml.safe_load(topology_path.read_text(encoding="utf-8"))
+    base = topology_path.resolve().parent
+    for model in doc["models"]:
+        for version in model["versions"]:
+            version["path"] = str((base / version["path"]).resolve())
+    first = doc["models"][0]
+    names = [v["version"] for v in first["versions"]]
+    if "v3-degraded" not in names and names:
+        sibling = Path(first["versions"][0]["path"]).parent / "v3-degraded"
+        first["versions"].append({"version": "v3-degraded", "path": str(sibling)})
+    online = doc.setdefault("online", {})
+    online["policies"] = []
+    online["rollouts"] = True
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return out
+
+
+class RolloutScript:
+    """Sends the demo's rollouts one after the other and keeps what each decided, from the
+    worker's metrics (the worker drives: it owns every partition)."""
+
+    def __init__(self, topology: Topology, candidates: tuple[str, ...]) -> None:
+        self.topology = topology
+        self.model = topology.models[0].name
+        declared = topology.versions_of(self.model)
+        self.pending = [c for c in candidates if c in declared]
+        self.current: str | None = None
+        self.history: list[str] = []
+        self._seen: dict[str, float] = {}
+        # Whether the worker's gauge has shown the current rollout running (it is set once a
+        # second: right after the ack it may still say none runs).
+        self._seen_running = False
+
+    def step(self, metrics: dict[str, float], console: Console) -> None:
+        """Start the next rollout once none runs; note new decisions."""
+        for key, value in sorted(metrics.items()):
+            if not key.startswith("stream_infer_rollout_decisions_total{"):
+                continue
+            if value > self._seen.get(key, 0.0):
+                decision = key.split("decision=")[1].split(",")[0].rstrip("}")
+                self.history.append(f"{self.current}: {decision}")
+                self._seen[key] = value
+        running = metrics.get(f"stream_infer_rollout_running{{model={self.model}}}", 0.0)
+        self._seen_running |= bool(running)
+        finished = self.current is None or (self._seen_running and not running)
+        if not finished or not self.pending:
+            return
+        candidate = self.pending.pop(0)
+        ctl = Controller(self.topology)
+        try:
+            cmd = new_command("rollout", model=self.model, version=candidate, plan=ROLLOUT_PLAN)
+            sent = ctl.send(cmd)
+            acks = ctl.acks(sent["id"], wait_s=10, workers=1)
+        finally:
+            ctl.close()
+        refused = [a for a in acks if a.get("status") == "rejected"]
+        if refused:
+            console.print(f"control: rollout of {candidate} rejected: {refused[0].get('detail')}")
+            return
+        self.current, self._seen_running = candidate, False
+        self.history.append(f"{candidate}: rollout started")
+        console.print(f"control: rollout of {candidate} ({sent['id']})")
+
+    def rows(self, metrics: dict[str, float]) -> list[tuple[str, str]]:
+        model, out = self.model, []
+        running = metrics.get(f"stream_infer_rollout_running{{model={model}}}", 0.0)
+        step = metrics.get(f"stream_infer_rollout_step{{model={model}}}")
+        weight = metrics.get(f"stream_infer_rollout_weight{{model={model}}}")
+        if self.current is None:
+            return [("rollout", "starting ...")]
+        state = (
+            f"step {step:.0f} of {len(ROLLOUT_PLAN['steps']) - 1}, weight {weight:.0%}"
+            if running and step is not None and weight is not None
+            else "finished"
+        )
+        out.append((f"rollout of {self.current}", state))
+        serving = self.topology.models[0].serving
+        for version in (self.current, serving):
+            labels = metrics.get(f"stream_infer_rollout_labels{{model={model},version={version}}}")
+            stats = {
+                stat: metrics.get(
+                    "stream_infer_rollout_evidence{"
+                    f"metric=accuracy,model={model},stat={stat},version={version}}}"
+                )
+                for stat in ("mean", "lower", "upper")
+            }
+            if labels is None or stats["mean"] is None:
+                continue
+            out.append(
+                (
+                    f"  {version}: labels, error rate [bounds]",
+                    f"{labels:,.0f}, {stats['mean']:.3f} "
+                    f"[{stats['lower'] or 0:.3f}, {stats['upper'] or 0:.3f}]",
+                )
+            )
+        low = metrics.get(f"stream_infer_rollout_difference{{bound=lower,model={model}}}")
+        high = metrics.get(f"stream_infer_rollout_difference{{bound=upper,model={model}}}")
+        if low is not None and high is not None:
+            out.append(
+                (
+                    "  error(candidate) - error(incumbent)",
+                    f"[{low:+.3f}, {high:+.3f}] vs margin {ROLLOUT_PLAN['margin']:+.3f}",
+                )
+            )
+        for line in self.history[-8:]:
+            out.append(("  decision", line))
+        return out
+
+
+def _table(
+    state: dict[str, Any], metrics: dict[str, float], rollout: RolloutScript | None = None
+) -> Table:
     elapsed, rate, snap = state["elapsed"], state["rate"], state["snap"]
     flip = state["flip_in"]
     title = f"stream-infer demo: {elapsed:4.0f}s, offered {rate:,.0f} events/s"
@@ -175,6 +312,9 @@ def _table(state: dict[str, Any], metrics: dict[str, float]) -> Table:
         if key.startswith("stream_infer_prequential{") and "metric=rolling_accuracy" in key:
             version = key.split("version=")[1].rstrip("}")
             table.add_row(f"  rolling accuracy {version}", f"{value:.3f}")
+    if rollout is not None:
+        for what, shown in rollout.rows(metrics):
+            table.add_row(what, shown)
     return table
 
 
@@ -194,12 +334,17 @@ def run_demo(
     duration_s: float | None = None,
     bad_fraction: float = 0.005,
     drift_at_s: float | None = 40.0,
+    rollout: bool = False,
 ) -> int:
     console = Console()
     workdir = ROOT / ".demo"
     workdir.mkdir(exist_ok=True)
+    if rollout:  # rollouts instead of the canary and the drift
+        topology_path = rollout_topology(topology_path, workdir / "rollout-topology.yaml")
+        drift_at_s = None
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         demo = _Demo(console, workdir, topology_path, broker.bootstrap_servers)
+        demo.rollout = rollout
         console.print(f"embedded broker (tansu) on {broker.bootstrap_servers}")
         try:
             return demo.run(rate, duration_s, bad_fraction, drift_at_s)
@@ -242,6 +387,7 @@ class _Demo:
         self.labeler: Labeler | None = None
         self.producer: OpenLoopProducer | None = None
         self.watcher: OutputWatcher | None = None
+        self.rollout = False
 
     def run(
         self, rate: float, duration_s: float | None, bad_fraction: float, drift_at_s: float | None
@@ -250,7 +396,9 @@ class _Demo:
         if not _wait_ready(self.web_port, self.worker):
             self.console.print(f"[red]the worker did not become ready; see {self.log_path}[/red]")
             return 1
-        self._split_canary()
+        script = RolloutScript(self.topology, ROLLOUT_CANDIDATES) if self.rollout else None
+        if script is None:
+            self._split_canary()
         topology = self.topology
         started = time.monotonic()
         flip_at = started + drift_at_s if drift_at_s else None
@@ -289,7 +437,10 @@ class _Demo:
                     "labels": self.labeler.sent if self.labeler else 0,
                     "flip_in": (flip_at - now) if flip_at else None,
                 }
-                live.update(_table(state, scrape(self.web_port)))
+                metrics = scrape(self.web_port)
+                if script is not None and now - started >= 2.0:  # labels flowing first
+                    script.step(metrics, self.console)
+                live.update(_table(state, metrics, script))
                 time.sleep(0.5)
         return 0
 
