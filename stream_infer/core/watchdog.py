@@ -60,11 +60,14 @@ class _Job(Generic[T]):
 class _Runner(threading.Thread):
     """One daemon thread running jobs in order; ``None`` tells it to exit."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, initializer: Callable[[], None] | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._initializer = initializer
 
     def run(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while (job := self.jobs.get()) is not None:
             if not job.future.set_running_or_notify_cancel():
                 continue
@@ -88,6 +91,7 @@ class Watchdog:
         *,
         max_hung: int = 4,
         on_hung: Callable[[ModelVersion, int, bool], None] | None = None,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         if timeout_s <= 0 or max_hung < 1:
             msg = "timeout_s must be > 0 and max_hung >= 1"
@@ -95,6 +99,9 @@ class Watchdog:
         self.timeout_s = timeout_s
         self.max_hung = max_hung
         self._on_hung = on_hung
+        # Run first on every runner thread (the runtime sets the thread's torch intra-op
+        # thread count there: it is per thread, see stream_infer.runtime.threads).
+        self._initializer = initializer
         self._hung: dict[ModelVersion, int] = {}
         self._lock = threading.Lock()
         self._spawned = 0
@@ -102,7 +109,7 @@ class Watchdog:
 
     def _new_runner(self) -> _Runner:
         self._spawned += 1
-        runner = _Runner(f"model-call-{self._spawned}")
+        runner = _Runner(f"model-call-{self._spawned}", self._initializer)
         runner.start()
         return runner
 

@@ -35,6 +35,7 @@ from stream_infer.errors import ModelError
 from stream_infer.inference.device import select_device
 from stream_infer.inference.predictor import TorchPredictor
 from stream_infer.observability import Metrics
+from stream_infer.runtime.threads import torch_threads
 from stream_infer.settings import LearnerSettings, Topology
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Models:
             topology.limits.inference_timeout_s,
             max_hung=topology.limits.max_hung_calls,
             on_hung=self._calls_hung,
+            initializer=torch_threads(topology.worker.inference_threads),
         )
         # Replaced whole on every change, never changed in place (copy-on-write).
         self.predictors: Mapping[ModelVersion, Predictor] = {}

@@ -40,7 +40,7 @@ from stream_infer.runtime.control_plane import ControlPlane
 from stream_infer.runtime.kafka import KafkaClients
 from stream_infer.runtime.learning import LearningService
 from stream_infer.runtime.models import Models
-from stream_infer.runtime.threads import Threads
+from stream_infer.runtime.threads import Threads, torch_threads
 from stream_infer.settings import Topology
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class InferenceRuntime:
         self.topology = topology
         self.metrics = metrics or Metrics()
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
-        self.threads = Threads()
+        init_torch = torch_threads(topology.worker.inference_threads)
+        self.threads = Threads(init_torch)
         self.kafka = KafkaClients(topology, self.metrics, self.worker_id)
         self.learning: LearningService | None = None
         if topology.online.enabled:

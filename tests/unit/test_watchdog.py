@@ -98,3 +98,22 @@ def test_invalid_limits_are_refused() -> None:
         Watchdog(0)
     with pytest.raises(ValueError, match="max_hung"):
         Watchdog(1.0, max_hung=0)
+
+
+def test_every_runner_thread_runs_the_initializer_first_a_fresh_one_after_a_hang_too() -> None:
+    """The runtime sets torch's intra-op thread count in it: per thread, so it must run on the
+    thread that runs the model, also on the one spawned after a hung call."""
+    initialized: list[str] = []
+    release = threading.Event()
+    dog = Watchdog(
+        timeout_s=0.1,
+        max_hung=2,
+        initializer=lambda: initialized.append(threading.current_thread().name),
+    )
+    first = dog.call(KEY, lambda: threading.current_thread().name)
+    assert initialized == [first]
+    with pytest.raises(InferenceTimeout):
+        dog.call(KEY, release.wait)
+    second = dog.call(KEY, lambda: threading.current_thread().name)
+    assert second != first and initialized == [first, second]
+    release.set()
