@@ -46,7 +46,7 @@ import hmac
 import json
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, get_args
 
@@ -617,7 +617,8 @@ class RoutingTable:
                 msg = f"{model}:{candidate} serves already: it cannot be the rollout's candidate"
                 raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
             plan = rollout_plan(cmd.rollout, cmd.id)
-            return {**self.routes, model: step_route(current, incumbent, candidate, plan, 0)}
+            order = self.declared[model]
+            return {**self.routes, model: step_route(incumbent, candidate, plan, 0, order)}
         if cmd.action == "hold":
             self._check_step(cmd, model, running)
             return dict(self.routes)
@@ -829,23 +830,23 @@ def evidence_counts(evidence: Mapping[str, Any] | None) -> tuple[int, int]:
 
 
 def step_route(
-    current: Route, incumbent: str, candidate: str, plan: RolloutPlan, step: int
+    incumbent: str, candidate: str, plan: RolloutPlan, step: int, order: Sequence[str]
 ) -> Route:
     """The routing of a rollout's ``step``: weight 0 shadows the candidate beside the
-    incumbent; a weight in (0, 1) splits; weight 1 serves the candidate alone.
+    incumbent; a weight in (0, 1) splits (versions in the model's declared ``order``, as a
+    ``split`` command's, so the keys stay sticky from this step to the driver's next ones);
+    weight 1 serves the candidate alone.
 
     >>> plan = RolloutPlan.of([0.0, 0.25, 1.0])
-    >>> step_route(Route.single("v1"), "v1", "v2", plan, 0).as_dict()
+    >>> step_route("v1", "v2", plan, 0, ("v1", "v2")).as_dict()
     {'weights': {'v1': 1.0}, 'shadow': 'v2'}
-    >>> step_route(Route.single("v1"), "v1", "v2", plan, 1).as_dict()
-    {'weights': {'v1': 0.75, 'v2': 0.25}, 'shadow': None}
+    >>> step_route("v2", "v1", plan, 1, ("v1", "v2")).as_dict()
+    {'weights': {'v1': 0.25, 'v2': 0.75}, 'shadow': None}
     """
     weight = plan.steps[step].weight
     if weight == 0.0:
         return Route.single(incumbent).with_shadow(candidate)
-    if weight == 1.0:
-        return Route.single(candidate)
-    return Route(weights=((incumbent, 1.0 - weight), (candidate, weight)))
+    return Route.split({incumbent: round(1.0 - weight, 12), candidate: weight}, order)
 
 
 def required_versions(routes: Mapping[str, Route]) -> set[ModelVersion]:

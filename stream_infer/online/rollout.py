@@ -92,7 +92,7 @@ class _Session:
     evidence: Evidence
     synced: str  # the record's last command this evidence follows
     restored: bool  # the evidence came from a step command's tag
-    pending: tuple[str, float] | None = None  # (command id, when sent)
+    pending: tuple[str, float, int] | None = None  # (command id, when sent, its generation)
     last: Action | None = None
     last_at: float = 0.0
     dropped: int = 0
@@ -261,8 +261,11 @@ class RolloutDriver:
         self, record: RolloutRecord, session: _Session, generation: int, now: float
     ) -> dict[str, Any] | None:
         if session.pending is not None:
-            if now - session.pending[1] < self.resend_s:
-                return None  # the log has not applied it yet
+            _id, sent_at, decided_at = session.pending
+            # Not applied yet: wait for it, unless the table has moved on since (another
+            # command made it stale: decide again now) or resend_s has passed.
+            if generation == decided_at and now - sent_at < self.resend_s:
+                return None
             session.pending = None
         state = RolloutState(
             step=record.step,
@@ -284,7 +287,7 @@ class RolloutDriver:
         if action.kind is ActionKind.STAY:
             return None
         doc = self._command(record, session, action, generation)
-        session.pending = (str(doc["id"]), now)
+        session.pending = (str(doc["id"]), now, generation)
         log.info(
             "rollout %s of %s: %s at step %d (%s)",
             record.id,

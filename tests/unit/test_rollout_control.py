@@ -226,6 +226,13 @@ def test_an_operators_routing_change_cancels_the_rollout_and_its_driver_steps_go
     assert t.rollouts["risk"].id == s2.id and t.rollouts["risk"].outcome == "running"
 
 
+def test_a_first_step_above_0_splits_in_the_declared_order() -> None:
+    t = RoutingTable.initial({"risk": ("v1", "v2", "v3")}, {"risk": "v3"}, now=T0)
+    t.apply(start({"steps": [0.1, 1]}, version="v1"), 0.0)
+    # v1 is declared first: it owns the low buckets, as the driver's later splits will
+    assert t.routes["risk"].weights == (("v1", 0.1), ("v3", 0.9))
+
+
 def test_conflicting_rollouts_are_refused() -> None:
     t = table()
     assert reason(t, start(version="v1")) == control.ROLLOUT_CONFLICT  # the incumbent itself

@@ -27,7 +27,9 @@ class Log:
     """A control log and the table every worker builds from it."""
 
     def __init__(self) -> None:
-        self.table = RoutingTable.initial({"risk": ("v1", "v2")}, {"risk": "v1"}, now=T0)
+        self.table = RoutingTable.initial(
+            {"risk": ("v1", "v2"), "spam": ("a", "b")}, {"risk": "v1", "spam": "a"}, now=T0
+        )
         self.applied: list[dict[str, Any]] = []
         self.rejected: list[tuple[dict[str, Any], str]] = []
 
@@ -116,6 +118,21 @@ def test_labels_of_events_an_earlier_step_served_do_not_pass_a_step() -> None:
     feed(driver, "v2", 250, 0.95, seed=300, served_at=began + 0.5)
     feed(driver, "v1", 250, 0.6, seed=301, served_at=began + 0.5)
     assert log.tick(driver, now) == ["advance"]
+
+
+def test_a_step_made_stale_by_another_command_is_decided_again_at_once() -> None:
+    log, driver = Log(), RolloutDriver(resend_s=600.0)
+    log.start(PLAN)
+    log.tick(driver, T0 + 1)
+    feed(driver, "v2", 300, 0.95, seed=1)
+    feed(driver, "v1", 300, 0.6, seed=2)
+    docs = driver.tick(dict(log.table.rollouts), log.table.generation, driving=True, now=T0 + 2)
+    assert [d["rollout"]["decision"] for d in docs] == ["advance"]
+    log.write({"id": "other", "command": "swap", "model": "spam", "version": "b"}, T0 + 2)
+    log.write(docs[0], T0 + 2)  # computed before the swap: stale
+    assert [r for _, r in log.rejected] == [control.STALE]
+    assert log.tick(driver, T0 + 3) == ["advance"]  # not after resend_s: the table moved on
+    assert log.table.rollouts["risk"].step == 1
 
 
 def test_a_worse_candidate_is_aborted_at_its_first_gate() -> None:
