@@ -72,7 +72,6 @@ class LearningService:
         self._rollouts = rollouts
         self.rollout_driver = RolloutDriver(worker_id or worker)
         self.rollout_metrics = RolloutMetrics(metrics)
-        self._rollout_models: set[str] = set()
         self._publish = publish
         self._predictors = predictors
         # Join, score, learn, drift, policy: the pure step this thread runs on each item.
@@ -303,7 +302,6 @@ class LearningService:
         status = self.rollout_driver.status()["rollouts"]
         for model, record in records.items():
             running = record.outcome == "running"
-            self._rollout_models.add(model)
             m.running.labels(model).set(1 if running else 0)
             m.step.labels(model).set(record.step if running else -1)
             m.weight.labels(model).set(record.weight)
