@@ -108,14 +108,18 @@ class InferenceRuntime:
         is taken again if it moved, so the records are never older than the generation given
         (the table moves a rollout before it counts the generation)."""
         table = self.control.table
-        while True:
+        before, records = table.generation, {}
+        for _ in range(100):  # a command takes microseconds to apply: a few tries at most
             before = table.generation
             try:
                 records = dict(table.rollouts)
             except RuntimeError:  # the dict changed while copied: read again
                 continue
             if table.generation == before:
-                return before, records
+                break
+        # After 100 moving reads (a flood of commands) the last one: a step decided from it
+        # carries an older generation than the table's and is rejected stale, never misapplied.
+        return before, records
 
     def _rollout_driver_view(self) -> dict[str, Any] | None:
         """The rollout driver's live view, when this worker drives a running rollout."""
