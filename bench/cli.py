@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     run_info["broker"] = broker_info
     code = 0
     try:
-        _run_parts(plan, parts, raw_dir, results, run_info, broker_info)
+        _run_parts(plan, parts, raw_dir, results, run_info, broker_info, out_dir)
     except KeyboardInterrupt:
         say("interrupted: stopping everything")
         run_info["interrupted"] = True
@@ -310,6 +310,7 @@ def _run_parts(
     results: dict[str, Any],
     run_info: dict[str, Any],
     broker_info: dict[str, Any],
+    out_dir: Path,
 ) -> None:
     from bench import procs, runner
 
@@ -322,6 +323,7 @@ def _run_parts(
                 supervisor=supervisor,
                 plan=plan,
                 work_dir=raw_dir,
+                results_dir=out_dir,
             )
             runner.say(
                 f"{broker_info['name']} {broker_info.get('version') or ''} on "
@@ -504,6 +506,19 @@ def _steps(
             steps.append(
                 ("features", lambda: results.update(features=features.measure_features(ctx, plan)))
             )
+    if "tail" in parts or "profile" in parts:
+        from bench import profile
+
+        if "tail" in parts:
+            steps.append(("tail", lambda: results.update(tail=profile.measure_tail(ctx, plan))))
+        if "profile" in parts:
+
+            def profiled() -> None:
+                out_dir = ctx.results_dir or ctx.work_dir
+                out_dir.mkdir(parents=True, exist_ok=True)
+                results["profile"] = profile.measure_profile(ctx, plan, out_dir)
+
+            steps.append(("profile", profiled))
     return steps
 
 

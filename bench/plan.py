@@ -15,6 +15,8 @@ PARTS = (
     "peers",
     "models",
     "features",
+    "tail",
+    "profile",
 )
 
 
@@ -62,6 +64,16 @@ class Plan:
     peers_heavy_events_fast: int = 50_000  # heavy model (bench/workloads.py HEAVY)
     peers_heavy_events_quix: int = 10_000
     peers_workloads: tuple[str, ...] = ("small", "heavy")  # bench/workloads.py keys
+    # Issue 16, part "tail" (bench/profile.py): stream-infer at tail_rate for tail_duration_s,
+    # tail_runs times, each beside a floor run at the same rate; part "profile": py-spy on the
+    # worker at saturation, profile_delay_s after its start (start-up and first fetch), for
+    # profile_duration_s (the worker must still be busy: profile_events covers ~25 s at 40k/s).
+    tail_rate: float = 5_000.0
+    tail_duration_s: float = 20.0
+    tail_runs: int = 3
+    profile_events: int = 1_200_000
+    profile_delay_s: float = 12.0
+    profile_duration_s: float = 10.0
     # Harness.
     session_timeout_ms: int = 10_000
     start_timeout_s: float = 120.0  # until the first prediction
@@ -120,4 +132,10 @@ QUICK = Plan(
     peers_events_quix=3_000,
     peers_heavy_events_fast=5_000,
     peers_heavy_events_quix=1_000,
+    tail_rate=2_000.0,
+    tail_duration_s=3.0,
+    tail_runs=1,
+    profile_events=150_000,
+    profile_delay_s=12.0,
+    profile_duration_s=3.0,
 )

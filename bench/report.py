@@ -671,6 +671,9 @@ def markdown(results: dict[str, Any], baseline: dict[str, Any] | None = None) ->
 
     lines += features.markdown_lines(results)
     lines += _peers_md(results)
+    from bench import profile  # issue 16: the tail at low load, the flame graph
+
+    lines += profile.markdown_lines(results)
     lines += ["![p99 latency vs throughput](latency_vs_throughput.png)", ""]
     return "\n".join(lines)
 

@@ -67,6 +67,7 @@ class BenchContext:
     supervisor: Supervisor
     plan: Plan
     work_dir: Path
+    results_dir: Path | None = None  # where results.json goes (the profile's flame graph too)
     pool: EventPool = field(default_factory=lambda: EventPool(load_topology(BASE_TOPOLOGY, env={})))
 
 
