@@ -159,7 +159,7 @@ def run_until(
     audit: Audit,
     rollout_id: str,
     done: Any,
-    timeout_s: float = 60.0,
+    timeout_s: float = 90.0,
 ) -> dict[str, Any]:
     """Feed events and labels until ``done(record)`` holds for the rollout's record."""
     deadline = time.monotonic() + timeout_s
