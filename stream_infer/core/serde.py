@@ -27,6 +27,7 @@ from stream_infer.core.events import SCHEMA_VERSION, DeadLetter, FeatureBatch, R
 from stream_infer.errors import InvalidEvent
 
 _NUMBER = (int, float)
+_NUMBER_TYPES = frozenset(_NUMBER)
 MAX_ID_CHARS = 512
 
 # Dead-letter reasons.
@@ -118,7 +119,7 @@ class FeatureDecoder:
                     also = f", unexpected {extra[:10]}" if extra else ""
                     raise InvalidEvent(MISSING_FEATURE, f"missing {missing[:10]}{also}")
                 raise InvalidEvent(UNEXPECTED_FEATURE, f"unexpected {extra[:10]}")
-            row = [feats[n] for n in self.features]
+            row = list(map(feats.__getitem__, self.features))
         elif type(feats) is list:
             if len(feats) != len(self.features):
                 msg = f"got {len(feats)} features, expected {len(self.features)}"
@@ -129,10 +130,10 @@ class FeatureDecoder:
         else:
             msg = f"'features' must be an object or an array, got {type(feats).__name__}"
             raise InvalidEvent(INVALID_FEATURE_TYPE, msg)
-        for value in row:
-            if type(value) not in _NUMBER:
-                msg = f"feature values must be numbers, got {type(value).__name__}"
-                raise InvalidEvent(INVALID_FEATURE_TYPE, msg)
+        if not _NUMBER_TYPES.issuperset(map(type, row)):  # one C-level pass over the row
+            bad = next(v for v in row if type(v) not in _NUMBER)
+            msg = f"feature values must be numbers, got {type(bad).__name__}"
+            raise InvalidEvent(INVALID_FEATURE_TYPE, msg)
         return row
 
     def decode_batch(self, records: Sequence[Record]) -> tuple[FeatureBatch, list[DeadLetter]]:
