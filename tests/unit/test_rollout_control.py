@@ -288,3 +288,34 @@ def test_two_tables_that_read_the_same_log_agree() -> None:
     assert a.routes == b.routes and a.generation == b.generation
     assert a.rollouts["risk"].as_dict() == b.rollouts["risk"].as_dict()
     assert a.rollouts["risk"].outcome == "aborted"
+
+
+def test_an_ack_carries_the_rollouts_and_the_drivers_view_and_fits_its_schema(
+    validators: dict[str, Any],
+) -> None:
+    from stream_infer.online.rollout import RolloutDriver
+
+    t = table()
+    s = start()
+    t.apply(s, now=0.0)
+    driver = RolloutDriver("w-1")
+    driver.tick(dict(t.rollouts), t.generation, driving=True, now=T0 + 1)
+    driver.observe("risk", "v2", 1.0, 0.9, T0 + 1)
+    driver.observe("risk", "v1", 1.0, 0.4, T0 + 1)
+    driver.tick(dict(t.rollouts), t.generation, driving=True, now=T0 + 2)
+    raw = control.encode_ack(
+        command_id="c",
+        command="status",
+        worker="w-1",
+        table=t,
+        error=None,
+        now=T0 + 2,
+        rollout_driver=driver.status(),
+    )
+    ack = orjson.loads(raw)
+    validators["control-ack"].validate(ack)
+    assert ack["routing"]["rollouts"]["risk"]["id"] == s.id
+    live = ack["rollout_driver"]["rollouts"]["risk"]
+    assert live["step"] == 0 and live["evidence"]["versions"]["v2"]["labels"] == 1
+    assert live["evidence"]["at_step"] == {"candidate": 1, "incumbent": 1}
+    assert live["decision"]["kind"] == "stay"
