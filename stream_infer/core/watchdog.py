@@ -67,7 +67,10 @@ class _Runner(threading.Thread):
 
     def run(self) -> None:
         if self._initializer is not None:
-            self._initializer()
+            try:
+                self._initializer()
+            except Exception:  # a performance setting: the runner must run jobs regardless
+                log.exception("the model-call thread's initializer failed; running without it")
         while (job := self.jobs.get()) is not None:
             if not job.future.set_running_or_notify_cancel():
                 continue

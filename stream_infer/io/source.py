@@ -137,6 +137,11 @@ def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
     return offsets
 
 
+# How much longer than one measurement's budgets (plus the interval) the lag probe may go
+# without finishing one before /healthz says it hangs.
+PROBE_GRACE_S = 30.0
+
+
 class BatchSource:
     def __init__(
         self,
@@ -169,9 +174,9 @@ class BatchSource:
         self.topics = topics
         # Topics not consumed whose existence is checked with the subscribed ones.
         self.watched = [t for t in dict.fromkeys(watched) if t not in topics]
-        # Metadata answers in a row that said a topic does not exist (consumer thread only).
+        # Metadata answers in a row that said a topic does not exist (the lag probe's thread).
         self._absent: dict[str, int] = {}
-        # The topics found vanished since start, published whole by the consumer thread (read
+        # The topics found vanished since start, published whole by the lag probe (read
         # on the event loop: never a container another thread changes).
         self._vanished: tuple[str, ...] = ()
         self._ask_next = 0  # where the next metadata refresh starts in the needed topics
@@ -203,6 +208,8 @@ class BatchSource:
         self._probe_wake = threading.Event()  # _lag_due moved earlier, or stop
         self._probe_stop = threading.Event()
         self._paused_since: float | None = None  # every slot taken since (consumer thread)
+        self._probe_started_at: float | None = None
+        self.probe_error: BaseException | None = None  # the probe's thread ended with it
         # Orders the probe's lag write against a revocation's clean-up (never a revoked
         # partition's lag written back after it).
         self._lag_lock = threading.Lock()
@@ -225,12 +232,32 @@ class BatchSource:
     def start(self) -> None:
         self._consumer = Consumer(self._conf)
         self._thread.start()
+        self._probe_started_at = time.monotonic()
         self._probe.start()
 
     @property
     def probe_alive(self) -> bool:
         """The lag probe's thread runs (it ends only with the consumer thread)."""
         return self._probe.is_alive()
+
+    def probe_problem(self, now: float | None = None) -> str | None:
+        """Why the lag probe needs a restart (None: it works): it failed, or no measurement
+        ended for much longer than one takes (a broker call that never returns): the lag, the
+        topics' existence and the outage detection would all freeze at their last values."""
+        if self.probe_error is not None:
+            return f"the lag probe failed: {self.probe_error!r}"
+        started = self._probe_started_at
+        if started is None or self._probe_stop.is_set():
+            return None
+        last = max(started, self._measured_at)
+        budget = self.metadata_budget_s + self.lag_budget_s + 2 * self.metadata_timeout_s
+        stuck_s = (time.monotonic() if now is None else now) - last
+        if stuck_s > self.lag_interval_s + budget + PROBE_GRACE_S:
+            return (
+                f"the lag probe has not finished a measurement for {stuck_s:.0f} s (one takes "
+                f"at most {budget:g} s, every {self.lag_interval_s:g} s): a broker call hangs"
+            )
+        return None
 
     @property
     def in_flight(self) -> int:
@@ -520,9 +547,11 @@ class BatchSource:
                     continue
                 self._measure_lag(consumer, paused=self._paused_since is not None)
         except BaseException as exc:
-            # /healthz reports it (source.error): the lag and the topics' existence would
+            if self._probe_stop.is_set():
+                return  # overran the join while the consumer closed: nothing to report
+            # /healthz reports it (probe_problem): the lag and the topics' existence would
             # freeze at their last values, which a restart mends.
-            self.error = exc
+            self.probe_error = exc
             log.exception("the lag probe failed")
 
     def _stop_probe(self) -> None:
@@ -560,6 +589,8 @@ class BatchSource:
         lag = {tp: n for tp, n in self.lag.items() if tp in mine}  # kept if not measured
         marks: dict[tuple[str, int], tuple[int, int]] = {}
         for topic, partition in owned:
+            if self._probe_stop.is_set():
+                return  # the consumer is closing
             tp = TopicPartition(topic, partition)
             known = (topic, partition) in self._positions
             found = None
@@ -619,7 +650,7 @@ class BatchSource:
         asked = 0
         for i, topic in enumerate(needed[start:] + needed[:start]):
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._probe_stop.is_set():
                 break
             timeout = self.metadata_timeout_s if i == 0 else min(self.metadata_timeout_s, left)
             try:

@@ -21,9 +21,12 @@ loader threads are one thread each, so batches, and commands and loads, keep the
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -83,9 +86,10 @@ def _barrier() -> None:
 def torch_threads(n: int) -> Callable[[], None]:
     """An initializer that sets the calling thread's torch intra-op thread count to ``n``.
 
-    torch's OpenMP pool size is per calling thread: ``torch.set_num_threads`` on one thread
-    left the model-call thread, which runs every forward pass, at OpenMP's default (one per
-    core), and an idle OpenMP worker spins at its barrier between batches. Found with
+    torch's OpenMP pool size is per calling thread, set lazily at the thread's first op from
+    the process-wide value of that moment: ``torch.set_num_threads`` on one thread left the
+    model-call thread, which runs every forward pass, at OpenMP's default (one per core), and
+    an idle OpenMP worker spins at its barrier between batches. Found with
     py-spy and gdb at saturation (issue 16): a libgomp thread in ``gomp_barrier_wait_end``
     burnt 33-42 % of a core beside the model-call thread's 15-19 %; OMP_NUM_THREADS=1 took the
     worker from 0.039 to 0.018 CPU s per 1k events. So every thread that runs torch sets it."""
@@ -93,6 +97,13 @@ def torch_threads(n: int) -> Callable[[], None]:
     def initialize() -> None:
         import torch  # the runtime imports torch anyway; kept out of this module's import
 
-        torch.set_num_threads(n)
+        try:
+            # torch initializes a thread's OpenMP count lazily, at its first op, from the
+            # process-wide value of that moment (whatever thread set it last): trigger that
+            # first, then set this thread's own, which sticks.
+            torch.get_num_threads()
+            torch.set_num_threads(n)
+        except Exception:  # a performance setting: never a broken executor over it
+            log.exception("torch.set_num_threads(%d) failed", n)
 
     return initialize

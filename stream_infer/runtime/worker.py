@@ -148,6 +148,8 @@ class InferenceRuntime:
             )
         if source is not None and source.error is not None:
             problems.append(f"the batch source failed: {source.error!r}")
+        if source is not None and (probe := source.probe_problem()):
+            problems.append(probe)
         if source is not None and source.group_problem is not None:
             problems.append(source.group_problem)
         if source is not None and (vanished := source.vanished):
@@ -253,6 +255,9 @@ class InferenceRuntime:
         """Start serving: ``put_batch`` and ``put_command`` put a micro-batch and a control
         record on their agents' channels (on this event loop; the source's and the control
         log's threads reach them through :meth:`Threads.bridge`)."""
+        # Before any version loads: a torch.export version is full of reference cycles, and a
+        # frozen one would never be freed after a swap unloads it.
+        freeze_heap()
         await self.threads.on_inference(self._prepare)
         topo = self.topology
         self.kafka.open(self.threads.bridge(put_batch), self._assigned)
@@ -288,7 +293,6 @@ class InferenceRuntime:
         source = self.kafka.source
         if source is not None and self.models.serves and not self._source_started:
             self._source_started = True
-            freeze_heap()
             source.start()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -341,15 +345,16 @@ class InferenceRuntime:
 
 
 def freeze_heap() -> None:
-    """Collect, then move every object alive now (faust, torch, the models, the routing) into
-    the collector's permanent generation (``gc.freeze``), once, before the first record is read.
+    """Collect, then move every object alive now (faust, torch, the topology, the clients) into
+    the collector's permanent generation (``gc.freeze``), once, at start, before any model
+    version loads (those are collected as usual: an unloaded version is freed).
 
     CPython's full (generation 2) collection walks every tracked object, and a loaded worker
     holds a few hundred thousand of them: one full collection stopped every thread for 80 to
     400 ms in the benchmark, every few seconds under load, which was the worker's tail at low
     load. Frozen objects are still freed when their reference count drops to zero; only a
     reference cycle among them is never collected, which start-up objects that live as long
-    as the process do not form. Objects made later (batches, later versions) are collected as
+    as the process do not form. Objects made later (versions, batches) are collected as
     before."""
     started = time.perf_counter()
     gc.collect()

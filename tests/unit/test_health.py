@@ -105,3 +105,38 @@ def test_commands_apply_one_after_another_while_the_acks_topic_refuses_write(
     producer.refused.clear()  # granted: both acks go out, in order
     _wait_for(lambda: sum(producer.acked.values()) == 2, 2.0)
     assert len(runtime.kafka.publisher) == 0
+
+
+def test_a_lag_probe_that_failed_fails_the_health_check(runtime: InferenceRuntime) -> None:
+    from stream_infer.io.source import BatchSource
+
+    source = BatchSource(
+        {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=1, hand_off=lambda _b: None
+    )
+    runtime.kafka.source = source
+    assert not any("lag probe" in p for p in runtime.health_problems())
+    source.probe_error = RuntimeError("boom")
+    assert "the lag probe failed: RuntimeError('boom')" in runtime.health_problems()
+
+
+def test_the_models_threads_run_torch_with_the_topologys_thread_count(
+    runtime: InferenceRuntime,
+) -> None:
+    """torch's intra-op thread count is per thread: the model-call thread and the inference
+    thread must have the topology's, whatever another thread set (issue 16: a spinning
+    OpenMP worker took a third of a core when they did not)."""
+    import torch
+
+    from stream_infer.core.events import ModelVersion
+
+    wanted = runtime.topology.worker.inference_threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(wanted + 1)  # this thread: what a new thread would inherit
+    try:
+        on_model_thread = runtime.models.watchdog.call(
+            ModelVersion("m", "v"), torch.get_num_threads
+        )
+        on_inference = runtime.threads.inference.submit(torch.get_num_threads).result(10)
+    finally:
+        torch.set_num_threads(before)
+    assert (on_model_thread, on_inference) == (wanted, wanted)

@@ -39,3 +39,36 @@ def test_torch_threads_sets_the_calling_threads_count() -> None:
         assert got == [wanted]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_version_loaded_after_the_start_up_freeze_is_freed_when_dropped() -> None:
+    """freeze_heap runs before any version loads: a torch.export version is full of reference
+    cycles, and a frozen one would stay resident after a swap unloads it."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from stream_infer.inference.predictor import TorchPredictor
+    from stream_infer.runtime.worker import freeze_heap
+    from stream_infer.settings import load_topology
+
+    root = Path(__file__).resolve().parents[2]
+    topo = load_topology(root / "topologies" / "phishing.yaml", env={})
+    model = topo.models[0]
+    version = model.version(model.serving)
+    assert version is not None
+    freeze_heap()
+    try:
+        _meta, predictor = TorchPredictor.load(
+            version.path,
+            model=model.name,
+            version=version.version,
+            features=topo.features,
+            device=torch.device("cpu"),
+        )
+        module = weakref.ref(predictor._module)
+        del predictor, _meta
+        gc.collect()
+        assert module() is None
+    finally:
+        gc.unfreeze()
