@@ -113,6 +113,9 @@ class Command:
     action: str | None = None
     # ``rollout`` start: the plan document; a driver's step command: its tag (see above).
     rollout: Mapping[str, Any] | None = None
+    # When the control log got it (the Kafka record's timestamp; None when not read from a
+    # log): a rollout's record times a command without ``issued_at`` by it.
+    logged_at: float | None = None
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
@@ -289,7 +292,8 @@ def parse_command(
             msg = "the signature does not match the command"
             raise ControlError(BAD_SIGNATURE, msg, command_id=command_id)
     issued_at = _issued_at(doc, command_id, max_age_s, record_ts)
-    return _shape(doc, command_id, issued_at)
+    cmd = _shape(doc, command_id, issued_at)
+    return cmd if record_ts is None else replace(cmd, logged_at=float(record_ts))
 
 
 def _shape(doc: Mapping[str, Any], command_id: str, issued_at: float | None) -> Command:
@@ -484,6 +488,9 @@ class RoutingTable:
     generation: int = 0
     # Per model, its latest rollout (running or finished), as the log has moved it.
     rollouts: dict[str, RolloutRecord] = field(default_factory=dict)
+    # Whether the topology scores shadows (has topics.shadow): without, a rollout's shadow step
+    # (weight 0) would never gather a label, and is rejected. None: not known, not checked.
+    shadows: bool | None = None
 
     @classmethod
     def initial(
@@ -493,15 +500,18 @@ class RoutingTable:
         now: float,
         *,
         learners: set[ModelVersion] | frozenset[ModelVersion] | None = None,
+        shadows: bool | None = None,
     ) -> RoutingTable:
         """``learners``: the (model, version) pairs that are online learners (None: not
-        checked, any declared version may be reset)."""
+        checked, any declared version may be reset). ``shadows``: whether the topology scores
+        shadows (the same on every worker: it is the topology's; None: not checked)."""
         routes = {model: Route.single(version) for model, version in serving.items()}
         return cls(
             declared=dict(declared),
             routes=routes,
             changed_at=now,
             learners=None if learners is None else frozenset(learners),
+            shadows=shadows,
         )
 
     def apply(self, cmd: Command, now: float) -> bool:
@@ -548,6 +558,7 @@ class RoutingTable:
         running = self.rollouts.get(model)
         if running is not None and running.outcome != "running":
             running = None
+        _check_timed(cmd)
         if cmd.command == "rollout":
             return self._plan_rollout(cmd, model, current, running, known)
         if cmd.rollout is not None:  # a driver's step: it must follow the rollout in force
@@ -617,6 +628,13 @@ class RoutingTable:
                 msg = f"{model}:{candidate} serves already: it cannot be the rollout's candidate"
                 raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
             plan = rollout_plan(cmd.rollout, cmd.id)
+            if self.shadows is False and any(s.weight == 0.0 for s in plan.steps):
+                msg = (
+                    "the plan has a shadow step (weight 0), but the topology has no "
+                    "topics.shadow: a shadow is never scored there, so the step would never "
+                    "gather a label; start the plan at a weight > 0, or add topics.shadow"
+                )
+                raise ControlError(INVALID_ROLLOUT, msg, command_id=cmd.id)
             order = self.declared[model]
             return {**self.routes, model: step_route(incumbent, candidate, plan, 0, order)}
         if cmd.action == "hold":
@@ -643,11 +661,54 @@ class RoutingTable:
         if decision == "advance" and running.held:
             msg = f"rollout {running.id} is held at step {running.step}: resume it first"
             raise ControlError(STALE, msg, command_id=cmd.id)
+        self._check_body(cmd, running)
+
+    def _check_body(self, cmd: Command, running: RolloutRecord) -> None:
+        """A driver's step does what its tag says, as the plan says: an advance routes the
+        step's weight (:func:`step_route`), a promote swaps to the candidate at the last step,
+        an abort swaps to the incumbent, a hold is a ``rollout`` hold. ControlError otherwise."""
+        tag = cmd.rollout or {}
+        decision, step = tag.get("decision"), int(tag.get("step", -1))
+        model, candidate, incumbent = running.model, running.candidate, running.incumbent
+        if decision == "advance":
+            order = self.declared[model]
+            want = step_route(incumbent, candidate, running.plan, step, order)
+            if cmd.command == "split":
+                try:
+                    got: Route | None = Route.split(cmd.weights or {}, order)
+                except ValueError:
+                    got = None
+            elif cmd.command == "swap":
+                got = Route.single(cmd.version or "")
+            else:
+                got = None
+            ok = got is not None and got.weights == want.weights and want.shadow is None
+            expected = f"route {want.as_dict()}"
+        elif decision == "promote":
+            last = len(running.plan.steps) - 1
+            ok = cmd.command == "swap" and cmd.version == candidate and step == last
+            expected = f"a swap to the candidate {candidate!r} at the last step ({last})"
+        elif decision == "abort":
+            ok = cmd.command == "swap" and cmd.version == incumbent
+            expected = f"a swap to the incumbent {incumbent!r}"
+        else:  # hold
+            ok = cmd.command == "rollout"
+            expected = "a rollout hold"
+        if not ok:
+            msg = (
+                f"a {decision} at step {step} of rollout {running.id} must be {expected}; "
+                f"the command does not match its plan"
+            )
+            raise ControlError(INVALID_ROLLOUT, msg, command_id=cmd.id)
 
     def _track_rollout(self, cmd: Command, routes: dict[str, Route], when: float) -> bool:
-        """Move the model's rollout record as ``cmd`` says; whether it changed."""
+        """Move the model's rollout record as ``cmd`` says; whether it changed. ``when``: the
+        command's time in the log (its ``issued_at``, else its record's time)."""
         model = cmd.model or ""
         record = self.rollouts.get(model)
+        # A start or an advance: the routing generation it makes (every rollout change counts
+        # one); the labels of events served at it or later are the step's own.
+        generation = self.generation + 1
         if cmd.command == "rollout" and cmd.action == "start":
             current = self.routes[model]
             self.rollouts[model] = RolloutRecord(
@@ -661,6 +722,7 @@ class RoutingTable:
                 started_at=when,
                 step_started_at=when,
                 step_began_at=when,
+                step_generation=generation,
                 last_command=cmd.id,
                 decisions=(_decision(cmd, "start", 0, routes[model], when),),
             )
@@ -703,6 +765,7 @@ class RoutingTable:
         if kind == "advance":
             changes |= {"step": int(tag["step"]), "step_started_at": when, "held": False}
             changes["step_began_at"] = when
+            changes["step_generation"] = generation
             changes["base"] = evidence_counts(evidence)
         elif kind == "hold":
             changes["held"] = True
@@ -719,8 +782,12 @@ class RoutingTable:
         counts in ``generation`` even when no route changes.
         """
         self.seen.add(cmd.id)
-        when = cmd.issued_at if cmd.issued_at is not None else now
-        rollout_moved = cmd.model in self.routes and self._track_rollout(cmd, routes, when)
+        # Never this machine's clock: two workers that apply the same log an hour apart, or a
+        # replay, hold the same record (a rollout's own commands without a time are rejected).
+        when = _when(cmd)
+        rollout_moved = cmd.model in self.routes and self._track_rollout(
+            cmd, routes, when if when is not None else 0.0
+        )
         if cmd.command in NO_ROUTING_CHANGE:
             if cmd.command == "reset_learner":
                 self.generation += 1
@@ -772,6 +839,9 @@ class RolloutRecord:
     # When the step began (its command's issued_at; a resume does not move it): the labels of
     # events served since then are the step's own.
     step_began_at: float = 0.0
+    # The routing generation the step's command made: a step's labels are those of events
+    # served by a routing of this generation or later (what served them, not when).
+    step_generation: int = 0
     held: bool = False
     outcome: str = "running"  # running, promoted, aborted, cancelled
     base: tuple[int, int] = (0, 0)  # (candidate, incumbent) labels when the step began
@@ -801,10 +871,26 @@ class RolloutRecord:
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
             "step_began_at": self.step_began_at,
+            "step_generation": self.step_generation,
             "evidence": self.evidence,
             "cancelled_by": self.cancelled_by,
             "decisions": list(self.decisions[-20:]),
         }
+
+
+def _check_timed(cmd: Command) -> None:
+    """A rollout's own commands must have a time in the log; ControlError if not."""
+    if (cmd.command == "rollout" or cmd.rollout is not None) and _when(cmd) is None:
+        msg = (
+            "a rollout's commands carry 'issued_at' (or come from the control log, whose "
+            "record time stands in): its record's times are the log's, the same everywhere"
+        )
+        raise ControlError(INVALID_ROLLOUT, msg, command_id=cmd.id)
+
+
+def _when(cmd: Command) -> float | None:
+    """A command's time in the log: its ``issued_at``, else its record's timestamp."""
+    return cmd.issued_at if cmd.issued_at is not None else cmd.logged_at
 
 
 def _decision(

@@ -103,6 +103,9 @@ class BatchResult:
     inference_s: float = 0.0
     n_in: int = 0
     event_ts: list[float] = field(default_factory=list)
-    # With score tracking on (online learning): the good events, and what each version scored.
+    # With score tracking on (online learning): the good events, and what each version scored:
+    # (model, version, event ids, values: NaN where it failed, the routing generation served).
     batch: FeatureBatch | None = None
-    scored: list[tuple[str, str, list[str], npt.NDArray[np.float64]]] = field(default_factory=list)
+    scored: list[tuple[str, str, list[str], npt.NDArray[np.float64], int]] = field(
+        default_factory=list
+    )

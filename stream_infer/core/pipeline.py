@@ -61,6 +61,9 @@ class RoutingSnapshot:
 
     routes: Mapping[str, Route]
     predictors: Mapping[ModelVersion, Predictor]
+    # The routing table's generation these routes are of: what a rollout counts a step's
+    # labels by (the events this snapshot served are the step's when it is >= the step's).
+    generation: int = 0
 
 
 class Pipeline:
@@ -98,11 +101,27 @@ class Pipeline:
                 for version, rows in route.assign(batch.keys):
                     part = batch if rows.size == len(batch) else batch.select(rows)
                     predictor = snapshot.predictors[ModelVersion(out.name, version)]
-                    self._serve(records, part, predictor, out.topic, result, failed, result.served)
+                    self._serve(
+                        records,
+                        part,
+                        predictor,
+                        out.topic,
+                        result,
+                        failed,
+                        result.served,
+                        snapshot.generation,
+                    )
                 if route.shadow is not None and self.shadow_topic is not None:
                     shadow = snapshot.predictors[ModelVersion(out.name, route.shadow)]
                     self._serve(
-                        records, batch, shadow, self.shadow_topic, result, None, result.shadowed
+                        records,
+                        batch,
+                        shadow,
+                        self.shadow_topic,
+                        result,
+                        None,
+                        result.shadowed,
+                        snapshot.generation,
                     )
         result.dead_letters.extend(failed.values())
         result.records.extend(self.dead_letter_records(result.dead_letters))
@@ -130,6 +149,7 @@ class Pipeline:
         result: BatchResult,
         failed: dict[int, DeadLetter] | None,
         counts: dict[ModelVersion, int],
+        generation: int = 0,
     ) -> None:
         started = time.perf_counter()
         values, errors = predict_isolating(predictor, batch.x, self.watchdog)
@@ -154,8 +174,12 @@ class Pipeline:
             OutRecord(topic, key, value, records[pos])
             for key, value, pos in zip(good.keys, payloads, good.positions, strict=True)
         )
-        if self.track_scores and len(good):
-            result.scored.append((predictor.model, predictor.version, good.ids, good_values))
+        if self.track_scores and len(batch):
+            # Every row the version was asked to score, a failed one (raised, timed out,
+            # non-finite) as NaN: a rollout counts its failures against it, never leaves them out.
+            scored = values if ok.all() else np.where(_rows(ok, values), values, np.nan)
+            model, version = predictor.model, predictor.version
+            result.scored.append((model, version, batch.ids, scored, generation))
         if len(good):
             key = ModelVersion(predictor.model, predictor.version)
             counts[key] = counts.get(key, 0) + len(good)
@@ -233,6 +257,11 @@ def _combine(
         errors.update({row + start: err for row, err in part_errors.items()})
         start += values.shape[0]
     return np.concatenate(arrays), errors
+
+
+def _rows(ok: npt.NDArray[np.bool_], values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """``ok`` (one flag per row) shaped to broadcast over ``values`` (1-D or one row per event)."""
+    return ok if values.ndim == 1 else ok.reshape(-1, *([1] * (values.ndim - 1)))
 
 
 def _as_column(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

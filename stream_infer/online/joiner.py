@@ -62,6 +62,7 @@ class Served:
     version: str
     prediction: float
     ts: float
+    generation: int = -1  # the routing table's generation that served it (-1: unknown)
 
 
 @dataclass(frozen=True, slots=True)

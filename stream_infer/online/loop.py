@@ -61,6 +61,7 @@ A serving version whose error jumps from 0 to 1 is swapped for the online learne
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -77,8 +78,9 @@ from stream_infer.online.policy import Policy, commands_for
 from stream_infer.online.prequential import Prequential
 from stream_infer.settings import OnlineSettings
 
-Scored = tuple[str, str, list[str], Any]
-"""What one version scored in a batch: model, version, the event ids, their predictions."""
+Scored = tuple[str, str, list[str], Any] | tuple[str, str, list[str], Any, int]
+"""What one version scored in a batch: model, version, the event ids, their predictions (NaN
+where it failed) and, from the pipeline, the routing table's generation that served them."""
 
 RoutesReader = Callable[[], Mapping[str, Route]]
 """Reads the routes in force, which a policy judges a drift against."""
@@ -155,9 +157,9 @@ class LearningLoop:
     clock
         Monotonic seconds: the age of the joiner's entries.
     on_labelled
-        Called with (model, version, label, prediction, served at: ``wall_clock``) for each
-        version that served (or shadowed) a joined event, before it is scored: a rollout
-        driver's evidence.
+        Called with (model, version, label, prediction, the routing table's generation that
+        served it: -1 when unknown) for each version that served (or shadowed) a joined event,
+        a failed prediction (NaN) too, before it is scored: a rollout driver's evidence.
     """
 
     def __init__(
@@ -171,7 +173,7 @@ class LearningLoop:
         labelled: bool = True,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
-        on_labelled: Callable[[str, str, float, float, float], None] | None = None,
+        on_labelled: Callable[[str, str, float, float, int], None] | None = None,
     ) -> None:
         self.online = online
         self.features = tuple(features)
@@ -182,8 +184,8 @@ class LearningLoop:
         self.wall_clock = wall_clock
         self.clock = clock
         # Every joined label with the prediction of each version that served or shadowed its
-        # event (model, version, label, prediction, when it was served): a rollout driver's
-        # evidence.
+        # event (model, version, label, prediction (NaN: failed), the routing generation that
+        # served it): a rollout driver's evidence.
         self.on_labelled = on_labelled
         self.joiner = LabelJoiner(online.label_ttl_s, online.max_pending, clock=clock)
         self.prequential: dict[ModelVersion, Prequential] = {}
@@ -214,10 +216,12 @@ class LearningLoop:
         now = self.wall_clock()
         events: list[DriftEvent] = []
         learners: dict[ModelVersion, Learner] | None = None  # read once, when first needed
-        for model, version, ids, values in scored:
+        for item in scored:
+            model, version, ids, values = item[0], item[1], item[2], item[3]
+            generation = item[4] if len(item) == 5 else -1
             flat = np.asarray(values, dtype=np.float64).reshape(len(ids), -1)[:, 0]
             served.extend(
-                Served(event_id, model, version, float(v), now)
+                Served(event_id, model, version, float(v), now, generation)
                 for event_id, v in zip(ids, flat.tolist(), strict=True)
             )
             monitors = self.monitors_for(model, version, "prediction")
@@ -225,8 +229,9 @@ class LearningLoop:
                 learners = self._learners_by_key() if learners is None else learners
                 if self._warming_up(learners.get(ModelVersion(model, version))):
                     continue
+            finite = flat[np.isfinite(flat)]  # a failed row (NaN) is a rollout's, not drift's
             for monitor in monitors:
-                events += monitor.update_many(flat.tolist())
+                events += monitor.update_many(finite.tolist())
         for name in self.features:
             signal = f"{FEATURE_PREFIX}{name}"
             if any(m.signal == signal for m in self.online.monitors):
@@ -320,10 +325,12 @@ class LearningLoop:
             scored_by: set[ModelVersion] = set()
             for s in item.served:
                 key = ModelVersion(s.model, s.version)
+                if self.on_labelled is not None:  # a failed prediction (NaN) too: it counts
+                    self.on_labelled(s.model, s.version, item.label, s.prediction, s.generation)
+                if not math.isfinite(s.prediction):  # the version failed on this event
+                    continue
                 scored_by.add(key)
                 watched = not self._warming_up(learners.get(key))
-                if self.on_labelled is not None:
-                    self.on_labelled(s.model, s.version, item.label, s.prediction, s.ts)
                 events += self._score(key, item.label, s.prediction, watched=watched)
             x = dict(zip(self.features, item.features, strict=True))
             for key, learner in learners.items():

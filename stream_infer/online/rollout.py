@@ -24,9 +24,14 @@ same generation (a rebalance, briefly, can make two) mint the same id and the lo
 copy; a copy decided from an older table is rejected ``stale``.
 
 Every joined label feeds the confidence sequences, but a step's ``min_labels`` counts only
-the labels of events served since the step began (``served_at`` against the record's
-``step_began_at``; the serving worker's clock against the deciding one's): labels of events an
-earlier step served, still arriving, do not pass a step that has not yet served anything.
+the labels of events a routing of the step's generation or later served (the serving
+snapshot's routing generation, carried with each scored event, against the record's
+``step_generation``; what served the event, not a clock): labels of events an earlier step
+served, still arriving, do not pass a step that has not yet served anything.
+
+A version's failures count against it: an event it failed on (the model raised, timed out or
+returned a non-finite value: NaN from the pipeline) or answered outside ``[0, 1]`` is evidence
+as the most wrong answer (``1 - label``; counted in ``invalid_predictions``), never left out.
 
 The evidence is what this worker joins: the labels of the events of the input partitions it
 owns (each worker joins the labels of its own partitions). With N workers the gate sees about
@@ -95,10 +100,10 @@ class _Session:
     pending: tuple[str, float, int] | None = None  # (command id, when sent, its generation)
     last: Action | None = None
     last_at: float = 0.0
-    dropped: int = 0
-    invalid: int = 0
+    dropped: int = 0  # labels not buffered (MAX_BUFFERED reached before a tick)
+    invalid: int = 0  # failed or out-of-range predictions, counted as the most wrong answer
     # Labels of events served since the current step began, per side: the step's own count.
-    step_key: tuple[int, float] = (-1, 0.0)
+    step_key: tuple[int, int] = (-1, -1)
     at_step: dict[str, int] = field(default_factory=lambda: {"candidate": 0, "incumbent": 0})
 
 
@@ -106,7 +111,8 @@ class _Session:
 class _Buffer:
     labels: list[float] = field(default_factory=list)
     probas: list[float] = field(default_factory=list)
-    served_at: list[float] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
+    dropped: int = 0
 
 
 class RolloutDriver:
@@ -128,19 +134,21 @@ class RolloutDriver:
     # -- the learning thread ---------------------------------------------------------------
 
     def observe(
-        self, model: str, version: str, label: float, proba: float, served_at: float = math.inf
+        self, model: str, version: str, label: float, proba: float, generation: int = -1
     ) -> None:
-        """One joined label, the prediction ``version`` made for its event and when it was
-        served (seconds since the epoch; unknown: counted as served now)."""
+        """One joined label, the prediction ``version`` made for its event (NaN: it failed on
+        it) and the routing table's generation that served it (negative: unknown, counted as
+        served at the current step)."""
         key = (model, version)
         if key not in self._watched:
             return
         buf = self._buffers.setdefault(key, _Buffer())
         if len(buf.labels) >= MAX_BUFFERED:
+            buf.dropped += 1  # counted: the session shows it
             return
         buf.labels.append(1.0 if label >= 0.5 else 0.0)
         buf.probas.append(proba)
-        buf.served_at.append(served_at)
+        buf.generations.append(generation)
 
     def tick(
         self,
@@ -236,26 +244,34 @@ class RolloutDriver:
             (record.candidate, "candidate"),
             (record.incumbent, "incumbent"),
         )
-        step_key = (record.step, record.step_began_at)
+        step_key = (record.step, record.step_generation)
         if session.step_key != step_key:  # a new step: its own count starts at 0
             session.step_key = step_key
             session.at_step = {"candidate": 0, "incumbent": 0}
         for version, side in sides:
             buf = self._buffers.pop((model, version), None)
-            if buf is None or not buf.labels:
+            if buf is None:
                 continue
-            labels, probas, served = buf.labels, buf.probas, buf.served_at
+            session.dropped += buf.dropped
+            if not buf.labels:
+                continue
+            labels, probas, served = buf.labels, buf.probas, buf.generations
             ok = [0.0 <= p <= 1.0 for p in probas]  # NaN fails both comparisons
             if not all(ok):
+                # The version failed on the event (raised, timed out, non-finite: NaN) or
+                # answered outside [0, 1]: it counts against it, as the most wrong answer
+                # (1 - label: the largest loss of log loss and accuracy; for roc_auc a score
+                # that loses its pair, or ties one as wrong).
                 session.invalid += ok.count(False)
-                labels = [y for y, good in zip(labels, ok, strict=True) if good]
-                probas = [p for p, good in zip(probas, ok, strict=True) if good]
-                served = [t for t, good in zip(served, ok, strict=True) if good]
+                probas = [
+                    p if good else 1.0 - y for y, p, good in zip(labels, probas, ok, strict=True)
+                ]
             session.evidence.add_many(side, labels, probas)
             # Every label feeds the confidence sequence (an event the version scored is a
-            # sample of its loss, whenever it was served); only the labels of events served
-            # since the step began count toward the step's min_labels.
-            session.at_step[side] += sum(1 for t in served if t >= record.step_began_at)
+            # sample of its loss, whenever it was served); only the labels of events a routing
+            # of the step's generation or later served count toward the step's min_labels.
+            began = record.step_generation
+            session.at_step[side] += sum(1 for g in served if g < 0 or g >= began)
 
     def _decide(
         self, record: RolloutRecord, session: _Session, generation: int, now: float
@@ -353,6 +369,7 @@ class RolloutDriver:
                 "at_step": dict(session.at_step),
                 "restored_from_log": session.restored,
                 "invalid_predictions": session.invalid,
+                "dropped_labels": session.dropped,
             },
             "decision": None
             if last is None

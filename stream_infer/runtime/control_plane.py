@@ -67,7 +67,11 @@ class ControlPlane:
         declared = {m.name: topology.versions_of(m.name) for m in topology.models}
         serving = {m.name: m.serving for m in topology.models}
         self.table = RoutingTable.initial(
-            declared, serving, time.time(), learners=set(models.learner_keys)
+            declared,
+            serving,
+            time.time(),
+            learners=set(models.learner_keys),
+            shadows=topology.topics.shadow is not None,
         )
         key = topology.control.hmac_key
         self._hmac_key = key.get_secret_value().encode() if key else None

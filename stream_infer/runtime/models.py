@@ -157,7 +157,9 @@ class Models:
         before = self.snapshot.routes
         changed = {m for m, r in routes.items() if before and before.get(m) != r}
         self.snapshot = RoutingSnapshot(
-            routes=routes, predictors={key: self.predictors[key] for key in needed}
+            routes=routes,
+            predictors={key: self.predictors[key] for key in needed},
+            generation=table.generation,
         )
         # Unload what neither this routing nor a learner needs (a batch still on the inference
         # thread keeps its own references until it is done).

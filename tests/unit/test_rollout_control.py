@@ -267,7 +267,7 @@ def test_hold_and_resume() -> None:
     )
     record = t.rollouts["risk"]
     assert not record.held and record.step_started_at == T0 + 60
-    resume = cmd({"command": "rollout", "model": "risk", "action": "resume"})
+    resume = cmd({"command": "rollout", "model": "risk", "action": "resume"}, issued_at=T0)
     assert reason(t, resume) == control.ROLLOUT_CONFLICT  # nothing held
 
 

@@ -61,14 +61,14 @@ def feed(
     n: int,
     accuracy: float,
     seed: int,
-    served_at: float = float("inf"),
+    generation: int = -1,
 ) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.random(n) < 0.5
     right = rng.random(n) < accuracy
     for y, ok in zip(labels.tolist(), right.tolist(), strict=True):
         p = 0.9 if y == ok else 0.1
-        driver.observe("risk", version, float(y), p, served_at)
+        driver.observe("risk", version, float(y), p, generation)
 
 
 PLAN = {"steps": [0, 0.5, 1], "metric": "accuracy", "min_labels": 200, "margin": 0.02}
@@ -101,22 +101,25 @@ def test_labels_of_events_an_earlier_step_served_do_not_pass_a_step() -> None:
     log.start(PLAN)
     while log.table.rollouts["risk"].step == 0:
         now += 1.0
-        feed(driver, "v2", 150, 0.95, seed=int(now), served_at=now - 0.5)
-        feed(driver, "v1", 150, 0.6, seed=int(now) + 1, served_at=now - 0.5)
+        served = log.table.generation  # what serves now: step 0's routing
+        feed(driver, "v2", 150, 0.95, seed=int(now), generation=served)
+        feed(driver, "v1", 150, 0.6, seed=int(now) + 1, generation=served)
         log.tick(driver, now)
-    began = log.table.rollouts["risk"].step_began_at
-    # plenty of labels, but of events served before step 1 began (still arriving)
+    began = log.table.rollouts["risk"].step_generation
+    assert began == log.table.generation
+    # plenty of labels, stamped by the learning thread after step 1 began, but of events
+    # step 0's routing served (the serving snapshot's generation says so, not a clock)
     for i in range(5):
         now += 1.0
-        feed(driver, "v2", 300, 0.95, seed=100 + i, served_at=began - 0.5)
-        feed(driver, "v1", 300, 0.6, seed=200 + i, served_at=began - 0.5)
+        feed(driver, "v2", 300, 0.95, seed=100 + i, generation=began - 1)
+        feed(driver, "v1", 300, 0.6, seed=200 + i, generation=began - 1)
         assert log.tick(driver, now) == []
     status = driver.status()["rollouts"]["risk"]["evidence"]
     assert status["at_step"] == {"candidate": 0, "incumbent": 0}
     assert status["versions"]["v2"]["labels"] > 1500  # they fed the bounds all the same
     now += 1.0
-    feed(driver, "v2", 250, 0.95, seed=300, served_at=began + 0.5)
-    feed(driver, "v1", 250, 0.6, seed=301, served_at=began + 0.5)
+    feed(driver, "v2", 250, 0.95, seed=300, generation=began)
+    feed(driver, "v1", 250, 0.6, seed=301, generation=began)
     assert log.tick(driver, now) == ["advance"]
 
 
@@ -253,16 +256,40 @@ def test_two_drivers_at_once_never_apply_conflicting_steps() -> None:
     assert all(r in (control.DUPLICATE, control.STALE) for _, r in log.rejected)
 
 
-def test_invalid_predictions_are_counted_not_used() -> None:
+def test_failed_and_out_of_range_predictions_count_as_the_most_wrong_answer() -> None:
     log, driver = Log(), RolloutDriver()
     log.start(PLAN)
     log.tick(driver, T0 + 1)
-    driver.observe("risk", "v2", 1.0, float("nan"))
-    driver.observe("risk", "v2", 1.0, 3.0)
+    driver.observe("risk", "v2", 1.0, float("nan"))  # the version failed on the event
+    driver.observe("risk", "v2", 1.0, 3.0)  # out of [0, 1]
     driver.observe("risk", "v2", 1.0, 0.8)
     log.tick(driver, T0 + 2)
     ev = driver.status()["rollouts"]["risk"]["evidence"]
-    assert ev["invalid_predictions"] == 2 and ev["versions"]["v2"]["labels"] == 1
+    assert ev["invalid_predictions"] == 2 and ev["versions"]["v2"]["labels"] == 3
+    assert ev["versions"]["v2"]["mean"] == pytest.approx(2 / 3)  # two errors in three
+
+
+def test_a_candidate_that_fails_on_a_fifth_of_its_events_is_aborted() -> None:
+    """The candidate answers as well as the incumbent where it answers, but fails (NaN) on
+    20 % of the events: counted against it, it is aborted; left out, it would be promoted."""
+    log, driver, now = Log(), RolloutDriver(), T0
+    log.start(PLAN)
+    rng = np.random.default_rng(5)
+    decisions: list[str] = []
+    for _ in range(60):
+        now += 1.0
+        decisions += log.tick(driver, now)
+        if log.table.rollouts["risk"].outcome != "running":
+            break
+        for version in ("v1", "v2"):
+            labels = rng.random(300) < 0.5
+            right = rng.random(300) < 0.9
+            failed = rng.random(300) < (0.2 if version == "v2" else 0.0)
+            for y, ok, bad in zip(labels.tolist(), right.tolist(), failed.tolist(), strict=True):
+                p = float("nan") if bad else 0.9 if y == ok else 0.1
+                driver.observe("risk", version, float(y), p)
+    assert decisions == ["abort"]
+    assert log.table.routes["risk"] == Route.single("v1")
 
 
 @pytest.mark.parametrize("bad", [{"candidate": {}}, {"candidate": {"labels": 1, "state": [1]}}])

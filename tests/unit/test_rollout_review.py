@@ -1,0 +1,223 @@
+"""What a rollout's evidence and record must not get wrong (the review of issue 17): a version's
+failures count against it, a step's labels are those its routing served, the record's times are
+the log's, a step's body is what its plan says, and a plan the topology cannot score is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+
+from stream_infer.core import control, serde
+from stream_infer.core.control import Command, RoutingTable, parse_command, seal
+from stream_infer.core.events import FeatureBatch, Record
+from stream_infer.core.pipeline import ModelOutput, Pipeline, RoutingSnapshot
+from stream_infer.core.routing import Route
+from stream_infer.core.serde import FeatureDecoder
+from stream_infer.errors import ControlError
+from stream_infer.online.loop import LearningLoop
+from stream_infer.settings import OnlineSettings
+
+T0 = 1_700_000_000.0
+DECLARED = {"risk": ("v1", "v2", "v3")}
+PLAN = {"steps": [0, 0.25, 0.5, 1], "metric": "accuracy", "min_labels": 10, "margin": 0.01}
+_IDS = itertools.count()
+
+
+# --- S2: a version's failed rows reach the rollout, as NaN -----------------------------------
+
+
+class Fake:
+    def __init__(self, model: str, version: str, fn: Any) -> None:
+        self.model, self.version, self.fn = model, version, fn
+
+    def predict_many(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.fn(x)  # type: ignore[no-any-return]
+
+
+def _fails_on_13(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    if (x[:, 0] == 13).any():
+        raise RuntimeError("13")
+    return np.full(len(x), 0.5)
+
+
+def _records(make_record: Any, values: list[float]) -> list[Record]:
+    return [
+        make_record(json.dumps({"id": f"e{i}", "features": [v, 0.0]}).encode(), b"k", offset=i)
+        for i, v in enumerate(values)
+    ]
+
+
+@pytest.mark.parametrize("where", ["serving", "shadow"])
+def test_the_rows_a_version_fails_are_scored_as_nan_with_the_serving_generation(
+    make_record: Any, where: str
+) -> None:
+    failing = Fake("risk", "v2", _fails_on_13)
+    fine = Fake("risk", "v1", lambda x: np.full(len(x), 0.25))
+    route = Route.single("v1").with_shadow("v2") if where == "shadow" else Route.single("v2")
+    snapshot = RoutingSnapshot(
+        routes={"risk": route},
+        predictors={("risk", "v1"): fine, ("risk", "v2"): failing},
+        generation=7,
+    )
+    pipeline = Pipeline(
+        FeatureDecoder(("f0", "f1"), max_event_bytes=1024),
+        [ModelOutput("risk", "t.pred")],
+        dead_letter_topic="t.dlq",
+        shadow_topic="t.shadow",
+        clock=lambda: T0,
+        track_scores=True,
+    )
+    result = pipeline.process(_records(make_record, [1.0, 13.0, 2.0]), snapshot)
+    [scored] = [s for s in result.scored if s[1] == "v2"]
+    model, version, ids, values, generation = scored
+    assert (model, version, ids, generation) == ("risk", "v2", ["e0", "e1", "e2"], 7)
+    assert values[0] == 0.5 and np.isnan(values[1]) and values[2] == 0.5
+    # what is served and dead-lettered is as before: the failed row is not published
+    topic = "t.shadow" if where == "shadow" else "t.pred"
+    published = [orjson.loads(r.value)["id"] for r in result.records if r.topic == topic]
+    assert published == ["e0", "e2"]
+    letters = [d.reason for d in result.dead_letters]
+    assert letters == ([] if where == "shadow" else [serde.MODEL_FAILED])
+
+
+def test_a_failed_prediction_reaches_the_rollout_but_not_the_prequential_metric() -> None:
+    seen: list[tuple[str, str, float, float, int]] = []
+    loop = LearningLoop(
+        OnlineSettings.model_validate({}),
+        ("a", "b"),
+        learners=list,
+        routes=lambda: {"risk": Route.single("v2")},
+        wall_clock=lambda: 1000.0,
+        on_labelled=lambda *args: seen.append(args),
+    )
+    ids = ["e0", "e1"]
+    batch = FeatureBatch(ids, [b"k"] * 2, [None] * 2, [0, 1], np.ones((2, 2), dtype=np.float32))
+    loop.scored_many(batch, [("risk", "v2", ids, np.array([0.9, np.nan]), 4)])
+    loop.labels_many([("e0", 1.0), ("e1", 1.0)])
+    assert [(s[0], s[1], s[2], s[4]) for s in seen] == [("risk", "v2", 1.0, 4)] * 2
+    assert seen[0][3] == 0.9 and np.isnan(seen[1][3])
+    assert loop.prequential[("risk", "v2")].n == 1  # type: ignore[index]
+
+
+# --- the routing table ------------------------------------------------------------------------
+
+
+def _cmd(doc: dict[str, Any], *, at: float | None = T0, record_ts: float | None = None) -> Command:
+    doc = {"id": f"c-{next(_IDS)}"} | doc
+    if at is not None:
+        doc = seal(doc, None, at)
+    return parse_command(orjson.dumps(doc), record_ts=record_ts)
+
+
+def _start(plan: dict[str, Any] = PLAN, **kw: Any) -> Command:
+    return _cmd({"command": "rollout", "model": "risk", "version": "v2", "plan": plan}, **kw)
+
+
+def _step(t: RoutingTable, decision: str, step: int, body: dict[str, Any]) -> Command:
+    record = t.rollouts["risk"]
+    tag = {"id": record.id, "step": step, "decision": decision}
+    doc = {"model": "risk", **body, "rollout": tag, "if_generation": t.generation}
+    return _cmd(doc, at=T0 + 10 * (step + 1))
+
+
+def _reason(t: RoutingTable, c: Command) -> str:
+    with pytest.raises(ControlError) as info:
+        t.apply(c, now=T0)
+    return info.value.reason
+
+
+def test_two_tables_applying_an_unsealed_rollout_at_different_times_agree() -> None:
+    """D1: a command without issued_at is timed by its record in the log, never by the clock of
+    the machine that applies it (a replay an hour later holds the same record)."""
+    raw = orjson.dumps(
+        {"id": "r1", "command": "rollout", "model": "risk", "version": "v2", "plan": PLAN}
+    )
+    records = []
+    for applied_at in (T0 + 5, T0 + 3600):
+        t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+        t.apply(parse_command(raw, record_ts=T0 + 1), now=applied_at)
+        records.append(t.rollouts["risk"].as_dict())
+    assert records[0] == records[1]
+    assert records[0]["started_at"] == records[0]["step_started_at"] == T0 + 1
+    # with no time at all (neither issued_at nor a record time) a rollout is refused
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    assert _reason(t, _start(at=None)) == control.INVALID_ROLLOUT
+    assert "risk" not in t.rollouts
+
+
+def test_a_step_is_counted_from_the_generation_its_command_made() -> None:
+    """S5: the record names the routing generation of each step (start, advance)."""
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    t.apply(_start(), now=T0)
+    assert t.rollouts["risk"].step_generation == t.generation == 1
+    t.apply(_step(t, "advance", 1, {"command": "split", "weights": {"v1": 0.75, "v2": 0.25}}), T0)
+    assert t.rollouts["risk"].step_generation == t.generation == 2
+    assert t.rollouts["risk"].as_dict()["step_generation"] == 2
+
+
+@pytest.mark.parametrize(
+    ("decision", "step", "body"),
+    [
+        # an advance that splits with another version than the candidate
+        ("advance", 1, {"command": "split", "weights": {"v1": 0.5, "v3": 0.5}}),
+        # an advance with the right versions but not the step's weight
+        ("advance", 1, {"command": "split", "weights": {"v1": 0.5, "v2": 0.5}}),
+        # a promote before the last step
+        ("promote", 0, {"command": "swap", "version": "v2"}),
+        # a promote to another version
+        ("promote", 0, {"command": "swap", "version": "v3"}),
+        # an abort that swaps to another version than the incumbent
+        ("abort", 0, {"command": "swap", "version": "v3"}),
+        # a hold that changes the routing
+        ("hold", 0, {"command": "split", "weights": {"v1": 0.75, "v2": 0.25}}),
+    ],
+)
+def test_a_step_whose_body_does_not_match_its_plan_is_rejected(
+    decision: str, step: int, body: dict[str, Any]
+) -> None:
+    """D2: the tag says what the step is; the body must do exactly that."""
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    t.apply(_start(), now=T0)
+    before = (t.routes["risk"], t.rollouts["risk"], t.generation)
+    assert _reason(t, _step(t, decision, step, body)) == control.INVALID_ROLLOUT
+    assert (t.routes["risk"], t.rollouts["risk"], t.generation) == before
+
+
+def test_steps_that_match_the_plan_are_applied() -> None:
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    t.apply(_start(), now=T0)
+    t.apply(_step(t, "advance", 1, {"command": "split", "weights": {"v1": 0.75, "v2": 0.25}}), T0)
+    t.apply(_step(t, "advance", 2, {"command": "split", "weights": {"v2": 0.5, "v1": 0.5}}), T0)
+    t.apply(_step(t, "advance", 3, {"command": "split", "weights": {"v2": 1.0}}), T0)
+    assert t.routes["risk"] == Route.single("v2")
+    promote = _step(t, "promote", 3, {"command": "swap", "version": "v2"})
+    t.apply(promote, T0)
+    assert t.rollouts["risk"].outcome == "promoted"
+
+
+def test_an_abort_swaps_to_the_incumbent() -> None:
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    t.apply(_start(), now=T0)
+    t.apply(_step(t, "abort", 0, {"command": "swap", "version": "v1"}), T0)
+    assert t.rollouts["risk"].outcome == "aborted"
+    assert t.routes["risk"] == Route.single("v1")
+
+
+def test_a_shadow_step_is_refused_where_the_topology_scores_no_shadow() -> None:
+    """T2: without topics.shadow a shadow is never scored, so a weight-0 step could never pass;
+    the table (every worker has the same topology) refuses the plan, not only the CLI."""
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0, shadows=False)
+    assert _reason(t, _start()) == control.INVALID_ROLLOUT
+    assert "risk" not in t.rollouts and t.routes["risk"] == Route.single("v1")
+    t.apply(_start(PLAN | {"steps": [0.1, 1]}), now=T0)
+    assert t.rollouts["risk"].step == 0 and len(t.routes["risk"].weights) == 2
+    scored = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0, shadows=True)
+    scored.apply(_start(), now=T0)
+    assert scored.routes["risk"] == Route.single("v1").with_shadow("v2")
