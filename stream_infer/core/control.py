@@ -17,11 +17,15 @@ Commands (JSON, one per message on the control topic; schemas/control-command.sc
 A ``rollout`` moves the candidate ``version`` through the plan's weight steps, gated on labels
 (:mod:`stream_infer.core.rollout`); the command itself routes step 0. Each later step is an
 ordinary ``split`` / ``swap`` (or, for a step that timed out on ``hold``, a ``rollout`` with
-``"action": "hold"``) that one worker, the rollout's driver, writes to the log with a
-``"rollout"`` tag: ``{"id": <the rollout command's id>, "step", "decision", "reason",
-"evidence"}``. The table checks the tag against the rollout in force (its id, the step that
-follows, still running), so a stale driver's copy changes nothing; an abort routes what served
-before the rollout began. Any other command that changes the model's routing (an operator's
+``"action": "hold"``; a driver that begins driving, ``"action": "takeover"``) that one
+worker, the rollout's driver, writes to the log with a ``"rollout"`` tag: ``{"id": <the
+rollout command's id>, "step", "decision", "reason", "evidence"}``. The table checks the tag
+against the rollout in force (its id, the step that follows, still running), so a stale
+driver's copy changes nothing, and the body against the plan (an advance routes the step's
+weight, a promote swaps to the candidate at the last step, an abort swaps to the incumbent);
+an abort routes what served before the rollout began. A rollout's record is timed by the
+log only (a command's ``issued_at``, else its record's timestamp), never by the applying
+machine's clock. Any other command that changes the model's routing (an operator's
 ``swap``, ``split``, ``rollback``, a drift policy's) cancels the rollout: the operator's word
 wins, and the driver stops.
 
@@ -67,8 +71,8 @@ COMMANDS = (
     "reset_learner",
     "rollout",
 )
-ROLLOUT_ACTIONS = ("start", "hold", "resume")
-ROLLOUT_DECISIONS = ("advance", "hold", "promote", "abort")
+ROLLOUT_ACTIONS = ("start", "hold", "resume", "takeover")
+ROLLOUT_DECISIONS = ("advance", "hold", "promote", "abort", "takeover")
 # Commands that act on something other than the routing; the routing stays as it is.
 NO_ROUTING_CHANGE = ("status", "reset_learner")
 MAX_COMMAND_BYTES = 64 * 1024
@@ -422,10 +426,10 @@ def _fields(doc: Mapping[str, Any], command_id: str) -> Command:
             plan = doc.get("plan", {})
             rollout_plan(plan, command_id)  # checked here: a bad plan is rejected, not stored
             return Command(command_id, name, model, candidate, action=action, rollout=plan)
-        if action == "hold":
+        if action in ("hold", "takeover"):
             tag = _rollout_tag(doc.get("rollout"), command_id)
-            if tag["decision"] != "hold":
-                msg = f"a hold carries decision 'hold', got {tag['decision']!r}"
+            if tag["decision"] != action:
+                msg = f"a {action} carries decision {action!r}, got {tag['decision']!r}"
                 raise ControlError(INVALID_ROLLOUT, msg, command_id=command_id)
             return Command(command_id, name, model, action=action, rollout=tag)
         return Command(command_id, name, model, action=action)
@@ -637,7 +641,7 @@ class RoutingTable:
                 raise ControlError(INVALID_ROLLOUT, msg, command_id=cmd.id)
             order = self.declared[model]
             return {**self.routes, model: step_route(incumbent, candidate, plan, 0, order)}
-        if cmd.action == "hold":
+        if cmd.action in ("hold", "takeover"):
             self._check_step(cmd, model, running)
             return dict(self.routes)
         # resume
@@ -691,9 +695,9 @@ class RoutingTable:
         elif decision == "abort":
             ok = cmd.command == "swap" and cmd.version == incumbent
             expected = f"a swap to the incumbent {incumbent!r}"
-        else:  # hold
-            ok = cmd.command == "rollout"
-            expected = "a rollout hold"
+        else:  # hold, takeover: a rollout command of that action
+            ok = cmd.command == "rollout" and cmd.action == decision
+            expected = f"a rollout {decision}"
         if not ok:
             msg = (
                 f"a {decision} at step {step} of rollout {running.id} must be {expected}; "
@@ -739,7 +743,9 @@ class RoutingTable:
                 decisions=(*record.decisions, decision),
             )
             return True
-        tag = cmd.rollout if cmd.command != "rollout" or cmd.action == "hold" else None
+        tag = (
+            cmd.rollout if cmd.command != "rollout" or cmd.action in ("hold", "takeover") else None
+        )
         if tag is None:  # an operator's (or a policy's) routing change of this model: it wins
             if cmd.command in NO_ROUTING_CHANGE or routes[model] == self.routes[model]:
                 return False
@@ -769,6 +775,8 @@ class RoutingTable:
             changes["base"] = evidence_counts(evidence)
         elif kind == "hold":
             changes["held"] = True
+        elif kind == "takeover":  # a driving session begins: its step clock starts again
+            changes |= {"sessions": record.sessions + 1, "step_started_at": when}
         else:
             changes["outcome"] = "promoted" if kind == "promote" else "aborted"
         self.rollouts[model] = replace(record, **changes)
@@ -842,6 +850,9 @@ class RolloutRecord:
     # The routing generation the step's command made: a step's labels are those of events
     # served by a routing of this generation or later (what served them, not when).
     step_generation: int = 0
+    # Driving sessions begun (each with a logged takeover): session k's gate runs at level
+    # alpha_k = alpha * 6 / (pi^2 k^2), so all of them together spend at most alpha.
+    sessions: int = 0
     held: bool = False
     outcome: str = "running"  # running, promoted, aborted, cancelled
     base: tuple[int, int] = (0, 0)  # (candidate, incumbent) labels when the step began
@@ -872,6 +883,7 @@ class RolloutRecord:
             "step_started_at": self.step_started_at,
             "step_began_at": self.step_began_at,
             "step_generation": self.step_generation,
+            "sessions": self.sessions,
             "evidence": self.evidence,
             "cancelled_by": self.cancelled_by,
             "decisions": list(self.decisions[-20:]),

@@ -37,12 +37,20 @@ The evidence is what this worker joins: the labels of the events of the input pa
 owns (each worker joins the labels of its own partitions). With N workers the gate sees about
 1/N of the labels, a fixed set of keys; ``min_labels`` counts those.
 
-Takeover. A driver that dies loses its partitions; the worker that gets partition 0 becomes the
-driver and rebuilds the rollout from the log: the step, when it began and the label counts it
-began at come from the record, and the evidence from the last step command's tag (its
-confidence sequences resume exactly where they were when that command was written; labels the
-old driver joined after it are lost, and the new driver's own labels from before the takeover
-are not used). A rollout at step 0 that has no step command yet starts its evidence afresh.
+Takeover. Every driving session begins with a logged ``rollout`` command with
+``"action": "takeover"`` (the first driver's too), and decides nothing until the log has
+applied it. The table counts the sessions (the record's ``sessions``) and starts the step's
+clock again (a new driver is not timed out by the time its predecessor spent). Session ``k``
+runs its confidence sequences at level ``alpha_k = alpha * 6 / (pi^2 k^2)``
+(:func:`session_alpha`): a restarted or rebuilt sequence is a fresh look at the data, and
+summed over every session the levels stay under ``alpha``. A driver that dies loses its
+partitions; the worker that gets partition 0 becomes the driver and rebuilds the rollout from
+the log: the step and the label counts it began at come from the record, and the evidence from
+the last step command's tag (its sequences' sums resume where they were when that command was
+written; labels the old driver joined after it are lost, and the new driver's own labels from
+before the takeover are not used); a rollout with no step command yet starts its evidence
+afresh. A driver that rebuilds because another driver's command landed (a split-brain window)
+keeps its session once its own takeover is in the log: that window is not counted.
 
 A driver that has sent a command waits for the log to apply it (``resend_s``: after that it
 decides again; an unchanged decision at an unchanged generation has the same id, so a copy is
@@ -105,6 +113,10 @@ class _Session:
     # Labels of events served since the current step began, per side: the step's own count.
     step_key: tuple[int, int] = (-1, -1)
     at_step: dict[str, int] = field(default_factory=lambda: {"candidate": 0, "incumbent": 0})
+    # This session is the record's ``session``-th; it decides nothing until the log has
+    # applied its takeover (``active``).
+    session: int = 1
+    active: bool = False
 
 
 @dataclass
@@ -129,6 +141,8 @@ class RolloutDriver:
         self._sessions: dict[str, _Session] = {}
         self._watched: dict[tuple[str, str], Side] = {}
         self._buffers: dict[tuple[str, str], _Buffer] = {}
+        # The takeovers this worker sent while it drives: command id -> the session it begins.
+        self._takeovers: dict[str, int] = {}
         self._status: dict[str, Any] = {"driving": False, "rollouts": {}}
 
     # -- the learning thread ---------------------------------------------------------------
@@ -166,6 +180,7 @@ class RolloutDriver:
         if not driving:
             self._sessions.clear()
             self._buffers.clear()
+            self._takeovers.clear()  # driving again later is a new session
             self._watched = {}
             self._status = {"driving": False, "rollouts": {}}
             return []
@@ -204,6 +219,7 @@ class RolloutDriver:
                 return session
             if session.pending is not None and record.last_command == session.pending[0]:
                 session.synced, session.pending = record.last_command, None
+                session.active = True  # our takeover, or a step of ours after it
                 return session  # our own command: the evidence in memory follows it
             last = record.decisions[-1]["decision"] if record.decisions else None
             if last == "resume":  # an operator's resume: the evidence goes on
@@ -214,12 +230,25 @@ class RolloutDriver:
         return session
 
     def _rebuilt(self, record: RolloutRecord) -> _Session:
-        """A session from the log alone: the evidence of the last step command's tag."""
+        """A session from the log alone: the evidence of the last step command's tag, at the
+        level of the session it will be once its takeover is applied."""
         plan = record.plan
-        evidence, restored = plan.evidence(), False
+        # Ours already (the log applied our takeover; another driver's command since, in a
+        # split-brain window, made us rebuild): the same session. Else the next one.
+        mine = next(
+            (
+                self._takeovers[d["command_id"]]
+                for d in reversed(record.decisions)
+                if d["decision"] == "takeover" and d["command_id"] in self._takeovers
+            ),
+            None,
+        )
+        k = mine if mine is not None else record.sessions + 1
+        alpha = session_alpha(plan.alpha, k)
+        evidence, restored = Evidence(plan.metric, alpha, plan.clip), False
         if record.evidence is not None:
             try:
-                evidence = Evidence.restored(plan.metric, plan.alpha, record.evidence, plan.clip)
+                evidence = Evidence.restored(plan.metric, alpha, record.evidence, plan.clip)
                 restored = True
             except ValueError as exc:
                 log.warning(
@@ -229,15 +258,20 @@ class RolloutDriver:
                     exc,
                 )
         log.info(
-            "rollout %s of %s: driving from the control log at step %d (%s evidence)",
+            "rollout %s of %s: taking over from the control log at step %d (%s evidence; "
+            "session %d, level %.3g)",
             record.id,
             record.model,
             record.step,
             "restored" if restored else "fresh",
+            k,
+            alpha,
         )
         # Labels counted before this session are not in its evidence: they start afresh.
-        self._buffers = {k: v for k, v in self._buffers.items() if k[0] != record.model}
-        return _Session(record.id, evidence, record.last_command, restored)
+        self._buffers = {key: v for key, v in self._buffers.items() if key[0] != record.model}
+        session = _Session(record.id, evidence, record.last_command, restored, session=k)
+        session.active = mine is not None
+        return session
 
     def _feed(self, model: str, record: RolloutRecord, session: _Session) -> None:
         sides: tuple[tuple[str, Side], ...] = (
@@ -283,6 +317,11 @@ class RolloutDriver:
             if generation == decided_at and now - sent_at < self.resend_s:
                 return None
             session.pending = None
+        if not session.active:  # first, the log says this session drives (and counts it)
+            doc = self._takeover(record, session, generation)
+            session.pending = (str(doc["id"]), now, generation)
+            self._takeovers[str(doc["id"])] = session.session
+            return doc
         state = RolloutState(
             step=record.step,
             step_started_s=record.step_started_at,
@@ -313,6 +352,31 @@ class RolloutDriver:
             action.reason,
         )
         return doc
+
+    def _takeover(
+        self, record: RolloutRecord, session: _Session, generation: int
+    ) -> dict[str, Any]:
+        """The command that begins this driving session: the log counts it (the session's
+        level) and starts the step's clock again (its labels are counted afresh). Its id names
+        this worker: two drivers at once each take over, and the later one is stale."""
+        tag = {
+            "id": record.id,
+            "step": record.step,
+            "decision": "takeover",
+            "reason": f"session {session.session}",
+            "driver": self.worker,
+            "restored": session.restored,
+        }
+        body = orjson.dumps([record.id, record.step, "takeover", generation, self.worker])
+        command_id = f"rollout-{hashlib.sha256(body).hexdigest()[:32]}"
+        return {
+            "id": command_id,
+            "command": "rollout",
+            "model": record.model,
+            "action": "takeover",
+            "rollout": tag,
+            "if_generation": generation,
+        }
 
     def _command(
         self, record: RolloutRecord, session: _Session, action: Action, generation: int
@@ -368,6 +432,8 @@ class RolloutDriver:
                 },
                 "at_step": dict(session.at_step),
                 "restored_from_log": session.restored,
+                "session": session.session,
+                "level": session.evidence.alpha,
                 "invalid_predictions": session.invalid,
                 "dropped_labels": session.dropped,
             },
@@ -376,6 +442,18 @@ class RolloutDriver:
             else {"kind": last.kind.value, "reason": last.reason, "at": session.last_at},
             "waiting_for": session.pending[0] if session.pending else None,
         }
+
+
+def session_alpha(alpha: float, k: int) -> float:
+    """The level of a rollout's ``k``-th driving session: ``alpha * 6 / (pi^2 k^2)``; summed
+    over every session it is at most ``alpha`` (sum 1/k^2 = pi^2 / 6).
+
+    >>> round(session_alpha(0.05, 1), 5), round(session_alpha(0.05, 2), 5)
+    (0.0304, 0.0076)
+    >>> round(sum(session_alpha(0.05, k) for k in range(1, 100_000)), 5)
+    0.05
+    """
+    return alpha * 6.0 / (math.pi**2 * k * k)
 
 
 def _finite(x: float) -> float | None:

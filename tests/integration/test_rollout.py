@@ -96,12 +96,15 @@ class Audit:
                 return
         raise AssertionError(f"acked commands not in the control log: {set(self.acks)}")
 
-    def steps(self, rollout_id: str) -> list[dict[str, Any]]:
-        """The rollout's step commands that the workers applied, in log order."""
+    def steps(self, rollout_id: str, *, takeovers: bool = False) -> list[dict[str, Any]]:
+        """The rollout's step commands that the workers applied, in log order (with
+        ``takeovers``: its drivers' takeovers instead, which begin each driving session)."""
         out = []
         for doc in self.commands:
             tag = doc.get("rollout")
             if not isinstance(tag, dict) or tag.get("id") != rollout_id:
+                continue
+            if (tag.get("decision") == "takeover") != takeovers:
                 continue
             if any(a["status"] == "applied" for a in self.acks.get(doc["id"], [])):
                 out.append(doc)
@@ -273,6 +276,11 @@ def test_a_driver_killed_mid_rollout_is_replaced_and_the_rollout_goes_on(
     after = steps[len(before) :]
     assert before and before == steps[: len(before)], [d["rollout"]["driver"] for d in steps]
     assert after and all(d["rollout"]["driver"] != old_driver for d in after)
+    # each driving session began with a takeover in the log: the killed driver's, then the
+    # survivor's (its step clock restarted, its gate at the second session's level)
+    takeovers = [d["rollout"]["driver"] for d in audit.steps(rollout_id, takeovers=True)]
+    assert old_driver in takeovers and takeovers[-1] != old_driver, takeovers
+    assert record["sessions"] == len(takeovers) >= 2, record
     # the new driver went on from the evidence the log carried, not from nothing
     first_new = after[0]["rollout"]
     assert first_new["restored"] is True

@@ -299,9 +299,10 @@ def test_an_ack_carries_the_rollouts_and_the_drivers_view_and_fits_its_schema(
     s = start()
     t.apply(s, now=0.0)
     driver = RolloutDriver("w-1")
-    driver.tick(dict(t.rollouts), t.generation, driving=True, now=T0 + 1)
-    driver.observe("risk", "v2", 1.0, 0.9, T0 + 1)
-    driver.observe("risk", "v1", 1.0, 0.4, T0 + 1)
+    [takeover] = driver.tick(dict(t.rollouts), t.generation, driving=True, now=T0 + 1)
+    t.apply(parse_command(orjson.dumps(seal(takeover, None, T0 + 1))), now=0.0)
+    driver.observe("risk", "v2", 1.0, 0.9, t.generation)
+    driver.observe("risk", "v1", 1.0, 0.4, t.generation)
     driver.tick(dict(t.rollouts), t.generation, driving=True, now=T0 + 2)
     raw = control.encode_ack(
         command_id="c",

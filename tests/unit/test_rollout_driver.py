@@ -17,7 +17,7 @@ from stream_infer.core.control import RoutingTable, parse_command, seal
 from stream_infer.core.rollout import Evidence
 from stream_infer.core.routing import Route
 from stream_infer.errors import ControlError
-from stream_infer.online.rollout import RolloutDriver
+from stream_infer.online.rollout import RolloutDriver, session_alpha
 
 T0 = 1_700_000_000.0
 _IDS = itertools.count()
@@ -32,6 +32,7 @@ class Log:
         )
         self.applied: list[dict[str, Any]] = []
         self.rejected: list[tuple[dict[str, Any], str]] = []
+        self.takeovers: list[dict[str, Any]] = []
 
     def write(self, doc: dict[str, Any], now: float) -> None:
         sealed = seal(doc, None, now)
@@ -52,7 +53,9 @@ class Log:
         )
         for doc in docs:
             self.write(doc, now)
-        return [d["rollout"]["decision"] for d in docs]
+        # a driving session begins with a logged takeover (counted apart: not a step)
+        self.takeovers += [d for d in docs if d["rollout"]["decision"] == "takeover"]
+        return [d["rollout"]["decision"] for d in docs if d["rollout"]["decision"] != "takeover"]
 
 
 def feed(
@@ -204,7 +207,10 @@ def test_a_driver_that_takes_over_resumes_from_the_last_step_commands_evidence()
     status = new.status()["rollouts"]["risk"]
     assert status["evidence"]["restored_from_log"]
     assert status["evidence"]["versions"]["v2"]["labels"] == carried["candidate"]["labels"]
-    restored = Evidence.restored("accuracy", 0.05, carried)
+    # the second driving session: its level is alpha * 6 / (pi^2 * 2^2)
+    assert log.table.rollouts["risk"].sessions == 2 and len(log.takeovers) == 2
+    assert status["evidence"]["session"] == 2
+    restored = Evidence.restored("accuracy", session_alpha(0.05, 2), carried)
     assert status["evidence"]["difference"]["upper"] == restored.view().upper
     decisions: list[str] = []
     for i in range(20):
@@ -364,7 +370,11 @@ def test_the_learning_service_drives_only_with_partition_0_and_publishes_sealed_
     assert published == []
     assert service.rollout_driver.status() == {"driving": False, "rollouts": {}}
     service.assigned([0, 3])  # now it owns partition 0
-    service.drive_rollouts()  # it starts watching: labels from now on count
+    service.drive_rollouts()  # it starts watching (labels from now on count) and takes over
+    [takeover] = published
+    assert orjson.loads(takeover.value)["action"] == "takeover"
+    log.write(orjson.loads(takeover.value), time.time())
+    published.clear()
     serve_and_label(200, 1000)
     service.drive_rollouts()
     [record] = published

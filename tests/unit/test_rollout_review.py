@@ -221,3 +221,84 @@ def test_a_shadow_step_is_refused_where_the_topology_scores_no_shadow() -> None:
     scored = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0, shadows=True)
     scored.apply(_start(), now=T0)
     assert scored.routes["risk"] == Route.single("v1").with_shadow("v2")
+
+
+# --- T1, S4: a takeover is logged; it restarts the step's clock and counts a session ---------
+
+
+class _Log:
+    """A control log every driver writes to and its table (unsealed docs sealed at ``now``)."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.table = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+        self.table.apply(_start(plan, at=T0), now=T0)
+
+    def tick(self, driver: Any, now: float) -> list[str]:
+        docs = driver.tick(dict(self.table.rollouts), self.table.generation, driving=True, now=now)
+        for doc in docs:
+            self.table.apply(parse_command(orjson.dumps(seal(doc, None, now))), now)
+        return [str(d["rollout"]["decision"]) for d in docs]
+
+
+def _feed(driver: Any, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for version in ("v1", "v2"):
+        for y in (rng.random(n) < 0.5).tolist():
+            driver.observe("risk", version, float(y), 0.8 if y else 0.2)
+
+
+def test_a_takeover_restarts_the_steps_clock_so_the_new_driver_is_not_timed_out() -> None:
+    from stream_infer.online.rollout import RolloutDriver
+
+    log = _Log(PLAN | {"min_labels": 500, "max_duration_s": 30, "on_timeout": "hold"})
+    old = RolloutDriver("a")
+    assert log.tick(old, T0 + 1) == ["takeover"]
+    for t in range(2, 26):
+        _feed(old, 10, seed=t)  # not enough labels for the step yet
+        assert log.tick(old, T0 + t) == []
+    # the old driver dies at T0 + 25 with its labels; another takes over at T0 + 28
+    new = RolloutDriver("b")
+    assert log.tick(new, T0 + 28) == ["takeover"]
+    record = log.table.rollouts["risk"]
+    assert record.sessions == 2 and record.step_started_at == T0 + 28
+    assert [d["decision"] for d in record.decisions] == ["start", "takeover", "takeover"]
+    for t in range(29, 58):  # past T0 + 30, the old session's deadline: still gathering
+        _feed(new, 10, seed=t)
+        assert log.tick(new, T0 + t) == [], t
+    assert log.tick(new, T0 + 59) == ["hold"]  # 30 s after the takeover
+
+
+def test_each_driving_session_runs_at_its_own_share_of_alpha() -> None:
+    """S4: session k's level is alpha * 6 / (pi^2 k^2): a driver that dies at step 0 before any
+    step command and a fresh one that starts over do not spend alpha twice."""
+    from stream_infer.online.rollout import RolloutDriver, session_alpha
+
+    log = _Log(PLAN)
+    levels = []
+    for k, name in enumerate(("a", "b", "c"), start=1):
+        driver = RolloutDriver(name)
+        assert log.tick(driver, T0 + k) == ["takeover"]
+        log.tick(driver, T0 + k + 0.5)
+        status = driver.status()["rollouts"]["risk"]["evidence"]
+        assert log.table.rollouts["risk"].sessions == status["session"] == k
+        levels.append(status["level"])
+    assert levels == [session_alpha(0.05, k) for k in (1, 2, 3)]
+    assert sum(session_alpha(0.05, k) for k in range(1, 10_000)) <= 0.05
+
+
+def test_a_takeover_must_name_the_running_rollout_and_its_step() -> None:
+    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    t.apply(_start(), now=T0)
+    rid = t.rollouts["risk"].id
+    doc = {"command": "rollout", "model": "risk", "action": "takeover"}
+    wrong_step = _cmd(doc | {"rollout": {"id": rid, "step": 1, "decision": "takeover"}})
+    assert _reason(t, wrong_step) == control.STALE
+    wrong_id = _cmd(doc | {"rollout": {"id": "other", "step": 0, "decision": "takeover"}})
+    assert _reason(t, wrong_id) == control.STALE
+    as_split = _step(t, "takeover", 0, {"command": "split", "weights": {"v1": 1.0}})
+    assert _reason(t, as_split) == control.INVALID_ROLLOUT
+    with pytest.raises(ControlError):  # a takeover's tag says takeover
+        _cmd(doc | {"rollout": {"id": rid, "step": 0, "decision": "hold"}})
+    routes = dict(t.routes)
+    t.apply(_cmd(doc | {"rollout": {"id": rid, "step": 0, "decision": "takeover"}}, at=T0 + 9), T0)
+    assert t.rollouts["risk"].sessions == 1 and t.routes == routes
