@@ -52,12 +52,21 @@ once each version has ``min_labels``:
 
 So over a whole rollout, checked after every label and at every step, the probability of any
 wrong verdict (promoting a candidate worse by ``>= margin``, or aborting one within it) is at
-most ``alpha``.
+most ``alpha`` *if* each version's losses are draws with one mean for the whole rollout (a
+stationary stream) and both versions are scored on populations alike. The driver
+(:mod:`stream_infer.online.rollout`) adds what the level then covers: a version's failed
+events count as its largest loss, and each driving session runs at its own share of ``alpha``.
 
-The steps. One :class:`Evidence` runs for the whole rollout (the split hashes keys, so every
-step sees the same population); each step only adds its own ``min_labels`` per version, counted
-from the step's start, before the gate may pass or fail it. :func:`next_action` maps (plan,
-state, evidence, now) to stay / advance / hold / promote (swap) / abort (back to the incumbent).
+The steps. One :class:`Evidence` runs for the whole rollout; each step only adds its own
+``min_labels`` per version (labels of events its routing served) before the gate may pass or
+fail it. Only the shadow step (weight 0) scores both versions on the same events: at a split
+step each version is scored on its own keys (the split hashes keys), and a driver sees only the
+keys of its own partitions, so a difference of populations reads as a difference of versions.
+A later step's labels weigh little against many earlier ones (the bounds are over all of
+them): a candidate that turns worse only at a later step is caught late, if at all. At a
+weight-1 step the incumbent serves nothing, so its ``min_labels`` is waived.
+:func:`next_action` maps (plan, state, evidence, now) to stay / advance / hold / promote (swap)
+/ abort (back to the incumbent).
 
 >>> rng = np.random.default_rng(7)
 >>> ev = Evidence("accuracy", alpha=0.05)
