@@ -152,6 +152,7 @@ class Models:
 
     def _install(self, table: RoutingTable) -> None:
         """Make the table's routes the serving snapshot (atomic for the next batch)."""
+        generation = table.generation  # read first: never newer than the routes it tags
         routes = dict(table.routes)
         needed = required_versions(routes)
         before = self.snapshot.routes
@@ -159,7 +160,7 @@ class Models:
         self.snapshot = RoutingSnapshot(
             routes=routes,
             predictors={key: self.predictors[key] for key in needed},
-            generation=table.generation,
+            generation=generation,
         )
         # Unload what neither this routing nor a learner needs (a batch still on the inference
         # thread keeps its own references until it is done).
