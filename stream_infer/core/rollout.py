@@ -63,7 +63,8 @@ fail it. Only the shadow step (weight 0) scores both versions on the same events
 step each version is scored on its own keys (the split hashes keys), and a driver sees only the
 keys of its own partitions, so a difference of populations reads as a difference of versions.
 A later step's labels weigh little against many earlier ones (the bounds are over all of
-them): a candidate that turns worse only at a later step is caught late, if at all. At a
+them): the driver also runs an :class:`Evidence` per step, which aborts the step on its own
+labels (:mod:`stream_infer.online.rollout`). At a
 weight-1 step the incumbent serves nothing, so its ``min_labels`` is waived.
 :func:`next_action` maps (plan, state, evidence, now) to stay / advance / hold / promote (swap)
 / abort (back to the incumbent).

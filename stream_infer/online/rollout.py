@@ -29,6 +29,12 @@ snapshot's routing generation, carried with each scored event, against the recor
 ``step_generation``; what served the event, not a clock): labels of events an earlier step
 served, still arriving, do not pass a step that has not yet served anything.
 
+Each step also has an :class:`~stream_infer.core.rollout.Evidence` of its own, over the labels
+its routing served (a later step's labels are not drowned by many earlier ones): the step
+aborts when its own bounds say the candidate is worse by more than the margin (at a weight-1
+step against the incumbent's whole-rollout bounds). A session's level ``alpha_k`` goes half to
+the whole rollout's sequences and half to the steps' (:func:`step_alpha`).
+
 A version's failures count against it: an event it failed on (the model raised, timed out or
 returned a non-finite value: NaN from the pipeline) or answered outside ``[0, 1]`` is evidence
 as the most wrong answer (``1 - label``; counted in ``invalid_predictions``), never left out.
@@ -117,6 +123,9 @@ class _Session:
     # applied its takeover (``active``).
     session: int = 1
     active: bool = False
+    # The step's own evidence: the labels the step's routing served, from the step's start,
+    # in sequences of their own (a later step's labels are not drowned by earlier ones).
+    step_evidence: Evidence | None = None
 
 
 @dataclass
@@ -245,10 +254,11 @@ class RolloutDriver:
         )
         k = mine if mine is not None else record.sessions + 1
         alpha = session_alpha(plan.alpha, k)
-        evidence, restored = Evidence(plan.metric, alpha, plan.clip), False
+        # Half of the session's level for the whole rollout's sequences, half for the steps'.
+        evidence, restored = Evidence(plan.metric, alpha / 2.0, plan.clip), False
         if record.evidence is not None:
             try:
-                evidence = Evidence.restored(plan.metric, alpha, record.evidence, plan.clip)
+                evidence = Evidence.restored(plan.metric, alpha / 2.0, record.evidence, plan.clip)
                 restored = True
             except ValueError as exc:
                 log.warning(
@@ -279,9 +289,13 @@ class RolloutDriver:
             (record.incumbent, "incumbent"),
         )
         step_key = (record.step, record.step_generation)
-        if session.step_key != step_key:  # a new step: its own count starts at 0
+        plan = record.plan
+        if session.step_key != step_key or session.step_evidence is None:
+            # a new step (or a new session): its own count and evidence start afresh
             session.step_key = step_key
             session.at_step = {"candidate": 0, "incumbent": 0}
+            level = step_alpha(session_alpha(plan.alpha, session.session), record.step)
+            session.step_evidence = Evidence(plan.metric, level, plan.clip)
         for version, side in sides:
             buf = self._buffers.pop((model, version), None)
             if buf is None:
@@ -305,7 +319,12 @@ class RolloutDriver:
             # sample of its loss, whenever it was served); only the labels of events a routing
             # of the step's generation or later served count toward the step's min_labels.
             began = record.step_generation
-            session.at_step[side] += sum(1 for g in served if g < 0 or g >= began)
+            mine = [g < 0 or g >= began for g in served]
+            session.at_step[side] += mine.count(True)
+            if not all(mine):
+                labels = [y for y, m in zip(labels, mine, strict=True) if m]
+                probas = [p for p, m in zip(probas, mine, strict=True) if m]
+            session.step_evidence.add_many(side, labels, probas)
 
     def _decide(
         self, record: RolloutRecord, session: _Session, generation: int, now: float
@@ -338,6 +357,9 @@ class RolloutDriver:
             n_incumbent=record.base[1] + session.at_step["incumbent"],
         )
         action, _after = next_action(record.plan, state, view, now)
+        worse = _worse_at_step(record, session)
+        if worse is not None and action.kind is not ActionKind.ABORT:
+            action = Action(ActionKind.ABORT, record.step, None, worse, action.evidence)
         session.last, session.last_at = action, now
         if action.kind is ActionKind.STAY:
             return None
@@ -433,7 +455,8 @@ class RolloutDriver:
                 "at_step": dict(session.at_step),
                 "restored_from_log": session.restored,
                 "session": session.session,
-                "level": session.evidence.alpha,
+                "level": session_alpha(record.plan.alpha, session.session),
+                "step_difference": _step_difference(session),
                 "invalid_predictions": session.invalid,
                 "dropped_labels": session.dropped,
             },
@@ -442,6 +465,50 @@ class RolloutDriver:
             else {"kind": last.kind.value, "reason": last.reason, "at": session.last_at},
             "waiting_for": session.pending[0] if session.pending else None,
         }
+
+
+def step_alpha(alpha: float, step: int) -> float:
+    """The level of step ``step``'s own sequences in a session at level ``alpha``: half of it
+    shared among the steps as ``alpha / 2 * 6 / (pi^2 (step + 1)^2)`` (the other half is the
+    whole rollout's).
+
+    >>> round(step_alpha(0.05, 0), 5), round(sum(step_alpha(0.05, j) for j in range(10**5)), 5)
+    (0.0152, 0.025)
+    """
+    return alpha / 2.0 * 6.0 / (math.pi**2 * (step + 1) ** 2)
+
+
+def _step_difference(session: _Session) -> dict[str, float | None]:
+    ev = session.step_evidence
+    if ev is None:
+        return {"lower": None, "upper": None}
+    view = ev.view()
+    return {"lower": _finite(view.lower), "upper": _finite(view.upper)}
+
+
+def _worse_at_step(record: RolloutRecord, session: _Session) -> str | None:
+    """Why the step's own labels say the candidate is worse by more than the margin (an
+    abort), or None. At a weight-1 step the incumbent serves nothing: its whole-rollout
+    sequence stands in for its step's."""
+    ev = session.step_evidence
+    if ev is None:
+        return None
+    plan, step = record.plan, record.plan.steps[record.step]
+    view = ev.view()
+    inc_upper = ev.sequence("incumbent").upper
+    if step.weight == 1.0:
+        inc_upper = min(inc_upper, session.evidence.sequence("incumbent").upper)
+    elif view.n_incumbent < step.min_labels:
+        return None
+    if view.n_candidate < step.min_labels:
+        return None
+    lower = ev.sequence("candidate").lower - inc_upper
+    if lower <= plan.margin:
+        return None
+    return (
+        f"worse at step {record.step} on its own labels: difference >= {lower:.4g}, "
+        f"margin {plan.margin:g}"
+    )
 
 
 def session_alpha(alpha: float, k: int) -> float:

@@ -210,7 +210,7 @@ def test_a_driver_that_takes_over_resumes_from_the_last_step_commands_evidence()
     # the second driving session: its level is alpha * 6 / (pi^2 * 2^2)
     assert log.table.rollouts["risk"].sessions == 2 and len(log.takeovers) == 2
     assert status["evidence"]["session"] == 2
-    restored = Evidence.restored("accuracy", session_alpha(0.05, 2), carried)
+    restored = Evidence.restored("accuracy", session_alpha(0.05, 2) / 2, carried)
     assert status["evidence"]["difference"]["upper"] == restored.view().upper
     decisions: list[str] = []
     for i in range(20):

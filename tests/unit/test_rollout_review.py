@@ -302,3 +302,45 @@ def test_a_takeover_must_name_the_running_rollout_and_its_step() -> None:
     routes = dict(t.routes)
     t.apply(_cmd(doc | {"rollout": {"id": rid, "step": 0, "decision": "takeover"}}, at=T0 + 9), T0)
     assert t.rollouts["risk"].sessions == 1 and t.routes == routes
+
+
+# --- S1: a step's own labels can abort it -------------------------------------------------
+
+
+def test_a_candidate_that_turns_worse_at_a_later_step_is_aborted_on_that_steps_labels() -> None:
+    """The review's case: 20,000 step-0 labels per version at error 0.1, then at step 1 the
+    candidate's error is 0.4. The whole rollout's bounds hardly move; the step's own do."""
+    from stream_infer.online.rollout import RolloutDriver
+
+    plan = {"steps": [0, 0.5, 1], "metric": "accuracy", "min_labels": 500, "margin": 0.05}
+    log = _Log(plan)
+    driver = RolloutDriver("a")
+    assert log.tick(driver, T0 + 1) == ["takeover"]
+    rng = np.random.default_rng(11)
+
+    def feed(version: str, n: int, error: float, generation: int) -> None:
+        labels = rng.random(n) < 0.5
+        wrong = rng.random(n) < error
+        for y, w in zip(labels.tolist(), wrong.tolist(), strict=True):
+            p = (0.2 if y else 0.8) if w else (0.8 if y else 0.2)
+            driver.observe("risk", version, float(y), p, generation)
+
+    generation = log.table.generation
+    feed("v2", 20_000, 0.1, generation)
+    feed("v1", 20_000, 0.1, generation)
+    assert log.tick(driver, T0 + 2) == ["advance"]
+    generation = log.table.rollouts["risk"].step_generation
+    decisions = []
+    for t in range(3, 13):
+        feed("v2", 100, 0.4, generation)
+        feed("v1", 100, 0.1, generation)
+        decisions += log.tick(driver, T0 + t)
+        if decisions:
+            break
+    assert decisions == ["abort"], decisions
+    record = log.table.rollouts["risk"]
+    assert record.outcome == "aborted" and "worse at step 1" in record.decisions[-1]["reason"]
+    assert log.table.routes["risk"] == Route.single("v1")
+    # the whole rollout's bounds alone would not have aborted it
+    whole = driver.status()["rollouts"]
+    assert not whole or whole["risk"]["evidence"]["difference"]["lower"] <= 0.05
