@@ -54,7 +54,7 @@ PER_MESSAGE_OVERHEAD = 512
 class Variant:
     duration_s: float
     # librdkafka's prefetch bound, and what one fetch may add past it per partition.
-    queued_max_kbytes: int = 16 * 1024  # consumer_config's (stream_infer/io/clients.py)
+    queued_max_kbytes: int = 64 * 1024  # consumer_config's (stream_infer/io/clients.py)
     partition_fetch_bytes: int = 1024 * 1024  # librdkafka's default max.partition.fetch.bytes
 
     def extra(self) -> dict[str, int]:
