@@ -32,6 +32,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".stream-infer-installed"
+PEERS_STAMP = VENV / ".stream-infer-peers-installed"
 TORCH_SPEC = os.environ.get("STREAM_INFER_TORCH_SPEC", "torch==2.13.0")
 
 
@@ -40,17 +41,23 @@ def _run(*cmd: str | Path) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
 
 
-def setup() -> None:
+def setup(*, peers: bool = False) -> None:
+    """The venv with the package, its dev and bench extras; with ``peers`` (the bench only) also
+    the peers the bench compares with: never needed by the demo or the tests, and Bytewax has
+    wheels for fewer platforms than the rest."""
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs under any python3)
         sys.exit(f"stream-infer needs Python >= 3.11, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_SPEC.encode()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == want:
-        return
     pip = (PY, "-m", "pip", "install", "--disable-pip-version-check", "-q")
-    _run(*pip, TORCH_SPEC)
+    if not (STAMP.exists() and STAMP.read_text() == want):
+        _run(*pip, TORCH_SPEC)
+        _run(*pip, "-e", ".[dev,bench]")
+        STAMP.write_text(want)
+    if not peers or (PEERS_STAMP.exists() and PEERS_STAMP.read_text() == want):
+        return
     _run(*pip, "-e", ".[dev,bench,peers]")
     # The bench's Quix Streams peer caps confluent-kafka and pydantic below ours: its own folder,
     # put on sys.path only by bench/peer_quix.py (pyproject.toml, [tool.stream-infer.bench]).
@@ -58,7 +65,7 @@ def setup() -> None:
 
     quix = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["stream-infer"]["bench"]
     _run(*pip, "--upgrade", "--target", VENV / "peers-quix", *quix["quix"])
-    STAMP.write_text(want)
+    PEERS_STAMP.write_text(want)
 
 
 def main(argv: list[str]) -> int:
@@ -66,7 +73,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     what, rest = argv[0], argv[1:]
-    setup()
+    setup(peers=what == "bench")
     try:
         if what == "demo":
             _run(BIN / "stream-infer", "demo", *rest)
