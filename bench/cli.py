@@ -1,6 +1,6 @@
 """``python -m bench``: the whole benchmark in one command (see bench/README.md).
 
-    python -m bench                    # full run, ~15-20 min on 2 cores
+    python -m bench                    # full run, ~26 min on 2 cores (2026-12-01: 1,572 s)
     python -m bench --quick            # every part, tiny, in ~3 min (a smoke test)
     python -m bench --only ceiling,stream-infer
     python -m bench --broker tansu     # on the embedded broker (results in bench/results/tansu)
