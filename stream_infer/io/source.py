@@ -35,17 +35,11 @@ the KIP-848 heartbeat, which librdkafka makes fatal) ends the consumer thread wi
 group the broker will not let us join because of our configuration (INVALID_SESSION_TIMEOUT)
 is logged once at ERROR and kept in :attr:`BatchSource.group_problem` until an assignment.
 
-The lag measurement and the metadata refresh run on their own thread (``lag-probe``), on
-the consumer's librdkafka handle (thread-safe), so that their broker round trips never hold up
-the consumer thread: on the consumer thread they stopped consumption for 30-90 ms every
-``lag_interval_s`` on a loaded 2-core machine, the worker's latency tail at low load. The
-probe ends before the consumer closes; if it fails, :attr:`BatchSource.error` says so
-(``/healthz``). The lag measurement (every ``lag_interval_s``, counted from the end of the
-last one) has a time budget of its own, ``lag_budget_s``, over all its blocking calls: high
-watermarks come from librdkafka's cache (updated by every fetch) while records are consumed,
-from the brokers only while consumption is paused or the cache knows none; committed offsets
-are asked once for all the partitions that need them. A partition not measured this time
-keeps its last figure.
+The lag measurement (every ``lag_interval_s``, counted from the end of the last one) has a
+time budget of its own, ``lag_budget_s``, over all its blocking calls: high watermarks come from
+librdkafka's cache (updated by every fetch) while records are consumed, from the brokers only
+while consumption is paused or the cache knows none; committed offsets are asked once for all
+the partitions that need them. A partition not measured this time keeps its last figure.
 
 Before it, the metadata refresh asks the cluster for the subscribed topics (their partition
 counts) and the ``watched`` ones (the other topics the worker needs), one request per topic, as
@@ -137,11 +131,6 @@ def next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
     return offsets
 
 
-# How much longer than one measurement's budgets (plus the interval) the lag probe may go
-# without finishing one before /healthz says it hangs.
-PROBE_GRACE_S = 30.0
-
-
 class BatchSource:
     def __init__(
         self,
@@ -174,14 +163,14 @@ class BatchSource:
         self.topics = topics
         # Topics not consumed whose existence is checked with the subscribed ones.
         self.watched = [t for t in dict.fromkeys(watched) if t not in topics]
-        # Metadata answers in a row that said a topic does not exist (the lag probe's thread).
+        # Metadata answers in a row that said a topic does not exist (consumer thread only).
         self._absent: dict[str, int] = {}
-        # The topics found vanished since start, published whole by the lag probe (read
+        # The topics found vanished since start, published whole by the consumer thread (read
         # on the event loop: never a container another thread changes).
         self._vanished: tuple[str, ...] = ()
         self._ask_next = 0  # where the next metadata refresh starts in the needed topics
         self.metadata_timeout_s = 1.0  # a metadata request's whole timeout
-        self.metadata_budget_s = 1.0  # most time one metadata refresh may take (the probe's)
+        self.metadata_budget_s = 1.0  # most time one metadata refresh may block the thread
         self._measured_at = 0.0  # when the last refresh and lag measurement ended
         self._repeats = RateLimitedLog(log)
         self.batcher: MicroBatcher[Message] = MicroBatcher(max_batch_size, max_wait_ms)
@@ -200,19 +189,6 @@ class BatchSource:
         self._drain_deadline: float | None = None  # set once: when waiting for in-flight ends
         self._consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name="batch-source", daemon=True)
-        # The metadata refresh and lag measurement run on their own thread, on the same
-        # librdkafka handle (thread-safe): their broker round trips (tens of ms on a loaded
-        # machine) used to stop the consumer thread every lag_interval_s, which was the
-        # latency tail at low load.
-        self._probe = threading.Thread(target=self._probe_run, name="lag-probe", daemon=True)
-        self._probe_wake = threading.Event()  # _lag_due moved earlier, or stop
-        self._probe_stop = threading.Event()
-        self._paused_since: float | None = None  # every slot taken since (consumer thread)
-        self._probe_started_at: float | None = None
-        self.probe_error: BaseException | None = None  # the probe's thread ended with it
-        # Orders the probe's lag write against a revocation's clean-up (never a revoked
-        # partition's lag written back after it).
-        self._lag_lock = threading.Lock()
         self.assignment: list[tuple[str, int]] = []
         self.error: BaseException | None = None
         # Why the group will not take this consumer in (our configuration), until assigned.
@@ -222,7 +198,7 @@ class BatchSource:
         # the group (end minus committed), up to one auto-commit interval.
         self.lag: dict[tuple[str, int], int] = {}
         self.lag_interval_s = 5.0
-        self.lag_budget_s = 1.0  # most time one lag measurement may take (the probe's thread)
+        self.lag_budget_s = 1.0  # most time one lag measurement may block the consumer thread
         self._positions: dict[tuple[str, int], int] = {}
         self._lag_due = 0.0
         # Partitions of each subscribed topic, as the cluster reports them (same refresh).
@@ -232,32 +208,6 @@ class BatchSource:
     def start(self) -> None:
         self._consumer = Consumer(self._conf)
         self._thread.start()
-        self._probe_started_at = time.monotonic()
-        self._probe.start()
-
-    @property
-    def probe_alive(self) -> bool:
-        """The lag probe's thread runs (it ends only with the consumer thread)."""
-        return self._probe.is_alive()
-
-    def probe_problem(self, now: float | None = None) -> str | None:
-        """Why the lag probe needs a restart (None: it works): it failed, or no measurement
-        ended for much longer than one takes (a broker call that never returns): the lag, the
-        topics' existence and the outage detection would all freeze at their last values."""
-        if self.probe_error is not None:
-            return f"the lag probe failed: {self.probe_error!r}"
-        started = self._probe_started_at
-        if started is None or self._probe_stop.is_set():
-            return None
-        last = max(started, self._measured_at)
-        budget = self.metadata_budget_s + self.lag_budget_s + 2 * self.metadata_timeout_s
-        stuck_s = (time.monotonic() if now is None else now) - last
-        if stuck_s > self.lag_interval_s + budget + PROBE_GRACE_S:
-            return (
-                f"the lag probe has not finished a measurement for {stuck_s:.0f} s (one takes "
-                f"at most {budget:g} s, every {self.lag_interval_s:g} s): a broker call hangs"
-            )
-        return None
 
     @property
     def in_flight(self) -> int:
@@ -390,6 +340,8 @@ class BatchSource:
         if self._rewind_due:
             self._rewind(consumer)
         self._store_done(consumer)
+        if time.monotonic() >= self._lag_due:
+            self._measure_lag(consumer)
         # librdkafka's consume() returns when it has num_messages or at the timeout, whichever
         # first: exactly a batch's "full or max wait". An empty batch has no deadline yet, so
         # take what is already fetched, or block for the first record only.
@@ -407,7 +359,6 @@ class BatchSource:
             if good and self.reachability.mark is not None:
                 # Maybe prefetched before the outage: ask the cluster soon instead.
                 self._lag_due = min(self._lag_due, self._measured_at + self.metadata_timeout_s)
-                self._probe_wake.set()
             if good and self.access.active:
                 for topic in {r.topic() for r in good}:
                     self.access.allowed("topic", topic or "")
@@ -502,14 +453,12 @@ class BatchSource:
         if not self._slots.acquire(blocking=False):
             # Every slot is taken: consumption pauses here until a batch is done (the pause is
             # reported as it goes, so a long one shows while it lasts).
-            since = self._paused_since = time.monotonic()
-            try:
-                while not self._slots.acquire(timeout=0.1):
-                    since = self._paused(since)
-                    if self._ending:
-                        return  # not handed off, not stored: re-read after restart
-            finally:
-                self._paused_since = None
+            since = time.monotonic()
+            while not self._slots.acquire(timeout=0.1):
+                since = self._paused(since)
+                if self._ending:
+                    return  # not handed off, not stored: re-read after restart
+                self._while_paused()
             self._paused(since)
         offsets = next_offsets(records)
         group = None
@@ -529,41 +478,12 @@ class BatchSource:
             SourceBatch(records, offsets, opened_at=opened_at, seq=seq, epoch=epoch, group=group)
         )
 
-    # --- the lag probe's thread -----------------------------------------------------------
-
-    def _probe_run(self) -> None:
-        """Refresh the metadata and measure the lag every ``lag_interval_s`` until the
-        consumer thread closes the consumer. Also while consumption is paused (every slot
-        taken): that is when the lag matters most. Nothing is fetched then, so librdkafka's
-        cached end offsets go stale: the brokers are asked."""
-        consumer = self._consumer
-        assert consumer is not None  # start() set it
-        try:
-            while not self._probe_stop.is_set():
-                wait = self._lag_due - time.monotonic()
-                if wait > 0:
-                    self._probe_wake.wait(wait)
-                    self._probe_wake.clear()  # _lag_due is read again: nothing missed
-                    continue
-                self._measure_lag(consumer, paused=self._paused_since is not None)
-        except BaseException as exc:
-            if self._probe_stop.is_set():
-                return  # overran the join while the consumer closed: nothing to report
-            # /healthz reports it (probe_problem): the lag and the topics' existence would
-            # freeze at their last values, which a restart mends.
-            self.probe_error = exc
-            log.exception("the lag probe failed")
-
-    def _stop_probe(self) -> None:
-        """Before the consumer closes: no call on a closed handle. The probe's calls are
-        bounded by its budgets, so the join is too."""
-        self._probe_stop.set()
-        self._probe_wake.set()
-        if self._probe.is_alive():
-            limit = self.metadata_budget_s + self.lag_budget_s + 2 * self.metadata_timeout_s
-            self._probe.join(limit)
-            if self._probe.is_alive():
-                log.warning("the lag probe is still in a broker call as the consumer closes")
+    def _while_paused(self) -> None:
+        """Keep measuring the lag while consumption is paused: that is when the lag matters
+        most (it used to freeze at its last value until a slot was free). Nothing is fetched
+        meanwhile, so librdkafka's cached end offsets go stale: ask the brokers."""
+        if self._consumer is not None and time.monotonic() >= self._lag_due:
+            self._measure_lag(self._consumer, paused=True)
 
     def _paused(self, since: float) -> float:
         now = time.monotonic()
@@ -589,8 +509,6 @@ class BatchSource:
         lag = {tp: n for tp, n in self.lag.items() if tp in mine}  # kept if not measured
         marks: dict[tuple[str, int], tuple[int, int]] = {}
         for topic, partition in owned:
-            if self._probe_stop.is_set():
-                return  # the consumer is closing
             tp = TopicPartition(topic, partition)
             known = (topic, partition) in self._positions
             found = None
@@ -631,9 +549,7 @@ class BatchSource:
             # starts at the low watermark (auto.offset.reset=earliest).
             position = max(position, low, 0)
             lag[key] = max(0, high - position)
-        with self._lag_lock:  # a partition revoked while this was measured stays out
-            mine = set(self.assignment)
-            self.lag = {tp: n for tp, n in lag.items() if tp in mine}
+        self.lag = lag
 
     @property
     def vanished(self) -> tuple[str, ...]:
@@ -650,7 +566,7 @@ class BatchSource:
         asked = 0
         for i, topic in enumerate(needed[start:] + needed[:start]):
             left = deadline - time.monotonic()
-            if left <= 0 or self._probe_stop.is_set():
+            if left <= 0:
                 break
             timeout = self.metadata_timeout_s if i == 0 else min(self.metadata_timeout_s, left)
             try:
@@ -740,11 +656,10 @@ class BatchSource:
             self._commit(consumer)
             with self._idle:  # a batch delivered late stores nothing for partitions not ours
                 self.checkpoint.revoke(gone)
-        with self._lag_lock:
-            self.assignment = sorted(set(self.assignment) - gone)
-            for tp in gone:
-                self._positions.pop(tp, None)
-            self.lag = {tp: n for tp, n in self.lag.items() if tp not in gone}
+        self.assignment = sorted(set(self.assignment) - gone)
+        for tp in gone:
+            self._positions.pop(tp, None)
+        self.lag = {tp: n for tp, n in self.lag.items() if tp not in gone}
         log.info("revoked %s (%d waiting records dropped, to be re-read)", sorted(gone), dropped)
         if self._on_assignment:
             self._on_assignment(self.assignment)
@@ -773,6 +688,5 @@ class BatchSource:
             if not self.exactly_once:
                 self._commit(consumer)
         finally:
-            self._stop_probe()
             # close() revokes the assignment: _revoked waits within the same deadline.
             consumer.close()

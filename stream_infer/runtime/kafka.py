@@ -212,7 +212,7 @@ class KafkaClients:
             self.publisher.publish(records, Ticket(None))
 
     def _partitions_changed(self, counts: dict[str, int]) -> None:
-        """The lag probe saw new partition counts: is the label join still possible?"""
+        """The consumer thread saw new partition counts: is the label join still possible?"""
         if self.labels_topic is None:
             return
         problem = copartition_problem(counts, self.topology.topics.input, self.labels_topic)

@@ -148,8 +148,6 @@ class InferenceRuntime:
             )
         if source is not None and source.error is not None:
             problems.append(f"the batch source failed: {source.error!r}")
-        if source is not None and (probe := source.probe_problem()):
-            problems.append(probe)
         if source is not None and source.group_problem is not None:
             problems.append(source.group_problem)
         if source is not None and (vanished := source.vanished):

@@ -107,18 +107,6 @@ def test_commands_apply_one_after_another_while_the_acks_topic_refuses_write(
     assert len(runtime.kafka.publisher) == 0
 
 
-def test_a_lag_probe_that_failed_fails_the_health_check(runtime: InferenceRuntime) -> None:
-    from stream_infer.io.source import BatchSource
-
-    source = BatchSource(
-        {}, ["in"], max_batch_size=1, max_wait_ms=1, max_in_flight=1, hand_off=lambda _b: None
-    )
-    runtime.kafka.source = source
-    assert not any("lag probe" in p for p in runtime.health_problems())
-    source.probe_error = RuntimeError("boom")
-    assert "the lag probe failed: RuntimeError('boom')" in runtime.health_problems()
-
-
 def test_the_models_threads_run_torch_with_the_topologys_thread_count(
     runtime: InferenceRuntime,
 ) -> None:

@@ -42,14 +42,10 @@ class Librdkafka:
         self.commits = 0
         self.commit_error: KafkaError | None = None
         self.slow = False
-        self.hang_s = 0.0
         self.closed = False
         self.assigned: set[tuple[str, int]] = set()
         self.on_revoke: Callable[[Any, list[TopicPartition]], None] | None = None
         self.broker_calls = 0
-        self.calls_after_close = 0
-        self.gate: threading.Event | None = None  # set: round trips wait for it (then clear it)
-        self.in_call = threading.Event()
         self._lock = threading.Lock()
 
     # --- group membership
@@ -101,16 +97,7 @@ class Librdkafka:
 
     # --- broker round trips (the lag probe)
     def _round_trip(self, timeout: float) -> None:
-        if self.closed:  # as confluent-kafka 2.x does on a closed handle
-            self.calls_after_close += 1
-            raise RuntimeError("Consumer closed")
         self.broker_calls += 1
-        if self.gate is not None:
-            self.in_call.set()
-            self.gate.wait(10)
-            self.in_call.clear()
-        if self.hang_s:  # a broker that answers late, within the call's timeout
-            time.sleep(min(timeout, self.hang_s))
         if self.slow:
             time.sleep(min(timeout, 0.05))
             raise KafkaException(TIMED_OUT)
@@ -154,7 +141,6 @@ class Running:
 
     def start(self) -> None:
         self.source._thread.start()
-        self.source._probe.start()  # as BatchSource.start() does
 
     def wait_handed(self, n: int, timeout_s: float = 2.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -286,7 +272,7 @@ def test_a_lag_probe_whose_every_call_times_out_never_ends_the_consumer_thread(
 ) -> None:
     """Item 5 (19b): committed(), list_topics() and get_watermark_offsets() all raise
     KafkaException(_TIMED_OUT) after waiting, as librdkafka does with a dead coordinator and
-    leaders. The probe (its own thread) asks again and again here; consumption goes on."""
+    leaders. The probe runs at every step here; consumption goes on, within its budget."""
     r = running([0, 1], batch=1, in_flight=1000)
     r.source.lag_interval_s = 0.0
     r.source.lag_budget_s = 0.1
@@ -301,28 +287,6 @@ def test_a_lag_probe_whose_every_call_times_out_never_ends_the_consumer_thread(
     assert r.source.lag == {}  # never measured: nothing made up
 
 
-def test_consumption_goes_on_while_the_lag_probe_waits_on_the_broker(
-    running: Callable[..., Running],
-) -> None:
-    """Issue 16, item 5: the probe's broker round trips (metadata, watermarks, committed) ran
-    on the consumer thread and held consumption up every lag_interval_s. Here every round trip
-    takes 0.8 s: records keep being handed over meanwhile, each within a few ms."""
-    r = running([0], batch=1, in_flight=1000)
-    r.source.lag_budget_s = r.source.metadata_budget_s = 5.0
-    r.consumer.hang_s = 0.8
-    r.start()
-    deadline = time.monotonic() + 5.0
-    while r.consumer.broker_calls == 0:  # the probe's first call is under way
-        assert time.monotonic() < deadline, "the lag probe never asked the broker"
-        time.sleep(0.005)
-    started = time.monotonic()
-    for o in range(10):
-        r.consumer.add([_record(0, o)])
-        r.wait_handed(o + 1, timeout_s=5.0)
-    assert time.monotonic() - started < 0.5  # not 0.8 s per probe call
-    assert r.source.probe_alive and r.source.error is None
-
-
 def test_a_lag_probe_that_times_out_keeps_the_last_figures(running: Callable[..., Running]) -> None:
     r = running([0])
     source, consumer = r.source, r.consumer
@@ -335,78 +299,3 @@ def test_a_lag_probe_that_times_out_keeps_the_last_figures(running: Callable[...
     source._measure_lag(consumer)  # type: ignore[arg-type]
     assert time.monotonic() - started <= source.lag_budget_s + 0.1
     assert source.lag == {("in", 0): 100} and source.partition_counts == {"in": 1}
-
-
-def test_a_lag_probe_that_fails_is_a_health_problem_of_its_own(
-    running: Callable[..., Running],
-) -> None:
-    """The probe has its own thread: its death must not pass unseen (the lag and the topics'
-    existence would freeze at their last values). /healthz reads ``probe_problem()``."""
-    r = running([0])
-
-    def broken(consumer: Any, *, paused: bool = False) -> None:
-        raise RuntimeError("a bug in the probe")
-
-    r.source._measure_lag = broken  # type: ignore[method-assign]
-    r.source._probe_started_at = time.monotonic()
-    r.start()
-    r.source._probe.join(5.0)
-    assert not r.source.probe_alive
-    assert r.source.error is None  # consumption goes on: not the batch source's error
-    assert r.source.probe_problem() == "the lag probe failed: RuntimeError('a bug in the probe')"
-
-
-def test_a_lag_probe_stuck_in_a_call_is_a_health_problem(running: Callable[..., Running]) -> None:
-    """A broker call that never returns (past its own timeout) would freeze the lag, the
-    vanished-topic and outage detection silently: /healthz says so past the grace."""
-    r = running([0])
-    src = r.source
-    src._probe_started_at = 100.0
-    src._measured_at = 100.0
-    limit = 100.0 + src.lag_interval_s + 2 + 2 * src.metadata_timeout_s + 30
-    assert src.probe_problem(now=limit - 1) is None
-    problem = src.probe_problem(now=limit + 1)
-    assert problem is not None and "has not finished a measurement" in problem
-    src._measured_at = limit  # a measurement ended: fine again
-    assert src.probe_problem(now=limit + 1) is None
-
-
-def test_a_partition_revoked_while_the_probe_measures_stays_out_of_the_lag(
-    running: Callable[..., Running],
-) -> None:
-    """The probe took its partitions before the revocation and writes its figures after it:
-    the revoked partition's lag must not come back (the _lag_lock filter)."""
-    r = running([0, 1])
-    r.consumer.gate = threading.Event()
-    r.start()
-    assert r.consumer.in_call.wait(5.0)  # the first refresh is inside a broker call
-    # Let the metadata refresh through; stop at the lag measurement's round trips.
-    while r.source._measured_at == 0.0 and r.consumer.broker_calls < 3:
-        r.consumer.gate.set()
-        r.consumer.gate = threading.Event()
-        time.sleep(0.05)
-    r.consumer.revoke([1])
-    gate, r.consumer.gate = r.consumer.gate, None
-    gate.set()
-    deadline = time.monotonic() + 5.0
-    while not r.source.lag and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert set(r.source.lag) == {("in", 0)}
-
-
-def test_the_probe_makes_no_call_on_the_closed_consumer(running: Callable[..., Running]) -> None:
-    """_close stops the probe (bounded join) before consumer.close(): a probe inside a slow
-    call finishes it, then stops; never a call on the closed handle, never an error."""
-    r = running([0])
-    r.source.lag_interval_s = 0.0
-    r.consumer.hang_s = 0.3
-    r.start()
-    deadline = time.monotonic() + 5.0
-    while r.consumer.broker_calls == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    r.source.stop(timeout_s=2.0)
-    r.source._thread.join(10.0)
-    assert r.consumer.closed
-    assert not r.source.probe_alive
-    assert r.consumer.calls_after_close == 0
-    assert r.source.error is None and r.source.probe_error is None
