@@ -93,6 +93,11 @@ class _Abort(Exception):
 
 
 # TxnOffsetCommit refusals that mean the group moved on since the batch was read.
+# Calls before the commit on which any error that is not fatal aborts the transaction
+# (librdkafka flags only some of them abortable or retriable; a commit's outcome is not known
+# after an error, so there an unclassified error stays fatal).
+_ABORT_ON_OTHER_ERRORS = frozenset({"send_offsets"})
+
 _GROUP_MOVED = frozenset(
     {
         KafkaError.ILLEGAL_GENERATION,
@@ -368,6 +373,11 @@ class TransactionalPublisher:
                 if err.retriable() and time.monotonic() < deadline:
                     log.info("%s: %s, trying again", what, err.str())
                     continue
+                if what in _ABORT_ON_OTHER_ERRORS:
+                    # Neither fatal, abortable nor retriable (a coordinator's connection lost,
+                    # _TRANSPORT, when the broker leading it died): nothing of this transaction
+                    # is committed yet, so aborting it and reading the batch again is safe.
+                    raise _Abort(f"{what}: {err.name()}: {err.str()}", moved=False) from exc
                 raise _Fatal(f"{what}: {err.name()}: {err.str()}{_why_fenced(err)}") from exc
 
     def _deliverable(self, record: OutRecord, which: tuple[object, ...] | None) -> OutRecord:

@@ -353,6 +353,29 @@ def test_a_retriable_error_is_the_same_call_again(make: Callable[..., Harness], 
 # --- abortable errors: abort, skip the epoch, rewind ---------------------------------------------
 
 
+def test_a_transport_error_on_send_offsets_aborts_and_reads_the_batch_again(
+    make: Callable[..., Harness],
+) -> None:
+    """The broker leading the transaction coordinator killed (CI's 3-node fault under
+    transactions): send_offsets raised _TRANSPORT, neither fatal, abortable nor retriable, and
+    the worker exited. Nothing is committed before the commit: abort, rewind, serve again."""
+    h = make()
+    h.producer.fail["send_offsets_to_transaction"] = [
+        KafkaError(
+            KafkaError._TRANSPORT, "Failed to add offsets to transaction: Broker transport failure"
+        )
+    ]
+    h.start()
+    first = h.submit(_batch(0, epoch=0), _records("a", 2))
+    assert settled(first, 5.0)
+    assert first.rewound and first.error is None
+    assert h.source.rewinds == 1
+    again = h.submit(_batch(0, epoch=1), _records("a", 2))
+    assert settled(again, 5.0) and again.done and again.error is None
+    assert h.producer.visible == [b"a0", b"a1"]
+    assert h.outcomes == ["aborted", "committed"]
+
+
 def test_an_abortable_error_aborts_skips_the_epoch_and_rewinds(
     make: Callable[..., Harness],
 ) -> None:
