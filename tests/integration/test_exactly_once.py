@@ -37,7 +37,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from stream_infer.io.clients import consume_ready
 from stream_infer.local.tansu import EmbeddedBroker, free_port
 from tests.brokers import broker_choice
-from tests.integration.conftest import Setup, good_events, health, metric, scrape, wait_ready
+from tests.integration.conftest import Setup, good_events, metric, scrape, wait_ready
 from tests.integration.test_faults import Reader, endless_load, input_ids, run_faulty_worker
 
 EXACTLY_ONCE = {"guarantee": "exactly_once"}
@@ -178,8 +178,8 @@ def test_sigkill_five_times_under_load_every_id_is_served_exactly_once(kafka_set
 def test_a_frozen_worker_resumed_after_its_partitions_moved_makes_nothing_visible(
     kafka_setup: Any, stage: str, freeze_s: float, transaction_timeout_ms: int, outcome: str
 ) -> None:
-    """Worker A is frozen (SIGSTOP) past its 6 s group session inside a transaction (its
-    transactions wait 0.5 s before ``stage``: tests/integration/slow_transactions_worker); B
+    """Worker A is frozen (SIGSTOP) past its 6 s group session inside a transaction, in its
+    0.5 s wait before ``stage`` (tests/integration/slow_transactions_worker marks it); B
     takes its partitions over and serves them from the last committed offsets. A is then
     resumed: nothing it had in flight may become visible, and every id is served exactly once.
 
@@ -197,12 +197,13 @@ def test_a_frozen_worker_resumed_after_its_partitions_moved_makes_nothing_visibl
         kafka={"session_timeout_ms": 6000, "transaction_timeout_ms": transaction_timeout_ms},
     )
     port_a, port_b = free_port(), free_port()
+    mark = setup.tmp / "in-the-wait"
     load = endless_load(setup, rate)
     committed_view = IsolatedReader(setup, setup.topics.predictions, "read_committed")
     try:
         a = setup.start_worker(
             web_port=port_a,
-            module=("tests.integration.slow_transactions_worker", stage, "0.5"),
+            module=("tests.integration.slow_transactions_worker", stage, "0.5", str(mark)),
         )
         wait_ready(port_a, 90)
         b = setup.start_worker(web_port=port_b)
@@ -217,12 +218,18 @@ def test_a_frozen_worker_resumed_after_its_partitions_moved_makes_nothing_visibl
         committed_view.read(2.0)
         a_transactions = scrape(port_a, "stream_infer_transactions_total", outcome="committed")
         assert a_transactions > 0, "A committed nothing before the freeze"
-        # Freeze A inside a transaction: one open for 0.1 s is in its 0.5 s wait before
-        # `stage` (at this rate A has a batch waiting at nearly every moment; this makes sure).
+        # Freeze A inside its wait before `stage`: the mark exists only there, so A stopped
+        # with the mark present has not called `stage` yet (else resume it and try again).
         deadline = time.monotonic() + 30
-        while health(port_a)[1].get("oldest_unacked_s", 0.0) < 0.1:
-            assert time.monotonic() < deadline, "A never had a transaction open"
-        os.kill(a.pid, signal.SIGSTOP)
+        while True:
+            assert time.monotonic() < deadline, f"A never stopped inside its wait before {stage}"
+            if not mark.exists():
+                time.sleep(0.005)
+                continue
+            os.kill(a.pid, signal.SIGSTOP)
+            if mark.exists():
+                break
+            os.kill(a.pid, signal.SIGCONT)
         frozen_at = time.monotonic()
         committed_view.read(freeze_s)
         # B took everything over while A was frozen.
