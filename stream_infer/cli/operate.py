@@ -362,8 +362,9 @@ def rollout(
             raise ConfigError(why)
         if weights and weights[0] == 0.0 and not topo.topics.shadow:
             why = (
-                f"{topology}: the first step (weight 0) shadows the candidate, and shadows "
-                "are scored only with topics.shadow; declare it, or start above 0"
+                f"{topology}: the first step (weight 0) shadows the candidate, and shadows are "
+                "scored only with topics.shadow: the step would never gather a label; "
+                "declare topics.shadow, or start the steps above 0"
             )
             raise ConfigError(why)
         fields = {"model": model, "version": candidate, "plan": plan}

@@ -492,9 +492,6 @@ class RoutingTable:
     generation: int = 0
     # Per model, its latest rollout (running or finished), as the log has moved it.
     rollouts: dict[str, RolloutRecord] = field(default_factory=dict)
-    # Whether the topology scores shadows (has topics.shadow): without, a rollout's shadow step
-    # (weight 0) would never gather a label, and is rejected. None: not known, not checked.
-    shadows: bool | None = None
 
     @classmethod
     def initial(
@@ -504,18 +501,21 @@ class RoutingTable:
         now: float,
         *,
         learners: set[ModelVersion] | frozenset[ModelVersion] | None = None,
-        shadows: bool | None = None,
     ) -> RoutingTable:
         """``learners``: the (model, version) pairs that are online learners (None: not
-        checked, any declared version may be reset). ``shadows``: whether the topology scores
-        shadows (the same on every worker: it is the topology's; None: not checked)."""
+        checked, any declared version may be reset).
+
+        Nothing a worker's own configuration says decides whether a routing command applies:
+        during a rolling deploy two workers may run different topologies, and their tables
+        would diverge. (A rollout's shadow step on a topology without ``topics.shadow`` gathers
+        no label, so ``stream-infer rollout`` refuses such a plan before sending it; in the log,
+        the step times out as its plan says.)"""
         routes = {model: Route.single(version) for model, version in serving.items()}
         return cls(
             declared=dict(declared),
             routes=routes,
             changed_at=now,
             learners=None if learners is None else frozenset(learners),
-            shadows=shadows,
         )
 
     def apply(self, cmd: Command, now: float) -> bool:
@@ -632,13 +632,6 @@ class RoutingTable:
                 msg = f"{model}:{candidate} serves already: it cannot be the rollout's candidate"
                 raise ControlError(ROLLOUT_CONFLICT, msg, command_id=cmd.id)
             plan = rollout_plan(cmd.rollout, cmd.id)
-            if self.shadows is False and any(s.weight == 0.0 for s in plan.steps):
-                msg = (
-                    "the plan has a shadow step (weight 0), but the topology has no "
-                    "topics.shadow: a shadow is never scored there, so the step would never "
-                    "gather a label; start the plan at a weight > 0, or add topics.shadow"
-                )
-                raise ControlError(INVALID_ROLLOUT, msg, command_id=cmd.id)
             order = self.declared[model]
             return {**self.routes, model: step_route(incumbent, candidate, plan, 0, order)}
         if cmd.action in ("hold", "takeover"):
@@ -726,6 +719,7 @@ class RoutingTable:
                 started_at=when,
                 step_started_at=when,
                 step_began_at=when,
+                step_clock_origin=when,
                 step_generation=generation,
                 last_command=cmd.id,
                 decisions=(_decision(cmd, "start", 0, routes[model], when),),
@@ -739,6 +733,7 @@ class RoutingTable:
                 record,
                 held=False,
                 step_started_at=when,
+                step_clock_origin=when,
                 last_command=cmd.id,
                 decisions=(*record.decisions, decision),
             )
@@ -770,13 +765,17 @@ class RoutingTable:
         }
         if kind == "advance":
             changes |= {"step": int(tag["step"]), "step_started_at": when, "held": False}
-            changes["step_began_at"] = when
+            changes["step_began_at"] = changes["step_clock_origin"] = when
             changes["step_generation"] = generation
             changes["base"] = evidence_counts(evidence)
         elif kind == "hold":
             changes["held"] = True
-        elif kind == "takeover":  # a driving session begins: its step clock starts again
-            changes |= {"sessions": record.sessions + 1, "step_started_at": when}
+        elif kind == "takeover":
+            # A driving session begins: its step clock starts again, but never past one more
+            # max_duration after the step began (or was resumed): drivers replaced again and
+            # again cannot keep a step from timing out.
+            limit = record.step_clock_origin + record.plan.steps[record.step].max_duration_s
+            changes |= {"sessions": record.sessions + 1, "step_started_at": min(when, limit)}
         else:
             changes["outcome"] = "promoted" if kind == "promote" else "aborted"
         self.rollouts[model] = replace(record, **changes)
@@ -847,6 +846,9 @@ class RolloutRecord:
     # When the step began (its command's issued_at; a resume does not move it): the labels of
     # events served since then are the step's own.
     step_began_at: float = 0.0
+    # When the step began or an operator last resumed it: a takeover restarts the step's clock
+    # at most up to this plus the step's max_duration (a step lasts at most twice that).
+    step_clock_origin: float = 0.0
     # The routing generation the step's command made: a step's labels are those of events
     # served by a routing of this generation or later (what served them, not when).
     step_generation: int = 0
@@ -882,6 +884,7 @@ class RolloutRecord:
             "started_at": self.started_at,
             "step_started_at": self.step_started_at,
             "step_began_at": self.step_began_at,
+            "step_clock_origin": self.step_clock_origin,
             "step_generation": self.step_generation,
             "sessions": self.sessions,
             "evidence": self.evidence,

@@ -46,7 +46,11 @@ owns (each worker joins the labels of its own partitions). With N workers the ga
 Takeover. Every driving session begins with a logged ``rollout`` command with
 ``"action": "takeover"`` (the first driver's too), and decides nothing until the log has
 applied it. The table counts the sessions (the record's ``sessions``) and starts the step's
-clock again (a new driver is not timed out by the time its predecessor spent). Session ``k``
+clock again (a new driver is not timed out by the time its predecessor spent), never past one
+more ``max_duration`` after the step began or was resumed. Losing partition 0 for less than
+``grace_s`` (an eager rebalance revokes it, then assigns it again) does not end a session: it
+decides nothing meanwhile, and goes on if the log has not moved (else it is rebuilt, and a
+takeover of another driver's since the break makes it a new one). Session ``k``
 runs its confidence sequences at level ``alpha_k = alpha * 6 / (pi^2 k^2)``
 (:func:`session_alpha`): a restarted or rebuilt sequence is a fresh look at the data, and
 summed over every session the levels stay under ``alpha``. A driver that dies loses its
@@ -123,6 +127,10 @@ class _Session:
     # applied its takeover (``active``).
     session: int = 1
     active: bool = False
+    takeovers_sent: int = 0  # in the takeover's id: a resend never repeats a refused one's
+    # This worker stopped driving since the session began (partition 0 revoked, then back
+    # within ``grace_s``): another driver's takeover since then ends the session.
+    interrupted: bool = False
     # The step's own evidence: the labels the step's routing served, from the step's start,
     # in sequences of their own (a later step's labels are not drowned by earlier ones).
     step_evidence: Evidence | None = None
@@ -143,10 +151,14 @@ class RolloutDriver:
     :meth:`status` returns a copy made by the last tick (safe to read from any thread).
     """
 
-    def __init__(self, worker: str = "", resend_s: float = 10.0) -> None:
+    def __init__(self, worker: str = "", resend_s: float = 10.0, grace_s: float = 60.0) -> None:
         self.worker = worker  # named in each step command's tag: who decided it
         self.resend_s = resend_s
+        # How long sessions outlive a loss of partition 0 (an eager rebalance revokes every
+        # partition and assigns them again): back within it, the session goes on.
+        self.grace_s = grace_s
         self.driving = False
+        self._lost_at: float | None = None
         self._sessions: dict[str, _Session] = {}
         self._watched: dict[tuple[str, str], Side] = {}
         self._buffers: dict[tuple[str, str], _Buffer] = {}
@@ -187,12 +199,23 @@ class RolloutDriver:
         self.driving = driving
         running = {m: r for m, r in records.items() if r.outcome == "running"}
         if not driving:
+            if self._lost_at is None:
+                self._lost_at = now
+            self._status = {"driving": False, "rollouts": {}}
+            for held in self._sessions.values():
+                held.interrupted = True
+            if self._sessions and now - self._lost_at < self.grace_s:
+                # Partition 0 may come back (a rebalance revokes it first): the sessions wait,
+                # still buffering this worker's labels, and decide nothing meanwhile. Back, a
+                # session whose log has not moved goes on; one that another driver moved is
+                # rebuilt from the log (:meth:`_session`).
+                return []
             self._sessions.clear()
             self._buffers.clear()
             self._takeovers.clear()  # driving again later is a new session
             self._watched = {}
-            self._status = {"driving": False, "rollouts": {}}
             return []
+        self._lost_at = None
         self._watched = {}
         for model, record in running.items():
             self._watched[(model, record.candidate)] = "candidate"
@@ -225,6 +248,7 @@ class RolloutDriver:
         session = self._sessions.get(record.model)
         if session is not None and session.rollout_id == record.id:
             if record.last_command == session.synced:
+                session.interrupted = False  # nobody else drove meanwhile: as if unbroken
                 return session
             if session.pending is not None and record.last_command == session.pending[0]:
                 session.synced, session.pending = record.last_command, None
@@ -234,24 +258,25 @@ class RolloutDriver:
             if last == "resume":  # an operator's resume: the evidence goes on
                 session.synced, session.pending = record.last_command, None
                 return session
-        session = self._rebuilt(record)
+        interrupted = session is None or session.rollout_id != record.id or session.interrupted
+        session = self._rebuilt(record, interrupted=interrupted)
         self._sessions[record.model] = session
         return session
 
-    def _rebuilt(self, record: RolloutRecord) -> _Session:
+    def _rebuilt(self, record: RolloutRecord, *, interrupted: bool) -> _Session:
         """A session from the log alone: the evidence of the last step command's tag, at the
         level of the session it will be once its takeover is applied."""
         plan = record.plan
-        # Ours already (the log applied our takeover; another driver's command since, in a
-        # split-brain window, made us rebuild): the same session. Else the next one.
-        mine = next(
-            (
-                self._takeovers[d["command_id"]]
-                for d in reversed(record.decisions)
-                if d["decision"] == "takeover" and d["command_id"] in self._takeovers
-            ),
-            None,
-        )
+        # Ours already: the same session. That is, the log's latest takeover is ours, or,
+        # while this worker has driven without a break, any in the log is (two drivers in a
+        # rebalance's split-brain window each keep theirs, rather than taking over from each
+        # other in turn). Else the next one: after a break, a takeover since ends the session.
+        takeovers = [d["command_id"] for d in record.decisions if d["decision"] == "takeover"]
+        mine = self._takeovers.get(takeovers[-1]) if takeovers else None
+        if mine is None and not interrupted:
+            mine = next(
+                (self._takeovers[c] for c in reversed(takeovers) if c in self._takeovers), None
+            )
         k = mine if mine is not None else record.sessions + 1
         alpha = session_alpha(plan.alpha, k)
         # Half of the session's level for the whole rollout's sequences, half for the steps'.
@@ -380,7 +405,9 @@ class RolloutDriver:
     ) -> dict[str, Any]:
         """The command that begins this driving session: the log counts it (the session's
         level) and starts the step's clock again (its labels are counted afresh). Its id names
-        this worker: two drivers at once each take over, and the later one is stale."""
+        this worker and counts its attempts: two drivers at once each take over, and the later
+        one is stale; a resend is a new id (a refused copy's id stays in every table's seen
+        ids: resent as is, it would be refused as a duplicate forever)."""
         tag = {
             "id": record.id,
             "step": record.step,
@@ -389,7 +416,10 @@ class RolloutDriver:
             "driver": self.worker,
             "restored": session.restored,
         }
-        body = orjson.dumps([record.id, record.step, "takeover", generation, self.worker])
+        session.takeovers_sent += 1
+        body = orjson.dumps(
+            [record.id, record.step, "takeover", generation, self.worker, session.takeovers_sent]
+        )
         command_id = f"rollout-{hashlib.sha256(body).hexdigest()[:32]}"
         return {
             "id": command_id,

@@ -71,7 +71,6 @@ class ControlPlane:
             serving,
             time.time(),
             learners=set(models.learner_keys),
-            shadows=topology.topics.shadow is not None,
         )
         key = topology.control.hmac_key
         self._hmac_key = key.get_secret_value().encode() if key else None

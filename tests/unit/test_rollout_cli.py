@@ -64,3 +64,20 @@ def test_a_candidate_is_needed_unless_resuming(
     path = topology(tmp_path, online={"rollouts": True})
     code, err = run(capsys, "rollout", str(path), "--model", "risk")
     assert code == 2 and "--candidate" in err, err
+
+
+def test_a_shadow_step_is_refused_where_the_topology_scores_no_shadow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weight-0 first step shadows the candidate, and a topology without topics.shadow never
+    scores a shadow. The CLI checks it, not the routing table: what a table applies may not
+    depend on a worker's own topology (two differ during a rolling deploy)."""
+    doc = yaml.safe_load((ROOT / "topologies" / "phishing.yaml").read_text())
+    topics = {k: v for k, v in doc["topics"].items() if k != "shadow"}
+    path = topology(tmp_path, online={"rollouts": True}, topics=topics)
+    args = ("--model", "risk", "--candidate", "v2", "--steps", "0,0.5,1")
+    code, err = run(capsys, "rollout", str(path), *args)
+    assert code == 2 and "topics.shadow" in err, err
+    shadowed = topology(tmp_path, online={"rollouts": True})
+    code, err = run(capsys, "rollout", str(shadowed), *args)
+    assert "topics.shadow" not in err, err

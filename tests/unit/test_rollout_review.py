@@ -210,19 +210,6 @@ def test_an_abort_swaps_to_the_incumbent() -> None:
     assert t.routes["risk"] == Route.single("v1")
 
 
-def test_a_shadow_step_is_refused_where_the_topology_scores_no_shadow() -> None:
-    """T2: without topics.shadow a shadow is never scored, so a weight-0 step could never pass;
-    the table (every worker has the same topology) refuses the plan, not only the CLI."""
-    t = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0, shadows=False)
-    assert _reason(t, _start()) == control.INVALID_ROLLOUT
-    assert "risk" not in t.rollouts and t.routes["risk"] == Route.single("v1")
-    t.apply(_start(PLAN | {"steps": [0.1, 1]}), now=T0)
-    assert t.rollouts["risk"].step == 0 and len(t.routes["risk"].weights) == 2
-    scored = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0, shadows=True)
-    scored.apply(_start(), now=T0)
-    assert scored.routes["risk"] == Route.single("v1").with_shadow("v2")
-
-
 # --- T1, S4: a takeover is logged; it restarts the step's clock and counts a session ---------
 
 
