@@ -47,10 +47,12 @@ Takeover. Every driving session begins with a logged ``rollout`` command with
 ``"action": "takeover"`` (the first driver's too), and decides nothing until the log has
 applied it. The table counts the sessions (the record's ``sessions``) and starts the step's
 clock again (a new driver is not timed out by the time its predecessor spent), never past one
-more ``max_duration`` after the step began or was resumed. Losing partition 0 for less than
-``grace_s`` (an eager rebalance revokes it, then assigns it again) does not end a session: it
-decides nothing meanwhile, and goes on if the log has not moved (else it is rebuilt, and a
-takeover of another driver's since the break makes it a new one). Session ``k``
+more ``max_duration`` after the step began or was resumed. A session lasts while the log's
+latest takeover is its own, its evidence in memory going on: losing partition 0 for less than
+``grace_s`` (an eager rebalance revokes it, then assigns it again) does not end it (it decides
+nothing meanwhile). Another driver's takeover in the log ends it; the driver then waits
+``resend_s`` before taking over again (two drivers at once do not take over from each other
+every tick), as a new session rebuilt from the log. Session ``k``
 runs its confidence sequences at level ``alpha_k = alpha * 6 / (pi^2 k^2)``
 (:func:`session_alpha`): a restarted or rebuilt sequence is a fresh look at the data, and
 summed over every session the levels stay under ``alpha``. A driver that dies loses its
@@ -59,8 +61,7 @@ the log: the step and the label counts it began at come from the record, and the
 the last step command's tag (its sequences' sums resume where they were when that command was
 written; labels the old driver joined after it are lost, and the new driver's own labels from
 before the takeover are not used); a rollout with no step command yet starts its evidence
-afresh. A driver that rebuilds because another driver's command landed (a split-brain window)
-keeps its session once its own takeover is in the log: that window is not counted.
+afresh. A session's level is never used by a second, fresh sequence.
 
 A driver that has sent a command waits for the log to apply it (``resend_s``: after that it
 decides again; an unchanged decision at an unchanged generation has the same id, so a copy is
@@ -127,10 +128,7 @@ class _Session:
     # applied its takeover (``active``).
     session: int = 1
     active: bool = False
-    takeovers_sent: int = 0  # in the takeover's id: a resend never repeats a refused one's
-    # This worker stopped driving since the session began (partition 0 revoked, then back
-    # within ``grace_s``): another driver's takeover since then ends the session.
-    interrupted: bool = False
+    takeover_id: str = ""  # the command that began it, once the log applied it
     # The step's own evidence: the labels the step's routing served, from the step's start,
     # in sequences of their own (a later step's labels are not drowned by earlier ones).
     step_evidence: Evidence | None = None
@@ -162,8 +160,9 @@ class RolloutDriver:
         self._sessions: dict[str, _Session] = {}
         self._watched: dict[tuple[str, str], Side] = {}
         self._buffers: dict[tuple[str, str], _Buffer] = {}
-        # The takeovers this worker sent while it drives: command id -> the session it begins.
-        self._takeovers: dict[str, int] = {}
+        self._takeovers_sent = 0  # in each takeover's id: a resend never repeats a refused id
+        # Per model: no takeover before this time (another driver's ended this one's session).
+        self._yield_until: dict[str, float] = {}
         self._status: dict[str, Any] = {"driving": False, "rollouts": {}}
 
     # -- the learning thread ---------------------------------------------------------------
@@ -202,8 +201,6 @@ class RolloutDriver:
             if self._lost_at is None:
                 self._lost_at = now
             self._status = {"driving": False, "rollouts": {}}
-            for held in self._sessions.values():
-                held.interrupted = True
             if self._sessions and now - self._lost_at < self.grace_s:
                 # Partition 0 may come back (a rebalance revokes it first): the sessions wait,
                 # still buffering this worker's labels, and decide nothing meanwhile. Back, a
@@ -212,7 +209,7 @@ class RolloutDriver:
                 return []
             self._sessions.clear()
             self._buffers.clear()
-            self._takeovers.clear()  # driving again later is a new session
+            self._yield_until.clear()
             self._watched = {}
             return []
         self._lost_at = None
@@ -225,7 +222,7 @@ class RolloutDriver:
                 del self._sessions[model]
         out: list[dict[str, Any]] = []
         for model, record in running.items():
-            session = self._session(record)
+            session = self._session(record, now)
             self._feed(model, record, session)
             doc = self._decide(record, session, generation, now)
             if doc is not None:
@@ -244,40 +241,47 @@ class RolloutDriver:
 
     # -- inside a tick ---------------------------------------------------------------------
 
-    def _session(self, record: RolloutRecord) -> _Session:
+    def _session(self, record: RolloutRecord, now: float) -> _Session:
+        """This worker's session of ``record``'s rollout. A session is the log's as long as the
+        log's latest takeover is the one that began it: its evidence in memory goes on (the
+        log moved by its own commands, an operator's resume). Any other case is a new session
+        rebuilt from the log (never a fresh sequence at a level already used)."""
         session = self._sessions.get(record.model)
         if session is not None and session.rollout_id == record.id:
             if record.last_command == session.synced:
-                session.interrupted = False  # nobody else drove meanwhile: as if unbroken
                 return session
-            if session.pending is not None and record.last_command == session.pending[0]:
-                session.synced, session.pending = record.last_command, None
-                session.active = True  # our takeover, or a step of ours after it
-                return session  # our own command: the evidence in memory follows it
-            last = record.decisions[-1]["decision"] if record.decisions else None
-            if last == "resume":  # an operator's resume: the evidence goes on
-                session.synced, session.pending = record.last_command, None
+            latest = _latest_takeover(record)
+            if session.active and latest == session.takeover_id:
+                if session.pending is not None and record.last_command == session.pending[0]:
+                    session.pending = None
+                session.synced = record.last_command
                 return session
-        interrupted = session is None or session.rollout_id != record.id or session.interrupted
-        session = self._rebuilt(record, interrupted=interrupted)
+            if not session.active and session.pending is not None and latest == session.pending[0]:
+                session.synced, session.pending = record.last_command, None
+                session.active, session.takeover_id = True, latest
+                return session
+            sent = session.pending[0] if session.pending is not None else None
+            if session.active or any(d["command_id"] == sent for d in record.decisions):
+                # Another driver's takeover came after ours: this session is over. Two drivers
+                # at once (a rebalance's split-brain window) would take over from each other in
+                # turn: this one waits resend_s before it takes over again.
+                log.warning(
+                    "rollout %s of %s: another driver took over (%s); session %d ends",
+                    record.id,
+                    record.model,
+                    latest,
+                    session.session,
+                )
+                self._yield_until[record.model] = now + self.resend_s
+        session = self._rebuilt(record)
         self._sessions[record.model] = session
         return session
 
-    def _rebuilt(self, record: RolloutRecord, *, interrupted: bool) -> _Session:
+    def _rebuilt(self, record: RolloutRecord) -> _Session:
         """A session from the log alone: the evidence of the last step command's tag, at the
-        level of the session it will be once its takeover is applied."""
+        level of the session it will be once its takeover is applied (the next one)."""
         plan = record.plan
-        # Ours already: the same session. That is, the log's latest takeover is ours, or,
-        # while this worker has driven without a break, any in the log is (two drivers in a
-        # rebalance's split-brain window each keep theirs, rather than taking over from each
-        # other in turn). Else the next one: after a break, a takeover since ends the session.
-        takeovers = [d["command_id"] for d in record.decisions if d["decision"] == "takeover"]
-        mine = self._takeovers.get(takeovers[-1]) if takeovers else None
-        if mine is None and not interrupted:
-            mine = next(
-                (self._takeovers[c] for c in reversed(takeovers) if c in self._takeovers), None
-            )
-        k = mine if mine is not None else record.sessions + 1
+        k = record.sessions + 1
         alpha = session_alpha(plan.alpha, k)
         # Half of the session's level for the whole rollout's sequences, half for the steps'.
         evidence, restored = Evidence(plan.metric, alpha / 2.0, plan.clip), False
@@ -304,9 +308,7 @@ class RolloutDriver:
         )
         # Labels counted before this session are not in its evidence: they start afresh.
         self._buffers = {key: v for key, v in self._buffers.items() if key[0] != record.model}
-        session = _Session(record.id, evidence, record.last_command, restored, session=k)
-        session.active = mine is not None
-        return session
+        return _Session(record.id, evidence, record.last_command, restored, session=k)
 
     def _feed(self, model: str, record: RolloutRecord, session: _Session) -> None:
         sides: tuple[tuple[str, Side], ...] = (
@@ -362,9 +364,10 @@ class RolloutDriver:
                 return None
             session.pending = None
         if not session.active:  # first, the log says this session drives (and counts it)
+            if now < self._yield_until.get(record.model, 0.0):
+                return None
             doc = self._takeover(record, session, generation)
             session.pending = (str(doc["id"]), now, generation)
-            self._takeovers[str(doc["id"])] = session.session
             return doc
         state = RolloutState(
             step=record.step,
@@ -416,9 +419,9 @@ class RolloutDriver:
             "driver": self.worker,
             "restored": session.restored,
         }
-        session.takeovers_sent += 1
+        self._takeovers_sent += 1
         body = orjson.dumps(
-            [record.id, record.step, "takeover", generation, self.worker, session.takeovers_sent]
+            [record.id, record.step, "takeover", generation, self.worker, self._takeovers_sent]
         )
         command_id = f"rollout-{hashlib.sha256(body).hexdigest()[:32]}"
         return {
@@ -495,6 +498,14 @@ class RolloutDriver:
             else {"kind": last.kind.value, "reason": last.reason, "at": session.last_at},
             "waiting_for": session.pending[0] if session.pending else None,
         }
+
+
+def _latest_takeover(record: RolloutRecord) -> str | None:
+    """The command id of the log's latest takeover of ``record`` (None: none yet)."""
+    return next(
+        (d["command_id"] for d in reversed(record.decisions) if d["decision"] == "takeover"),
+        None,
+    )
 
 
 def step_alpha(alpha: float, step: int) -> float:

@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from stream_infer.core.control import parse_command, seal
+from stream_infer.core.control import RoutingTable, parse_command, seal
 from stream_infer.online.rollout import RolloutDriver
-from tests.unit.test_rollout_review import PLAN, T0, _feed, _Log
+from tests.unit.test_rollout_review import DECLARED, PLAN, T0, _feed, _Log
 
 SLOW = PLAN | {"min_labels": 500, "max_duration_s": 30, "on_timeout": "hold"}
 
@@ -62,26 +62,75 @@ def test_partition_0_back_after_the_grace_is_a_new_session() -> None:
 
 def test_another_drivers_takeover_during_the_break_ends_the_session() -> None:
     """A loses partition 0, B drives meanwhile, A gets it back: A's old session is over (B's
-    takeover came after it), so A takes over as the third session."""
-    log, a, b = _Log(SLOW), RolloutDriver("a"), RolloutDriver("b")
+    takeover came after it), so A takes over as the third session, after waiting resend_s."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b")
     assert _tick(log, a, T0 + 1) == ["takeover"]
     assert _tick(log, a, T0 + 2, driving=False) == []
     assert _tick(log, b, T0 + 3) == ["takeover"]
     assert _tick(log, b, T0 + 4) == []
     assert _tick(log, b, T0 + 5, driving=False) == []
-    assert _tick(log, a, T0 + 6) == ["takeover"]
+    assert _tick(log, a, T0 + 6) == []
+    assert _tick(log, a, T0 + 16) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 3
 
 
-def test_two_drivers_without_a_break_keep_their_sessions() -> None:
-    """A split-brain window (both think they own partition 0, neither stopped driving): each
-    keeps its session instead of taking over from the other in turn."""
-    log, a, b = _Log(SLOW), RolloutDriver("a"), RolloutDriver("b")
-    for t in range(1, 12):
-        _tick(log, a, T0 + t)
-        _tick(log, b, T0 + t + 0.5)
-    assert _decisions(log) == ["start", "takeover", "takeover"]
+def test_two_drivers_at_once_take_over_from_each_other_at_most_once_per_resend() -> None:
+    """A split-brain window (both think they own partition 0): the driver whose session another's
+    takeover ended waits resend_s before taking over again, so the two do not take over from
+    each other every tick; each session number belongs to one driver."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b", resend_s=10)
+    owners: dict[int, set[str]] = {}
+    for t in range(1, 61):
+        for name, driver in (("a", a), ("b", b)):
+            _tick(log, driver, T0 + t + (0.5 if name == "b" else 0.0))
+            live = driver.status()["rollouts"]["risk"]["evidence"]["session"]
+            owners.setdefault(live, set()).add(name)
+    takeovers = _decisions(log).count("takeover")
+    assert 2 <= takeovers <= 2 + 60 // 10, _decisions(log)
+    assert log.table.rollouts["risk"].sessions == takeovers
+    applied = range(1, takeovers + 1)
+    assert all(len(owners.get(k, set())) == 1 for k in applied), owners
+
+
+def test_another_drivers_takeover_landing_after_the_return_ends_the_session() -> None:
+    """The review's case: A comes back within the grace and goes on; a takeover B sent during
+    the break lands afterwards. A's session is over (it never runs a fresh sequence at its old
+    level): it waits, then takes over as the third session."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b")
+    assert _tick(log, a, T0 + 1) == ["takeover"]
+    for t in range(2, 8):
+        _feed(a, 10, seed=t)
+        assert _tick(log, a, T0 + t) == []
+    assert _tick(log, a, T0 + 8, driving=False) == []
+    table = log.table
+    in_flight = b.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 9)
+    assert [d["action"] for d in in_flight] == ["takeover"]
+    assert _tick(log, a, T0 + 10) == []  # back: its session goes on
+    assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 1
+    table.apply(parse_command(orjson.dumps(seal(in_flight[0], None, T0 + 9))), T0 + 10.5)
+    assert table.rollouts["risk"].sessions == 2
+    for t in range(11, 21):
+        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s
+        assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 3
+    assert _tick(log, a, T0 + 21) == ["takeover"]
+    assert table.rollouts["risk"].sessions == 3
+
+
+def test_an_operators_resume_does_not_revive_a_session_another_driver_ended() -> None:
+    """A drives, loses partition 0; B takes over and holds on the step's timeout; an operator
+    resumes; A comes back within the grace: B's takeover ended A's session."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=2), RolloutDriver("b")
+    assert _tick(log, a, T0 + 1) == ["takeover"]
+    assert _tick(log, a, T0 + 2, driving=False) == []
+    assert _tick(log, b, T0 + 3) == ["takeover"]
+    assert _tick(log, b, T0 + 40) == ["hold"]
+    assert _tick(log, b, T0 + 41, driving=False) == []
+    resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
+    log.table.apply(parse_command(orjson.dumps(seal(resume, None, T0 + 42))), T0 + 42)
+    assert _tick(log, a, T0 + 43) == []  # over; waits resend_s
+    assert _tick(log, a, T0 + 45) == ["takeover"]
+    assert log.table.rollouts["risk"].sessions == 3
 
 
 def test_a_refused_takeover_is_sent_again_under_a_new_id() -> None:
@@ -119,3 +168,36 @@ def test_drivers_replaced_again_and_again_cannot_keep_a_step_from_timing_out() -
     hold = next(d for d in record.decisions if d["decision"] == "hold")
     assert hold["at"] <= T0 + 2 * 30 + 4, hold
     assert record.step_started_at <= T0 + 30
+
+
+def test_the_takeover_cap_counts_from_a_resume_and_replays_the_same() -> None:
+    """An operator's resume starts the step's clock again and moves the cap's origin; a second
+    table replaying the same log holds the same record."""
+    begin = {"id": "r-1", "command": "rollout", "model": "risk", "version": "v2", "plan": SLOW}
+    docs: list[dict[str, Any]] = [seal(begin, None, T0)]
+    table = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0)
+    table.apply(parse_command(orjson.dumps(docs[0])), T0)
+
+    def tick(driver: RolloutDriver, now: float) -> list[str]:
+        out = driver.tick(dict(table.rollouts), table.generation, driving=True, now=now)
+        for doc in out:
+            docs.append(seal(doc, None, now))
+            table.apply(parse_command(orjson.dumps(docs[-1])), now)
+        return [str(d["rollout"]["decision"]) for d in out]
+
+    assert tick(RolloutDriver("a"), T0 + 1) == ["takeover"]
+    held = RolloutDriver("b")
+    assert tick(held, T0 + 2) == ["takeover"]
+    assert tick(held, T0 + 40) == ["hold"]
+    resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
+    docs.append(seal(resume, None, T0 + 100))
+    table.apply(parse_command(orjson.dumps(docs[-1])), T0 + 100)
+    assert tick(RolloutDriver("c"), T0 + 110) == ["takeover"]
+    assert table.rollouts["risk"].step_started_at == T0 + 110
+    assert tick(RolloutDriver("d"), T0 + 150) == ["takeover"]
+    record = table.rollouts["risk"]
+    assert record.step_clock_origin == T0 + 100 and record.step_started_at == T0 + 130
+    replayed = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0 + 500)
+    for doc in docs:
+        replayed.apply(parse_command(orjson.dumps(doc)), T0 + 999)
+    assert replayed.rollouts["risk"].as_dict() == record.as_dict()
