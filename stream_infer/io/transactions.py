@@ -145,6 +145,10 @@ class TransactionalPublisher:
         self._on_stage = on_stage or (lambda stage, seconds: None)
         self._on_outcome = on_outcome or (lambda outcome: None)
         self.max_attempts = max_attempts
+        # An abort after the transaction's own deadline (a call retried until then) gets this
+        # long at most: the coordinator has not answered for a whole transaction timeout, and
+        # the broker aborts the transaction itself; failing sooner lets a restart recover.
+        self.abort_grace_s = min(transaction_timeout_s, 10.0)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="transactions", daemon=True)
         self._aborted_epoch = -1  # batches of this epoch or older are skipped
@@ -300,7 +304,7 @@ class TransactionalPublisher:
                 lambda: self._call(self._producer.commit_transaction, "commit", deadline),
             )
         except _Abort as exc:
-            self._abort(batch, ticket, str(exc), counted=not exc.moved)
+            self._abort(batch, ticket, str(exc), counted=not exc.moved, deadline=deadline)
             return
         self.committed += 1
         self._aborts_in_row = 0
@@ -316,11 +320,17 @@ class TransactionalPublisher:
         ticket.pending = 0
         ticket._settle()
 
-    def _abort(self, batch: SourceBatch, ticket: Ticket, why: str, *, counted: bool) -> None:
+    def _abort(
+        self, batch: SourceBatch, ticket: Ticket, why: str, *, counted: bool, deadline: float
+    ) -> None:
         """Abort the transaction, then rewind; ``counted``: toward ``max_attempts`` (not when
-        the group moved on: rebalances in a row are no poison batch)."""
+        the group moved on: rebalances in a row are no poison batch); ``deadline``: the
+        transaction's own."""
         started = time.monotonic()
-        self._call(self._producer.abort_transaction, "abort", started + self.timeout_s)
+        # What is left of the transaction's time, but at least abort_grace_s (not a second
+        # full timeout after a call that used the first one up).
+        deadline = max(deadline, started + self.abort_grace_s)
+        self._call(self._producer.abort_transaction, "abort", deadline)
         self._producer.poll(0)  # the purged records' reports
         self._on_stage("abort", time.monotonic() - started)
         self.aborted += 1

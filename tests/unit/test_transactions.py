@@ -1025,3 +1025,61 @@ def test_a_dropped_batch_frees_its_slot_and_counts_as_settled() -> None:
     # The dropped batches release no offset: the lag learns batch 0's only.
     source._store_done(cast(Any, consumer))
     assert source._positions == {("in", 0): 2}
+
+
+def test_an_abort_after_the_deadline_gets_a_short_grace_not_a_second_timeout(
+    make: Callable[..., Harness],
+) -> None:
+    """send_offsets times out again and again (the coordinator's broker gone) until the
+    transaction's deadline; the abort then times out too. It gets ``abort_grace_s`` more, not
+    a second whole transaction timeout, and the producer stops (a restart fences the rest)."""
+    h = make()
+    h.producer.slow_s = 0.25  # each call times out after this long
+    h.producer.fail["send_offsets_to_transaction"] = [retriable() for _ in range(100)]
+    h.producer.fail["abort_transaction"] = [retriable() for _ in range(100)]
+    h.publisher.abort_grace_s = 0.6
+    h.start()
+    ticket = h.submit(_batch(0), _records("p", 1))
+    assert settled(ticket, 15.0)
+    assert isinstance(ticket.error, DeliveryError)
+    _wait_for(lambda: not h.publisher.alive)
+    # ~5 s of send_offsets (the transaction's timeout), then the abort's 0.6 s: 3 or 4 calls
+    # (a second full timeout would be about 20).
+    assert 16 <= h.log.count("send_offsets_to_transaction") <= 22, h.log
+    assert 1 <= h.log.count("abort_transaction") <= 4, h.log
+    assert h.publisher.problem is not None and "abort" in h.publisher.problem
+    assert h.producer.visible == []
+
+
+def _transport() -> KafkaError:
+    return KafkaError(KafkaError._TRANSPORT, "Failed to add offsets to transaction: transport")
+
+
+def test_an_abort_that_fails_after_a_transport_error_stops_the_producer(
+    make: Callable[..., Harness],
+) -> None:
+    h = make()
+    h.producer.fail["send_offsets_to_transaction"] = [_transport()]
+    h.producer.fail["abort_transaction"] = [_transport()]
+    h.start()
+    ticket = h.submit(_batch(0), _records("p", 1))
+    assert settled(ticket, 5.0)
+    assert isinstance(ticket.error, DeliveryError)
+    _wait_for(lambda: not h.publisher.alive)
+    assert h.publisher.problem is not None and "abort" in h.publisher.problem
+    assert h.source.rewinds == 0 and h.producer.visible == []
+
+
+def test_three_transport_errors_in_a_row_fail_the_batch(make: Callable[..., Harness]) -> None:
+    """Each is aborted and read again; three in a row with no commit between are counted like
+    any abort (max_attempts): the batch fails rather than looping."""
+    h = make()
+    h.producer.fail["send_offsets_to_transaction"] = [_transport() for _ in range(3)]
+    h.start()
+    tickets = [h.submit(_batch(0, epoch=e), _records("a", 1)) for e in range(3)]
+    for t in tickets:
+        assert settled(t, 5.0)
+    assert [t.rewound for t in tickets] == [True, True, False]
+    assert isinstance(tickets[2].error, DeliveryError)
+    assert "3 transactions in a row aborted" in str(tickets[2].error)
+    assert h.outcomes == ["aborted"] * 3 and h.producer.visible == []
