@@ -6,13 +6,29 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import orjson
 
 from stream_infer.cli.common import TOPOLOGY, exit_unless_all_answered, load
 from stream_infer.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _ack_options(fn: F) -> F:
+    """``--wait`` and ``--workers``: how long a command waits for the workers' acks."""
+    fn = click.option(
+        "--workers", type=click.IntRange(min=1), help="stop waiting once N workers answered"
+    )(fn)
+    return click.option(
+        "--wait",
+        default=5.0,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="seconds to wait for the workers' acks",
+    )(fn)
 
 
 @click.command()
@@ -32,14 +48,7 @@ from stream_infer.errors import ConfigError
     metavar="VERSION=WEIGHT",
     help="split: repeat for each version, weights summing to 1",
 )
-@click.option(
-    "--wait",
-    default=5.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="seconds to wait for the workers' acks",
-)
-@click.option("--workers", type=click.IntRange(min=1), help="stop waiting once N workers answered")
+@_ack_options
 def control(
     topology: Path,
     command: str,
@@ -292,14 +301,7 @@ def _seconds(text: str) -> float:
     help="what a step that runs out of time without a verdict does",
 )
 @click.option("--resume", is_flag=True, help="resume the model's held rollout instead")
-@click.option(
-    "--wait",
-    default=5.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="seconds to wait for the workers' acks",
-)
-@click.option("--workers", type=click.IntRange(min=1), help="stop waiting once N workers answered")
+@_ack_options
 def rollout(
     topology: Path,
     model: str,
