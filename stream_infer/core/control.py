@@ -487,7 +487,6 @@ class RoutingTable:
     history: dict[str, list[Route]] = field(default_factory=dict)
     changed_at: float = 0.0
     applied: int = 0
-    learners: frozenset[ModelVersion] | None = None
     seen: set[str] = field(default_factory=set)
     generation: int = 0
     # Per model, its latest rollout (running or finished), as the log has moved it.
@@ -499,13 +498,9 @@ class RoutingTable:
         declared: Mapping[str, tuple[str, ...]],
         serving: Mapping[str, str],
         now: float,
-        *,
-        learners: set[ModelVersion] | frozenset[ModelVersion] | None = None,
     ) -> RoutingTable:
-        """``learners``: the (model, version) pairs that are online learners (None: not
-        checked, any declared version may be reset).
-
-        Nothing a worker's own configuration says decides whether a routing command applies:
+        """Nothing a worker's own configuration says decides whether a routing command applies
+        (beyond the declared models and versions, which every worker must share):
         during a rolling deploy two workers may run different topologies, and their tables
         would diverge. (A rollout's shadow step on a topology without ``topics.shadow`` gathers
         no label, so ``stream-infer rollout`` refuses such a plan before sending it; in the log,
@@ -515,7 +510,6 @@ class RoutingTable:
             declared=dict(declared),
             routes=routes,
             changed_at=now,
-            learners=None if learners is None else frozenset(learners),
         )
 
     def apply(self, cmd: Command, now: float) -> bool:
@@ -571,10 +565,9 @@ class RoutingTable:
                 assert running is not None  # _check_step
                 return {**self.routes, model: running.before}
         if cmd.command == "reset_learner":
-            version = known(cmd.version or "")
-            if self.learners is not None and ModelVersion(model, version) not in self.learners:
-                msg = f"{model}:{version} is not an online learner"
-                raise ControlError(NOT_A_LEARNER, msg, command_id=cmd.id)
+            # Applied (and counted in the generation) on every worker alike, whatever learners
+            # it runs: a worker without that learner says so in its ack (NOT_A_LEARNER).
+            known(cmd.version or "")
             return dict(self.routes)
         if cmd.command == "swap":
             version = known(cmd.version or "")

@@ -74,6 +74,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -129,6 +130,8 @@ class _Session:
     session: int = 1
     active: bool = False
     takeover_id: str = ""  # the command that began it, once the log applied it
+    sent: set[str] = field(default_factory=set)  # the takeovers sent to begin it (resends)
+    yielding_until: float | None = None  # no takeover before: another driver's is recent
     # The step's own evidence: the labels the step's routing served, from the step's start,
     # in sequences of their own (a later step's labels are not drowned by earlier ones).
     step_evidence: Evidence | None = None
@@ -161,8 +164,9 @@ class RolloutDriver:
         self._watched: dict[tuple[str, str], Side] = {}
         self._buffers: dict[tuple[str, str], _Buffer] = {}
         self._takeovers_sent = 0  # in each takeover's id: a resend never repeats a refused id
-        # Per model: no takeover before this time (another driver's ended this one's session).
-        self._yield_until: dict[str, float] = {}
+        # ... and this driver's own nonce: two workers with the same name (a fixed hostname,
+        # pid 1 in containers) never mint the same takeover.
+        self._nonce = uuid.uuid4().hex
         self._status: dict[str, Any] = {"driving": False, "rollouts": {}}
 
     # -- the learning thread ---------------------------------------------------------------
@@ -209,7 +213,6 @@ class RolloutDriver:
                 return []
             self._sessions.clear()
             self._buffers.clear()
-            self._yield_until.clear()
             self._watched = {}
             return []
         self._lost_at = None
@@ -247,7 +250,9 @@ class RolloutDriver:
         log moved by its own commands, an operator's resume). Any other case is a new session
         rebuilt from the log (never a fresh sequence at a level already used)."""
         session = self._sessions.get(record.model)
+        yielding: float | None = None  # the next session's: see _decide
         if session is not None and session.rollout_id == record.id:
+            yielding = session.yielding_until
             if record.last_command == session.synced:
                 return session
             latest = _latest_takeover(record)
@@ -256,15 +261,18 @@ class RolloutDriver:
                     session.pending = None
                 session.synced = record.last_command
                 return session
-            if not session.active and session.pending is not None and latest == session.pending[0]:
+            if not session.active and latest in session.sent and record.sessions == session.session:
+                # one of our takeovers (a resend's, or the first landing late) began it
                 session.synced, session.pending = record.last_command, None
-                session.active, session.takeover_id = True, latest
+                session.active, session.takeover_id = True, str(latest)
                 return session
-            sent = session.pending[0] if session.pending is not None else None
-            if session.active or any(d["command_id"] == sent for d in record.decisions):
-                # Another driver's takeover came after ours: this session is over. Two drivers
-                # at once (a rebalance's split-brain window) would take over from each other in
-                # turn: this one waits resend_s before it takes over again.
+            applied = {d["command_id"] for d in record.decisions}
+            if session.active or not session.sent.isdisjoint(applied):
+                # Another driver's takeover came after ours: this session is over; the next
+                # one waits until resend_s after that takeover (_decide).
+                ended_by = _latest_takeover_at(record)
+                if ended_by is not None:
+                    yielding = max(yielding or 0.0, ended_by + self.resend_s)
                 log.warning(
                     "rollout %s of %s: another driver took over (%s); session %d ends",
                     record.id,
@@ -272,8 +280,8 @@ class RolloutDriver:
                     latest,
                     session.session,
                 )
-                self._yield_until[record.model] = now + self.resend_s
         session = self._rebuilt(record)
+        session.yielding_until = yielding
         self._sessions[record.model] = session
         return session
 
@@ -364,10 +372,14 @@ class RolloutDriver:
                 return None
             session.pending = None
         if not session.active:  # first, the log says this session drives (and counts it)
-            if now < self._yield_until.get(record.model, 0.0):
+            # Our last session was ended by another driver's takeover less than resend_s ago:
+            # it may still drive (two drivers at once, in a rebalance's split-brain window,
+            # would take over from each other every tick). Wait.
+            if session.yielding_until is not None and now < session.yielding_until:
                 return None
             doc = self._takeover(record, session, generation)
             session.pending = (str(doc["id"]), now, generation)
+            session.sent.add(str(doc["id"]))
             return doc
         state = RolloutState(
             step=record.step,
@@ -421,7 +433,15 @@ class RolloutDriver:
         }
         self._takeovers_sent += 1
         body = orjson.dumps(
-            [record.id, record.step, "takeover", generation, self.worker, self._takeovers_sent]
+            [
+                record.id,
+                record.step,
+                "takeover",
+                generation,
+                self.worker,
+                self._nonce,
+                self._takeovers_sent,
+            ]
         )
         command_id = f"rollout-{hashlib.sha256(body).hexdigest()[:32]}"
         return {
@@ -497,6 +517,9 @@ class RolloutDriver:
             if last is None
             else {"kind": last.kind.value, "reason": last.reason, "at": session.last_at},
             "waiting_for": session.pending[0] if session.pending else None,
+            # False until the log applied this session's takeover (it decides nothing before)
+            "active": session.active,
+            "yielding_until": session.yielding_until,
         }
 
 
@@ -504,6 +527,14 @@ def _latest_takeover(record: RolloutRecord) -> str | None:
     """The command id of the log's latest takeover of ``record`` (None: none yet)."""
     return next(
         (d["command_id"] for d in reversed(record.decisions) if d["decision"] == "takeover"),
+        None,
+    )
+
+
+def _latest_takeover_at(record: RolloutRecord) -> float | None:
+    """When the log's latest takeover happened (its time in the log; None: none yet)."""
+    return next(
+        (float(d["at"]) for d in reversed(record.decisions) if d["decision"] == "takeover"),
         None,
     )
 

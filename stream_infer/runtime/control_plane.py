@@ -70,7 +70,6 @@ class ControlPlane:
             declared,
             serving,
             time.time(),
-            learners=set(models.learner_keys),
         )
         key = topology.control.hmac_key
         self._hmac_key = key.get_secret_value().encode() if key else None
@@ -155,7 +154,7 @@ class ControlPlane:
                 record_ts=record_ts,
             )
             changed = self.table.apply(cmd, time.time())
-            if cmd.command == "reset_learner":  # the table checked that it names a learner
+            if cmd.command == "reset_learner":  # applied by every table; a learner here?
                 self.reset_learner(cmd, offset)
             elif not replay and (changed or self.models.problem is not None):
                 self.load()

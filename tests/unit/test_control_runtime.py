@@ -313,3 +313,18 @@ def test_the_predictors_are_replaced_not_changed_in_place(
     rt.control.apply(cmd(2, "swap", version="v2"))  # an unload
     assert set(seen) == {("risk", "v1"), ("risk", "v2")}
     assert set(rt.models.predictors) == {("risk", "v2")}
+
+
+def test_a_reset_of_a_learner_this_worker_lacks_is_in_its_table_and_refused_in_its_ack(
+    artifacts: dict[str, Path], runtimes: list[InferenceRuntime]
+) -> None:
+    """The table applies a reset of any declared version alike on every worker (the generation
+    a later command's if_generation names means the same everywhere); this worker, which runs
+    no learner for it, says not_a_learner in its ack."""
+    rt = runtime_with({"v1": artifacts["good"], "v2": artifacts["good"]})
+    runtimes.append(rt)
+    start(rt, [])
+    before = rt.control.table.generation
+    _command, error = rt.control.apply(cmd(1, "reset_learner", version="v2"))
+    assert error is not None and error.reason == "not_a_learner"
+    assert rt.control.table.generation == before + 1

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from stream_infer.core.control import RoutingTable, parse_command, seal
+from stream_infer.errors import ControlError
 from stream_infer.online.rollout import RolloutDriver
 from tests.unit.test_rollout_review import DECLARED, PLAN, T0, _feed, _Log
 
@@ -110,10 +112,12 @@ def test_another_drivers_takeover_landing_after_the_return_ends_the_session() ->
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 1
     table.apply(parse_command(orjson.dumps(seal(in_flight[0], None, T0 + 9))), T0 + 10.5)
     assert table.rollouts["risk"].sessions == 2
-    for t in range(11, 21):
-        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s
-        assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 3
-    assert _tick(log, a, T0 + 21) == ["takeover"]
+    for t in range(11, 19):
+        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s after B's (T0 + 9)
+        live = a.status()["rollouts"]["risk"]
+        assert live["evidence"]["session"] == 3 and not live["active"]
+        assert live["yielding_until"] == T0 + 19
+    assert _tick(log, a, T0 + 19) == ["takeover"]
     assert table.rollouts["risk"].sessions == 3
 
 
@@ -128,8 +132,8 @@ def test_an_operators_resume_does_not_revive_a_session_another_driver_ended() ->
     assert _tick(log, b, T0 + 41, driving=False) == []
     resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
     log.table.apply(parse_command(orjson.dumps(seal(resume, None, T0 + 42))), T0 + 42)
-    assert _tick(log, a, T0 + 43) == []  # over; waits resend_s
-    assert _tick(log, a, T0 + 45) == ["takeover"]
+    # over; B's takeover is older than resend_s: no wait (no other driver is that recent)
+    assert _tick(log, a, T0 + 43) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
 
 
@@ -201,3 +205,47 @@ def test_the_takeover_cap_counts_from_a_resume_and_replays_the_same() -> None:
     for doc in docs:
         replayed.apply(parse_command(orjson.dumps(doc)), T0 + 999)
     assert replayed.rollouts["risk"].as_dict() == record.as_dict()
+
+
+def test_a_takeover_that_lands_after_its_resend_begins_the_session() -> None:
+    """The log is slow: the first takeover is not applied within resend_s, the driver sends
+    another (a new id at the same generation); the first lands, the resend is stale. The first
+    one is the driver's session: it does not take over again, and it decides."""
+    log, driver = _Log(PLAN), RolloutDriver("a", resend_s=5)
+    table = log.table
+    first = driver.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 1)
+    resent = driver.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 7)
+    assert [d["action"] for d in first + resent] == ["takeover", "takeover"]
+    assert first[0]["id"] != resent[0]["id"]
+    table.apply(parse_command(orjson.dumps(seal(first[0], None, T0 + 1))), T0 + 8)
+    with pytest.raises(ControlError):  # stale: decided at the generation the first moved
+        table.apply(parse_command(orjson.dumps(seal(resent[0], None, T0 + 7))), T0 + 8)
+    _feed(driver, 300, seed=3)
+    decided = _tick(log, driver, T0 + 9)
+    assert "takeover" not in decided and table.rollouts["risk"].sessions == 1
+    live = driver.status()["rollouts"]["risk"]
+    assert live["active"] and live["evidence"]["session"] == 1
+
+
+def test_two_drivers_with_the_same_name_never_both_take_the_same_session() -> None:
+    """Two workers named alike (a fixed hostname, pid 1 in containers) tick at the same
+    generation: their takeovers differ (each driver's nonce), the log applies one, and no
+    session number is ever active on both."""
+    log, a, b = _Log(SLOW), RolloutDriver("w"), RolloutDriver("w")
+    table = log.table
+    docs = [
+        d.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 1) for d in (a, b)
+    ]
+    assert docs[0][0]["id"] != docs[1][0]["id"]
+    table.apply(parse_command(orjson.dumps(seal(docs[0][0], None, T0 + 1))), T0 + 1)
+    with pytest.raises(ControlError):  # stale: the first moved the generation
+        table.apply(parse_command(orjson.dumps(seal(docs[1][0], None, T0 + 1))), T0 + 1)
+    active: dict[int, set[int]] = {}
+    for t in range(2, 40):
+        for i, driver in enumerate((a, b)):
+            _tick(log, driver, T0 + t)
+            live = driver.status()["rollouts"]["risk"]
+            if live["active"]:
+                active.setdefault(live["evidence"]["session"], set()).add(i)
+    assert active and all(len(who) == 1 for who in active.values()), active
+    assert 1 in active and active[1] == {0}  # the first takeover was a's
