@@ -50,9 +50,12 @@ clock again (a new driver is not timed out by the time its predecessor spent), n
 more ``max_duration`` after the step began or was resumed. A session lasts while the log's
 latest takeover is its own, its evidence in memory going on: losing partition 0 for less than
 ``grace_s`` (an eager rebalance revokes it, then assigns it again) does not end it (it decides
-nothing meanwhile). Another driver's takeover in the log ends it; the driver then waits
-``resend_s`` before taking over again (two drivers at once do not take over from each other
-every tick), as a new session rebuilt from the log. Session ``k``
+nothing meanwhile). Another driver's takeover in the log ends it. No driver takes over within
+``resend_s`` of another driver's takeover (its time in the log, never later than the clock):
+that one may still drive, and two drivers at once (a rebalance's split-brain window) take over
+from each other at most once per ``resend_s``; a driver that died long ago is replaced at
+once. A session decides nothing, and uses none of the labels it joins, until the log applied
+its takeover. Session ``k``
 runs its confidence sequences at level ``alpha_k = alpha * 6 / (pi^2 k^2)``
 (:func:`session_alpha`): a restarted or rebuilt sequence is a fresh look at the data, and
 summed over every session the levels stay under ``alpha``. A driver that dies loses its
@@ -164,6 +167,7 @@ class RolloutDriver:
         self._watched: dict[tuple[str, str], Side] = {}
         self._buffers: dict[tuple[str, str], _Buffer] = {}
         self._takeovers_sent = 0  # in each takeover's id: a resend never repeats a refused id
+        self._sent: set[str] = set()  # every takeover this driver sent (its own never waits)
         # ... and this driver's own nonce: two workers with the same name (a fixed hostname,
         # pid 1 in containers) never mint the same takeover.
         self._nonce = uuid.uuid4().hex
@@ -226,7 +230,11 @@ class RolloutDriver:
         out: list[dict[str, Any]] = []
         for model, record in running.items():
             session = self._session(record, now)
-            self._feed(model, record, session)
+            if session.active:
+                self._feed(model, record, session)
+            else:  # labels joined before this session's takeover are not its evidence
+                for version in (record.candidate, record.incumbent):
+                    self._buffers.pop((model, version), None)
             doc = self._decide(record, session, generation, now)
             if doc is not None:
                 out.append(doc)
@@ -266,13 +274,7 @@ class RolloutDriver:
                 session.synced, session.pending = record.last_command, None
                 session.active, session.takeover_id = True, str(latest)
                 return session
-            applied = {d["command_id"] for d in record.decisions}
-            if session.active or not session.sent.isdisjoint(applied):
-                # Another driver's takeover came after ours: this session is over; the next
-                # one waits until resend_s after that takeover (_decide).
-                ended_by = _latest_takeover_at(record)
-                if ended_by is not None:
-                    yielding = max(yielding or 0.0, ended_by + self.resend_s)
+            if session.active:
                 log.warning(
                     "rollout %s of %s: another driver took over (%s); session %d ends",
                     record.id,
@@ -280,6 +282,14 @@ class RolloutDriver:
                     latest,
                     session.session,
                 )
+        latest = _latest_takeover(record)
+        at = _latest_takeover_at(record)
+        if latest is not None and at is not None and latest not in self._sent:
+            # Another driver took over (after ours, winning a race with ours, or before this
+            # worker drove): it may still drive. No takeover until resend_s after it (its time
+            # in the log, never later than now): two drivers at once do not take over from
+            # each other faster than that; one that died long ago is replaced at once.
+            yielding = max(yielding or 0.0, min(at, now) + self.resend_s)
         session = self._rebuilt(record)
         session.yielding_until = yielding
         self._sessions[record.model] = session
@@ -372,14 +382,13 @@ class RolloutDriver:
                 return None
             session.pending = None
         if not session.active:  # first, the log says this session drives (and counts it)
-            # Our last session was ended by another driver's takeover less than resend_s ago:
-            # it may still drive (two drivers at once, in a rebalance's split-brain window,
-            # would take over from each other every tick). Wait.
+            # Another driver took over less than resend_s ago (see _session): wait.
             if session.yielding_until is not None and now < session.yielding_until:
                 return None
             doc = self._takeover(record, session, generation)
             session.pending = (str(doc["id"]), now, generation)
             session.sent.add(str(doc["id"]))
+            self._sent.add(str(doc["id"]))
             return doc
         state = RolloutState(
             step=record.step,

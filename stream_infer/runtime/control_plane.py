@@ -102,7 +102,7 @@ class ControlPlane:
             _cmd, error = self.apply(
                 msg.value(), replay=True, offset=msg.offset(), record_ts=record_time_s(msg)
             )
-            if error is None:
+            if error is None or error.reason == control.NOT_A_LEARNER:  # in the table all the same
                 applied += 1
             else:
                 rejected[error.reason] += 1
@@ -161,6 +161,12 @@ class ControlPlane:
         except ControlError as exc:
             if replay:  # the replay's summary line counts it (rebuild)
                 log.debug("control command %s rejected (replay): %s", exc.command_id, exc)
+                return cmd, exc
+            if exc.reason == control.NOT_A_LEARNER and cmd is not None:
+                # Applied by the routing table (as on every worker); only this worker has no
+                # such learner to reset, which its ack says.
+                self.metrics.control_commands.labels(cmd.command, "applied").inc()
+                log.info("control command %s applied; on this worker: %s", cmd.id, exc)
                 return cmd, exc
             self.metrics.control_commands.labels(cmd.command if cmd else "?", "rejected").inc()
             log.warning("control command %s rejected: %s", exc.command_id, exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -348,6 +349,22 @@ def leader_of_both(cluster: KafkaCluster, first: str, second: str) -> int:
     return cluster.partition_leader(first, 0)
 
 
+def transaction_coordinator(cluster: KafkaCluster, setup: Setup) -> int:
+    """The node leading the worker's transaction coordinator: the ``__transaction_state``
+    partition its transactional.id hashes to (Kafka: ``Utils.abs(id.hashCode()) % partitions``,
+    Java's String hash), the id read from the worker's log."""
+    log = (setup.tmp / "worker-0.log").read_text(errors="replace")
+    found = re.findall(r"transactional\.id (\S+) registered", log)
+    assert found, "the worker logged no transactional.id"
+    h = 0
+    for ch in found[-1]:
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    return cluster.partition_leader("__transaction_state", (h & 0x7FFFFFFF) % TXN_PARTITIONS)
+
+
+TXN_PARTITIONS = 10  # transaction.state.log.num.partitions of the local cluster
+
+
 def check_producer_settings(setup: Setup) -> dict[str, Any]:
     """The worker's producer as it will be configured: acknowledged by every in-sync replica,
     idempotent (retries after a leader change are deduplicated), retried until
@@ -405,6 +422,8 @@ def _leaders_and_controller_killed(
             targets: list[tuple[str, Callable[[], int]]] = (
                 [("input+predictions leader", lambda: leader_of_both(cluster, *topics))]
                 if plan == "short"
+                else [("transaction coordinator", lambda: transaction_coordinator(cluster, setup))]
+                if plan == "coordinator"
                 else [
                     ("input leader", lambda: cluster.partition_leader(input_topic, 0)),
                     ("predictions leader", lambda: cluster.partition_leader(predictions, 0)),
@@ -585,6 +604,28 @@ def test_transactions_open_when_a_leader_is_killed_serve_every_event_exactly_onc
     _leaders_and_controller_killed(
         tmp_path,
         plan="short",
+        rounds=1,
+        rate=300.0,
+        broker_session_ms=3000,
+        kafka=SESSION_10S,
+        keeps_session=False,
+        exactly_once=True,
+    )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.soak
+def test_transactions_open_when_their_coordinator_is_killed_serve_every_event_exactly_once(
+    tmp_path: Path,
+) -> None:
+    """The case the test above meets about one run in three, made certain: the node leading
+    the worker's transaction coordinator (its ``__transaction_state`` partition) is SIGKILLed
+    while transactions are open, then restarted. One worker process throughout; read
+    committed, every id once."""
+    require_local_kafka()
+    _leaders_and_controller_killed(
+        tmp_path,
+        plan="coordinator",
         rounds=1,
         rate=300.0,
         broker_session_ms=3000,

@@ -328,3 +328,5 @@ def test_a_reset_of_a_learner_this_worker_lacks_is_in_its_table_and_refused_in_i
     _command, error = rt.control.apply(cmd(1, "reset_learner", version="v2"))
     assert error is not None and error.reason == "not_a_learner"
     assert rt.control.table.generation == before + 1
+    counted = rt.metrics.control_commands.labels("reset_learner", "applied")
+    assert counted._value.get() == 1  # in the table, as on every worker

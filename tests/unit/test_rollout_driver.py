@@ -200,9 +200,10 @@ def test_a_driver_that_takes_over_resumes_from_the_last_step_commands_evidence()
     record = log.table.rollouts["risk"]
     assert record.step == 1 and record.evidence is not None
     carried = record.evidence
-    # the old driver dies (its memory with it); another worker gets partition 0
+    # the old driver dies (its memory with it); another worker gets partition 0 (more than
+    # resend_s after the old driver's takeover: a recent one would make it wait)
     new = RolloutDriver()
-    now += 1.0
+    now += 11.0
     assert log.tick(new, now) == []
     status = new.status()["rollouts"]["risk"]
     assert status["evidence"]["restored_from_log"]

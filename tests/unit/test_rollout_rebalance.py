@@ -6,6 +6,7 @@ sent again under a new id; drivers replaced again and again cannot keep a step f
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import orjson
@@ -64,23 +65,26 @@ def test_partition_0_back_after_the_grace_is_a_new_session() -> None:
 
 def test_another_drivers_takeover_during_the_break_ends_the_session() -> None:
     """A loses partition 0, B drives meanwhile, A gets it back: A's old session is over (B's
-    takeover came after it), so A takes over as the third session, after waiting resend_s."""
-    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b")
+    takeover came after it), so A takes over as the third session, after waiting resend_s.
+    B itself waits resend_s after A's takeover: A may still drive."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b", resend_s=10)
     assert _tick(log, a, T0 + 1) == ["takeover"]
     assert _tick(log, a, T0 + 2, driving=False) == []
-    assert _tick(log, b, T0 + 3) == ["takeover"]
-    assert _tick(log, b, T0 + 4) == []
-    assert _tick(log, b, T0 + 5, driving=False) == []
-    assert _tick(log, a, T0 + 6) == []
-    assert _tick(log, a, T0 + 16) == ["takeover"]
+    assert _tick(log, b, T0 + 3) == []
+    assert b.status()["rollouts"]["risk"]["yielding_until"] == T0 + 11
+    assert _tick(log, b, T0 + 11) == ["takeover"]
+    assert _tick(log, b, T0 + 12) == []
+    assert _tick(log, b, T0 + 13, driving=False) == []
+    assert _tick(log, a, T0 + 14) == []
+    assert _tick(log, a, T0 + 21) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 3
 
 
 def test_two_drivers_at_once_take_over_from_each_other_at_most_once_per_resend() -> None:
-    """A split-brain window (both think they own partition 0): the driver whose session another's
-    takeover ended waits resend_s before taking over again, so the two do not take over from
-    each other every tick; each session number belongs to one driver."""
+    """A split-brain window (both think they own partition 0): no driver takes over within
+    resend_s of another's takeover, so the two take over from each other at most once per
+    resend_s, never every tick; each session number belongs to one driver."""
     log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b", resend_s=10)
     owners: dict[int, set[str]] = {}
     for t in range(1, 61):
@@ -89,7 +93,9 @@ def test_two_drivers_at_once_take_over_from_each_other_at_most_once_per_resend()
             live = driver.status()["rollouts"]["risk"]["evidence"]["session"]
             owners.setdefault(live, set()).add(name)
     takeovers = _decisions(log).count("takeover")
-    assert 2 <= takeovers <= 2 + 60 // 10, _decisions(log)
+    assert 2 <= takeovers <= 1 + 60 // 10, _decisions(log)
+    times = [d["at"] for d in log.table.rollouts["risk"].decisions if d["decision"] == "takeover"]
+    assert all(b - a >= 10 for a, b in itertools.pairwise(times)), times
     assert log.table.rollouts["risk"].sessions == takeovers
     applied = range(1, takeovers + 1)
     assert all(len(owners.get(k, set())) == 1 for k in applied), owners
@@ -101,23 +107,23 @@ def test_another_drivers_takeover_landing_after_the_return_ends_the_session() ->
     level): it waits, then takes over as the third session."""
     log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b")
     assert _tick(log, a, T0 + 1) == ["takeover"]
-    for t in range(2, 8):
+    for t in range(2, 13):
         _feed(a, 10, seed=t)
         assert _tick(log, a, T0 + t) == []
-    assert _tick(log, a, T0 + 8, driving=False) == []
+    assert _tick(log, a, T0 + 13, driving=False) == []
     table = log.table
-    in_flight = b.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 9)
+    in_flight = b.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 14)
     assert [d["action"] for d in in_flight] == ["takeover"]
-    assert _tick(log, a, T0 + 10) == []  # back: its session goes on
+    assert _tick(log, a, T0 + 15) == []  # back: its session goes on
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 1
-    table.apply(parse_command(orjson.dumps(seal(in_flight[0], None, T0 + 9))), T0 + 10.5)
+    table.apply(parse_command(orjson.dumps(seal(in_flight[0], None, T0 + 14))), T0 + 15.5)
     assert table.rollouts["risk"].sessions == 2
-    for t in range(11, 19):
-        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s after B's (T0 + 9)
+    for t in range(16, 24):
+        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s after B's (T0 + 14)
         live = a.status()["rollouts"]["risk"]
         assert live["evidence"]["session"] == 3 and not live["active"]
-        assert live["yielding_until"] == T0 + 19
-    assert _tick(log, a, T0 + 19) == ["takeover"]
+        assert live["yielding_until"] == T0 + 24
+    assert _tick(log, a, T0 + 24) == ["takeover"]
     assert table.rollouts["risk"].sessions == 3
 
 
@@ -127,13 +133,13 @@ def test_an_operators_resume_does_not_revive_a_session_another_driver_ended() ->
     log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=2), RolloutDriver("b")
     assert _tick(log, a, T0 + 1) == ["takeover"]
     assert _tick(log, a, T0 + 2, driving=False) == []
-    assert _tick(log, b, T0 + 3) == ["takeover"]
-    assert _tick(log, b, T0 + 40) == ["hold"]
-    assert _tick(log, b, T0 + 41, driving=False) == []
+    assert _tick(log, b, T0 + 12) == ["takeover"]  # resend_s (10) after A's
+    assert _tick(log, b, T0 + 50) == ["hold"]
+    assert _tick(log, b, T0 + 51, driving=False) == []
     resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
-    log.table.apply(parse_command(orjson.dumps(seal(resume, None, T0 + 42))), T0 + 42)
+    log.table.apply(parse_command(orjson.dumps(seal(resume, None, T0 + 52))), T0 + 52)
     # over; B's takeover is older than resend_s: no wait (no other driver is that recent)
-    assert _tick(log, a, T0 + 43) == ["takeover"]
+    assert _tick(log, a, T0 + 53) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
 
 
@@ -191,8 +197,8 @@ def test_the_takeover_cap_counts_from_a_resume_and_replays_the_same() -> None:
 
     assert tick(RolloutDriver("a"), T0 + 1) == ["takeover"]
     held = RolloutDriver("b")
-    assert tick(held, T0 + 2) == ["takeover"]
-    assert tick(held, T0 + 40) == ["hold"]
+    assert tick(held, T0 + 12) == ["takeover"]  # resend_s after a's
+    assert tick(held, T0 + 45) == ["hold"]
     resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
     docs.append(seal(resume, None, T0 + 100))
     table.apply(parse_command(orjson.dumps(docs[-1])), T0 + 100)
@@ -249,3 +255,20 @@ def test_two_drivers_with_the_same_name_never_both_take_the_same_session() -> No
                 active.setdefault(live["evidence"]["session"], set()).add(i)
     assert active and all(len(who) == 1 for who in active.values()), active
     assert 1 in active and active[1] == {0}  # the first takeover was a's
+
+
+def test_the_driver_whose_takeover_loses_a_race_waits_before_taking_over() -> None:
+    """The third review's case: two drivers without a session send takeovers at one
+    generation; A's lands, B's is stale. B does not take over a tick later: it waits until
+    resend_s after A's."""
+    log, a, b = _Log(SLOW), RolloutDriver("a"), RolloutDriver("b", resend_s=10)
+    table = log.table
+    docs = [
+        d.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 1) for d in (a, b)
+    ]
+    table.apply(parse_command(orjson.dumps(seal(docs[0][0], None, T0 + 1))), T0 + 1)
+    with pytest.raises(ControlError):
+        table.apply(parse_command(orjson.dumps(seal(docs[1][0], None, T0 + 1))), T0 + 1)
+    for t in range(2, 11):
+        assert _tick(log, b, T0 + t + 0.5) == [], t
+    assert _tick(log, b, T0 + 11.5) == ["takeover"]

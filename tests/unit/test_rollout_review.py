@@ -264,8 +264,8 @@ def test_each_driving_session_runs_at_its_own_share_of_alpha() -> None:
     levels = []
     for k, name in enumerate(("a", "b", "c"), start=1):
         driver = RolloutDriver(name)
-        assert log.tick(driver, T0 + k) == ["takeover"]
-        log.tick(driver, T0 + k + 0.5)
+        assert log.tick(driver, T0 + 20 * k) == ["takeover"]  # 20 s apart: none waits
+        log.tick(driver, T0 + 20 * k + 0.5)
         status = driver.status()["rollouts"]["risk"]["evidence"]
         assert log.table.rollouts["risk"].sessions == status["session"] == k
         levels.append(status["level"])
