@@ -118,12 +118,12 @@ def test_another_drivers_takeover_landing_after_the_return_ends_the_session() ->
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 1
     table.apply(parse_command(orjson.dumps(seal(in_flight[0], None, T0 + 14))), T0 + 15.5)
     assert table.rollouts["risk"].sessions == 2
-    for t in range(16, 24):
-        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s after B's (T0 + 14)
+    for t in range(16, 26):
+        assert _tick(log, a, T0 + t) == [], t  # over, and waiting resend_s after it saw B's
         live = a.status()["rollouts"]["risk"]
         assert live["evidence"]["session"] == 3 and not live["active"]
-        assert live["yielding_until"] == T0 + 24
-    assert _tick(log, a, T0 + 24) == ["takeover"]
+        assert live["yielding_until"] == T0 + 26
+    assert _tick(log, a, T0 + 26) == ["takeover"]
     assert table.rollouts["risk"].sessions == 3
 
 
@@ -269,6 +269,21 @@ def test_the_driver_whose_takeover_loses_a_race_waits_before_taking_over() -> No
     table.apply(parse_command(orjson.dumps(seal(docs[0][0], None, T0 + 1))), T0 + 1)
     with pytest.raises(ControlError):
         table.apply(parse_command(orjson.dumps(seal(docs[1][0], None, T0 + 1))), T0 + 1)
-    for t in range(2, 11):
-        assert _tick(log, b, T0 + t + 0.5) == [], t
-    assert _tick(log, b, T0 + 11.5) == ["takeover"]
+    for t in range(2, 12):
+        assert _tick(log, b, T0 + t + 0.5) == [], t  # B saw A's at T0 + 2.5
+    assert _tick(log, b, T0 + 12.5) == ["takeover"]
+
+
+def test_a_driver_whose_clock_is_behind_does_not_make_the_other_take_over_at_once() -> None:
+    """The fourth review's case: B's clock runs 100 s behind A's. B's takeover looks 100 s old
+    to A by its time in the log, but A saw it appear: A waits resend_s from then. Takeovers stay
+    resend_s apart in real time."""
+    log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b", resend_s=10)
+    taken: list[float] = []
+    for step in range(0, 120):
+        t = 1 + step * 0.5
+        driver, clock = (a, t) if step % 2 == 0 else (b, t - 100)
+        if _tick(log, driver, T0 + clock) == ["takeover"]:
+            taken.append(t)
+    assert len(taken) >= 2, taken
+    assert all(y - x >= 9.5 for x, y in itertools.pairwise(taken)), taken
