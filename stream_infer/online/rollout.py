@@ -51,12 +51,12 @@ more ``max_duration`` after the step began or was resumed. A session lasts while
 latest takeover is its own, its evidence in memory going on: losing partition 0 for less than
 ``grace_s`` (an eager rebalance revokes it, then assigns it again) does not end it (it decides
 nothing meanwhile). Another driver's takeover in the log ends it. No driver takes over within
-``resend_s`` of another driver's takeover (counted from when it saw that takeover appear, if it
-was looking; else from the takeover's time in the log, never later than its clock): that one
-may still drive, and two drivers at once (a rebalance's split-brain window) take over from each
-other at most once per ``resend_s``, whatever their clocks say; a driver that died long ago is
-replaced at once. A session decides nothing, and feeds no label into its evidence, until the
-log applied its takeover (labels joined in the tick before are used). Session ``k``
+``resend_s`` of first seeing another driver's takeover (by its own clock): that one may still
+drive, and two drivers at once (a rebalance's split-brain window) take over from each other at
+most once per ``resend_s``, whatever their clocks say; a driver that died is replaced
+``resend_s`` after its successor first looks. A session decides nothing, and feeds no label
+into its evidence, until the log applied its takeover (labels joined in the tick before are
+used). Session ``k``
 runs its confidence sequences at level ``alpha_k = alpha * 6 / (pi^2 k^2)``
 (:func:`session_alpha`): a restarted or rebuilt sequence is a fresh look at the data, and
 summed over every session the levels stay under ``alpha``. A driver that dies loses its
@@ -169,10 +169,9 @@ class RolloutDriver:
         self._buffers: dict[tuple[str, str], _Buffer] = {}
         self._takeovers_sent = 0  # in each takeover's id: a resend never repeats a refused id
         self._sent: set[str] = set()  # every takeover this driver sent (its own never waits)
-        # Per model, the log's latest takeover of another driver and when this one's wait for
-        # it began (see _session); and when this driver last looked at the log while driving.
+        # Per model, the log's latest takeover of another driver and when this one first saw
+        # it (see _session).
         self._other: dict[str, tuple[str, float]] = {}
-        self._last_look: float | None = None
         # ... and this driver's own nonce: two workers with the same name (a fixed hostname,
         # pid 1 in containers) never mint the same takeover.
         self._nonce = uuid.uuid4().hex
@@ -245,7 +244,6 @@ class RolloutDriver:
             if doc is not None:
                 out.append(doc)
         self._buffers = {k: v for k, v in self._buffers.items() if k in self._watched}
-        self._last_look = now
         self._status = {
             "driving": True,
             "rollouts": {m: self._describe(r, self._sessions[m]) for m, r in running.items()},
@@ -290,18 +288,16 @@ class RolloutDriver:
                     session.session,
                 )
         latest = _latest_takeover(record)
-        at = _latest_takeover_at(record)
-        if latest is not None and at is not None and latest not in self._sent:
+        if latest is not None and latest not in self._sent:
             # Another driver took over (after ours, winning a race with ours, or before this
-            # worker drove): it may still drive. No takeover until resend_s after it: after
-            # this driver saw it appear, when it appeared while this driver was looking (its
-            # time in the log is the other driver's clock, which may be behind), else after
-            # its time in the log (never later than now: one that died long ago is replaced at
-            # once). Two drivers at once take over from each other at most once per resend_s.
+            # worker drove): it may still drive. No takeover until resend_s after this driver
+            # first saw it (by its own clock: the takeover's time in the log is the other
+            # driver's clock, which may be behind). Two drivers at once take over from each
+            # other at most once per resend_s; a driver that died is replaced resend_s after
+            # its successor first looks.
             other = self._other.get(record.model)
             if other is None or other[0] != latest:
-                watching = self._last_look is not None and now - self._last_look < self.resend_s
-                other = (latest, now if watching else min(at, now))
+                other = (latest, now)
                 self._other[record.model] = other
             yielding = max(yielding or 0.0, other[1] + self.resend_s)
         session = self._rebuilt(record)
@@ -550,14 +546,6 @@ def _latest_takeover(record: RolloutRecord) -> str | None:
     """The command id of the log's latest takeover of ``record`` (None: none yet)."""
     return next(
         (d["command_id"] for d in reversed(record.decisions) if d["decision"] == "takeover"),
-        None,
-    )
-
-
-def _latest_takeover_at(record: RolloutRecord) -> float | None:
-    """When the log's latest takeover happened (its time in the log; None: none yet)."""
-    return next(
-        (float(d["at"]) for d in reversed(record.decisions) if d["decision"] == "takeover"),
         None,
     )
 

@@ -200,10 +200,13 @@ def test_a_driver_that_takes_over_resumes_from_the_last_step_commands_evidence()
     record = log.table.rollouts["risk"]
     assert record.step == 1 and record.evidence is not None
     carried = record.evidence
-    # the old driver dies (its memory with it); another worker gets partition 0 (more than
-    # resend_s after the old driver's takeover: a recent one would make it wait)
+    # the old driver dies (its memory with it); another worker gets partition 0: at its first
+    # look it waits resend_s (the old one may still drive), then takes over
     new = RolloutDriver()
-    now += 11.0
+    now += 1.0
+    assert log.tick(new, now) == []
+    assert log.table.rollouts["risk"].sessions == 1
+    now += 10.0
     assert log.tick(new, now) == []
     status = new.status()["rollouts"]["risk"]
     assert status["evidence"]["restored_from_log"]

@@ -70,13 +70,14 @@ def test_another_drivers_takeover_during_the_break_ends_the_session() -> None:
     log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=10), RolloutDriver("b", resend_s=10)
     assert _tick(log, a, T0 + 1) == ["takeover"]
     assert _tick(log, a, T0 + 2, driving=False) == []
-    assert _tick(log, b, T0 + 3) == []
-    assert b.status()["rollouts"]["risk"]["yielding_until"] == T0 + 11
-    assert _tick(log, b, T0 + 11) == ["takeover"]
-    assert _tick(log, b, T0 + 12) == []
-    assert _tick(log, b, T0 + 13, driving=False) == []
-    assert _tick(log, a, T0 + 14) == []
-    assert _tick(log, a, T0 + 21) == ["takeover"]
+    assert _tick(log, b, T0 + 3) == []  # first look: A's takeover, waits resend_s
+    assert b.status()["rollouts"]["risk"]["yielding_until"] == T0 + 13
+    assert _tick(log, b, T0 + 13) == ["takeover"]
+    assert _tick(log, b, T0 + 14) == []
+    assert _tick(log, b, T0 + 15, driving=False) == []
+    assert _tick(log, a, T0 + 16) == []  # sees B's: waits resend_s from now
+    assert _tick(log, a, T0 + 25) == []
+    assert _tick(log, a, T0 + 26) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
     assert a.status()["rollouts"]["risk"]["evidence"]["session"] == 3
 
@@ -112,6 +113,7 @@ def test_another_drivers_takeover_landing_after_the_return_ends_the_session() ->
         assert _tick(log, a, T0 + t) == []
     assert _tick(log, a, T0 + 13, driving=False) == []
     table = log.table
+    assert b.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 3) == []
     in_flight = b.tick(dict(table.rollouts), table.generation, driving=True, now=T0 + 14)
     assert [d["action"] for d in in_flight] == ["takeover"]
     assert _tick(log, a, T0 + 15) == []  # back: its session goes on
@@ -133,13 +135,14 @@ def test_an_operators_resume_does_not_revive_a_session_another_driver_ended() ->
     log, a, b = _Log(SLOW), RolloutDriver("a", resend_s=2), RolloutDriver("b")
     assert _tick(log, a, T0 + 1) == ["takeover"]
     assert _tick(log, a, T0 + 2, driving=False) == []
-    assert _tick(log, b, T0 + 12) == ["takeover"]  # resend_s (10) after A's
+    assert _tick(log, b, T0 + 3) == []  # first look: waits resend_s (10)
+    assert _tick(log, b, T0 + 13) == ["takeover"]
     assert _tick(log, b, T0 + 50) == ["hold"]
     assert _tick(log, b, T0 + 51, driving=False) == []
     resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
     log.table.apply(parse_command(orjson.dumps(seal(resume, None, T0 + 52))), T0 + 52)
-    # over; B's takeover is older than resend_s: no wait (no other driver is that recent)
-    assert _tick(log, a, T0 + 53) == ["takeover"]
+    assert _tick(log, a, T0 + 53) == []  # over: B's takeover ended it; A waits its resend_s
+    assert _tick(log, a, T0 + 55) == ["takeover"]
     assert log.table.rollouts["risk"].sessions == 3
 
 
@@ -167,16 +170,18 @@ def test_drivers_replaced_again_and_again_cannot_keep_a_step_from_timing_out() -
     step began: the step (30 s) holds by 60 s however often its driver is replaced."""
     log = _Log(SLOW)
     decided: list[str] = []
-    for i, t in enumerate(range(1, 80, 4)):
+    for i, t in enumerate(range(1, 200, 12)):
         driver = RolloutDriver(f"d{i}")
-        decided += _tick(log, driver, T0 + t)
-        decided += _tick(log, driver, T0 + t + 2)
+        decided += _tick(log, driver, T0 + t)  # the first takes over, the others wait
+        decided += _tick(log, driver, T0 + t + 10)
+        decided += _tick(log, driver, T0 + t + 11)
         if "hold" in decided:
             break
     record = log.table.rollouts["risk"]
     assert "hold" in decided and record.held
+    assert decided.count("takeover") >= 4
     hold = next(d for d in record.decisions if d["decision"] == "hold")
-    assert hold["at"] <= T0 + 2 * 30 + 4, hold
+    assert hold["at"] <= T0 + 2 * 30 + 1, hold
     assert record.step_started_at <= T0 + 30
 
 
@@ -197,14 +202,16 @@ def test_the_takeover_cap_counts_from_a_resume_and_replays_the_same() -> None:
 
     assert tick(RolloutDriver("a"), T0 + 1) == ["takeover"]
     held = RolloutDriver("b")
-    assert tick(held, T0 + 12) == ["takeover"]  # resend_s after a's
+    assert tick(held, T0 + 2) == []  # first look: waits resend_s
+    assert tick(held, T0 + 12) == ["takeover"]
     assert tick(held, T0 + 45) == ["hold"]
     resume = {"id": "op-resume", "command": "rollout", "model": "risk", "action": "resume"}
     docs.append(seal(resume, None, T0 + 100))
     table.apply(parse_command(orjson.dumps(docs[-1])), T0 + 100)
-    assert tick(RolloutDriver("c"), T0 + 110) == ["takeover"]
+    c, d = RolloutDriver("c"), RolloutDriver("d")
+    assert tick(c, T0 + 100) == [] and tick(c, T0 + 110) == ["takeover"]
     assert table.rollouts["risk"].step_started_at == T0 + 110
-    assert tick(RolloutDriver("d"), T0 + 150) == ["takeover"]
+    assert tick(d, T0 + 140) == [] and tick(d, T0 + 150) == ["takeover"]
     record = table.rollouts["risk"]
     assert record.step_clock_origin == T0 + 100 and record.step_started_at == T0 + 130
     replayed = RoutingTable.initial(DECLARED, {"risk": "v1"}, now=T0 + 500)

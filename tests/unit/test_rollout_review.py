@@ -243,16 +243,18 @@ def test_a_takeover_restarts_the_steps_clock_so_the_new_driver_is_not_timed_out(
     for t in range(2, 26):
         _feed(old, 10, seed=t)  # not enough labels for the step yet
         assert log.tick(old, T0 + t) == []
-    # the old driver dies at T0 + 25 with its labels; another takes over at T0 + 28
+    # the old driver dies at T0 + 25 with its labels; another looks at T0 + 16 (a rebalance
+    # gave it partition 0; it waits resend_s) and takes over at T0 + 26
     new = RolloutDriver("b")
-    assert log.tick(new, T0 + 28) == ["takeover"]
+    assert log.tick(new, T0 + 16) == []
+    assert log.tick(new, T0 + 26) == ["takeover"]
     record = log.table.rollouts["risk"]
-    assert record.sessions == 2 and record.step_started_at == T0 + 28
+    assert record.sessions == 2 and record.step_started_at == T0 + 26
     assert [d["decision"] for d in record.decisions] == ["start", "takeover", "takeover"]
-    for t in range(29, 58):  # past T0 + 30, the old session's deadline: still gathering
+    for t in range(27, 56):  # past T0 + 30, the old session's deadline: still gathering
         _feed(new, 10, seed=t)
         assert log.tick(new, T0 + t) == [], t
-    assert log.tick(new, T0 + 59) == ["hold"]  # 30 s after the takeover
+    assert log.tick(new, T0 + 56) == ["hold"]  # 30 s after the takeover
 
 
 def test_each_driving_session_runs_at_its_own_share_of_alpha() -> None:
@@ -264,7 +266,9 @@ def test_each_driving_session_runs_at_its_own_share_of_alpha() -> None:
     levels = []
     for k, name in enumerate(("a", "b", "c"), start=1):
         driver = RolloutDriver(name)
-        assert log.tick(driver, T0 + 20 * k) == ["takeover"]  # 20 s apart: none waits
+        if k > 1:  # a first look at another's takeover: wait resend_s
+            assert log.tick(driver, T0 + 20 * k - 10) == []
+        assert log.tick(driver, T0 + 20 * k) == ["takeover"]
         log.tick(driver, T0 + 20 * k + 0.5)
         status = driver.status()["rollouts"]["risk"]["evidence"]
         assert log.table.rollouts["risk"].sessions == status["session"] == k
