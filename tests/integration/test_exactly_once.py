@@ -170,7 +170,11 @@ def test_sigkill_five_times_under_load_every_id_is_served_exactly_once(kafka_set
 @pytest.mark.parametrize(
     ("stage", "freeze_s", "transaction_timeout_ms", "outcome"),
     [
-        ("commit", 15.0, 6000, "fenced"),
+        # 20 s: past the transaction timeout (6 s) plus the coordinator's scan for timed-out
+        # transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s by
+        # default): resumed before that scan, A's commit still succeeds (nothing is lost or
+        # served twice: B's offset fetch waited for it) and A carries on, not fenced.
+        ("commit", 20.0, 6000, "fenced"),
         # The soak runs it: the rewind after an abort runs in CI in the refusal test below.
         pytest.param("send_offsets", 10.0, 30_000, "aborted", marks=pytest.mark.soak),
     ],
@@ -183,7 +187,8 @@ def test_a_frozen_worker_resumed_after_its_partitions_moved_makes_nothing_visibl
     takes its partitions over and serves them from the last committed offsets. A is then
     resumed: nothing it had in flight may become visible, and every id is served exactly once.
 
-    - fenced: frozen past the transaction timeout too, the coordinator aborted A's transaction
+    - fenced: frozen past the transaction timeout and the coordinator's next scan for timed-out
+      transactions too, the coordinator aborted A's transaction
       (B's offset fetch waited for that) and bumped its producer epoch: A's next transactional
       call is fenced, A stops (exit 1, the reason in its log) and would be restarted.
     - aborted: frozen for less than the transaction timeout, before its offsets were sent: they
