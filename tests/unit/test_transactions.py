@@ -46,6 +46,10 @@ def fatal() -> KafkaError:
     return KafkaError(KafkaError.PRODUCER_FENCED, "fenced by a newer producer", fatal=True)
 
 
+def _transport() -> KafkaError:
+    return KafkaError(KafkaError._TRANSPORT, "Failed to add offsets to transaction: transport")
+
+
 def _state(what: str) -> KafkaException:
     return KafkaException(KafkaError(KafkaError._STATE, f"Operation not valid in state: {what}"))
 
@@ -518,16 +522,26 @@ def test_a_fatal_error_fails_the_batch_and_everything_queued_and_stops(
     assert not any(e.startswith("after:") for e in h.log)
 
 
-def test_an_abort_that_fails_is_fatal(make: Callable[..., Harness]) -> None:
+@pytest.mark.parametrize(
+    ("call", "first"),
+    [
+        ("commit_transaction", "abortable"),
+        # the coordinator's broker gone: send_offsets _TRANSPORT (aborted), then the abort too
+        ("send_offsets_to_transaction", "transport"),
+    ],
+)
+def test_an_abort_that_fails_is_fatal(make: Callable[..., Harness], call: str, first: str) -> None:
     h = make()
-    h.producer.fail["commit_transaction"] = [abortable()]
-    h.producer.fail["abort_transaction"] = [abortable()]
+    error = abortable if first == "abortable" else _transport
+    h.producer.fail[call] = [error()]
+    h.producer.fail["abort_transaction"] = [error()]
     h.start()
     ticket = h.submit(_batch(0), _records("p", 1))
     assert settled(ticket, 5.0)
     assert isinstance(ticket.error, DeliveryError)
     _wait_for(lambda: not h.publisher.alive)
     assert h.publisher.problem is not None and "abort" in h.publisher.problem
+    assert h.source.rewinds == 0 and h.producer.visible == []
 
 
 def test_a_batch_submitted_after_a_fatal_error_fails_too(make: Callable[..., Harness]) -> None:
@@ -1049,25 +1063,6 @@ def test_an_abort_after_the_deadline_gets_a_short_grace_not_a_second_timeout(
     assert 1 <= h.log.count("abort_transaction") <= 4, h.log
     assert h.publisher.problem is not None and "abort" in h.publisher.problem
     assert h.producer.visible == []
-
-
-def _transport() -> KafkaError:
-    return KafkaError(KafkaError._TRANSPORT, "Failed to add offsets to transaction: transport")
-
-
-def test_an_abort_that_fails_after_a_transport_error_stops_the_producer(
-    make: Callable[..., Harness],
-) -> None:
-    h = make()
-    h.producer.fail["send_offsets_to_transaction"] = [_transport()]
-    h.producer.fail["abort_transaction"] = [_transport()]
-    h.start()
-    ticket = h.submit(_batch(0), _records("p", 1))
-    assert settled(ticket, 5.0)
-    assert isinstance(ticket.error, DeliveryError)
-    _wait_for(lambda: not h.publisher.alive)
-    assert h.publisher.problem is not None and "abort" in h.publisher.problem
-    assert h.source.rewinds == 0 and h.producer.visible == []
 
 
 def test_three_transport_errors_in_a_row_fail_the_batch(make: Callable[..., Harness]) -> None:
